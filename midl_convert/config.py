@@ -1,0 +1,75 @@
+"""What to convert and how: one typed config, validated once at the edge and passed down."""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .layers import check_keep
+
+# Per position (a mask per token / pixel) or per sample (one mask per sequence / image).
+Granularity = Literal["token", "sequence", "pixel", "sample"]
+PER_SAMPLE = {"sequence", "sample"}
+
+
+def _check_rank(value: Union[int, float, None]) -> Union[int, float, None]:
+    if value is None:
+        return value
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        raise ValueError(f"rank must be an int >= 0 or a fraction in (0, 1] of min(in, out), got {value!r}")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise ValueError(f"a fractional rank must be in (0, 1] (share of min(in, out)), got {value!r}")
+    return value
+
+
+class LayerOverride(BaseModel):
+    """Different settings for the layers whose path matches ``match`` (exact, suffix or regex)."""
+
+    model_config = ConfigDict(extra="forbid")
+    match: str
+    keep: float | None = None
+    rank: Union[int, float, None] = None
+    granularity: Granularity | None = None
+
+    _keep = field_validator("keep")(lambda v: None if v is None else check_keep(v))
+    _rank = field_validator("rank")(_check_rank)
+
+
+class MIDLConfig(BaseModel):
+    """Settings of a conversion.
+
+    ``rank`` is an int, or a float in (0, 1] taken as a share of ``min(in, out)``; an int larger
+    than a layer allows is clipped to ``min(in, out)``. ``granularity`` ``token``/``pixel`` gives a
+    mask per position, ``sequence``/``sample`` one mask per sample; each layer kind takes the
+    equivalent of its own. ``include`` is a list of patterns (PEFT style: exact path, dotted
+    suffix, or full-match regex) or ``"all-linear"``; ``None`` means every target.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    keep: float = 0.5
+    rank: Union[int, float] = 32
+    granularity: Granularity = "token"
+    include: Union[list[str], Literal["all-linear"], None] = None
+    exclude: list[str] = Field(default_factory=list)
+    overrides: list[LayerOverride] = Field(default_factory=list)
+    min_size: int = Field(0, ge=0, description="skip layers with fewer than this many weights (in*out)")
+    skip_head: bool = True
+
+    _keep = field_validator("keep")(lambda v: check_keep(v))
+    _rank = field_validator("rank")(_check_rank)
+
+
+def resolve_rank(rank: Union[int, float], in_features: int, out_features: int) -> int:
+    """The integer rank a layer gets from a config value (int clipped, or share of min(in, out))."""
+    limit = min(in_features, out_features)
+    if isinstance(rank, float):
+        return max(1, min(limit, round(rank * limit)))
+    return min(rank, limit)
+
+
+def granularity_for(kind: str, granularity: str) -> str:
+    """Map a config granularity onto the names a layer kind uses (token<->pixel, sequence<->sample)."""
+    per_sample = granularity in PER_SAMPLE
+    if kind == "conv2d":
+        return "sample" if per_sample else "pixel"
+    return "sequence" if per_sample else "token"

@@ -1,0 +1,347 @@
+"""MID-L layers: a dense layer whose output neurons are chosen per input between the exact
+weights and a cheap rank-r path.
+
+    y = m * (W x + b) + (1 - m) * (U V x + b),    m = TopK(sigma(score(V x)), k = ceil(keep * out))
+
+``W, b`` are the original weights; ``U V`` is the truncated SVD of ``W`` (``U = U_s sqrt(S)``,
+``V = sqrt(S) V_s^T``); the gate reads the light path's projection ``h = V x``, so it costs
+``r * out`` extra, not ``in * out``.
+
+Gate initialisation (``gate_mode="abs"``, ``G = U``, ``c = 0``): the score of neuron ``i`` is
+``|U_i h|``, the light path's own estimate of ``|W_i x|``; the neurons that carry the largest
+outputs take the exact path. A calibration pass may switch a layer to ``gate_mode="linear"``
+(``score = G h + c``), the form a least-squares fit of the light path's error produces.
+With ``rank == 0`` there is no ``h``; the score is ``c``, initialised to the row norms of ``W``
+(static magnitude selection), and unselected neurons output ``b`` alone.
+
+Forward: a hard Top-k mask; in training its gradient is that of ``sigma(score)`` (straight
+through), so the gate learns. Two compute paths give the same numbers: ``reference`` (full
+output, then masked) and ``sparse`` (only the selected rows of ``W``), the default in eval.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Granularity = Literal["token", "sequence", "pixel", "sample"]
+GateMode = Literal["abs", "linear"]
+LINEAR_GRANULARITIES = ("token", "sequence")
+CONV_GRANULARITIES = ("pixel", "sample")
+# Rows of W gathered at once by the sparse path (elements), so a long batch of per-token
+# masks does not materialise a (tokens, k, in) copy of W in one go.
+_GATHER_CHUNK = 1 << 24
+
+
+def check_keep(keep: float) -> float:
+    """Validate a keep fraction: the share of output neurons that take the exact path."""
+    if not isinstance(keep, (int, float)) or isinstance(keep, bool) or not 0.0 < float(keep) <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}; use e.g. keep=0.5")
+    return float(keep)
+
+
+def check_rank(rank: int, in_features: int, out_features: int) -> int:
+    """Validate a light-path rank against the layer's shape."""
+    limit = min(in_features, out_features)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= limit:
+        raise ValueError(
+            f"rank must be an int in [0, {limit}] (min of in={in_features}, out={out_features}), got {rank!r}"
+        )
+    return rank
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors ``U (out, r)``, ``V (r, in)`` of ``weight`` with ``U V`` its best rank-r fit."""
+    w = weight.detach().float()
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+
+
+class MIDLBase(nn.Module):
+    """Shared state and maths of MID-L layers; subclasses map their input to ``(..., in)`` rows."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        keep: float,
+        rank: int,
+        granularity: str,
+        allowed: tuple[str, ...],
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if granularity not in allowed:
+            raise ValueError(f"granularity must be one of {allowed} for {type(self).__name__}, got {granularity!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.keep = check_keep(keep)
+        self.rank = check_rank(rank, in_features, out_features)
+        self.granularity = granularity
+        self.gate_mode: GateMode = "abs"
+        self.path: Literal["auto", "reference", "sparse"] = "auto"
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.light_down = nn.Parameter(torch.zeros(rank, in_features, **factory))  # V
+        self.light_up = nn.Parameter(torch.zeros(out_features, rank, **factory))  # U
+        self.gate_weight = nn.Parameter(torch.zeros(out_features, rank, **factory))  # G
+        self.gate_bias = nn.Parameter(torch.zeros(out_features, **factory))  # c
+        self.track_stats = False
+        self.reset_stats()
+
+    # ----- set-up -------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        """Neurons per mask that take the exact path."""
+        return min(self.out_features, math.ceil(self.keep * self.out_features - 1e-9))
+
+    @torch.no_grad()
+    def init_from_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Copy ``W, b`` and initialise the light path (truncated SVD) and the gate (``G = U``)."""
+        self.weight.copy_(weight)
+        if self.bias is not None and bias is not None:
+            self.bias.copy_(bias)
+        u, v = svd_factors(self.weight, self.rank)
+        self.light_up.copy_(u)
+        self.light_down.copy_(v)
+        self.gate_weight.copy_(u)
+        self.gate_mode = "abs"
+        if self.rank == 0:
+            self.gate_bias.copy_(self.weight.float().norm(dim=1))
+        else:
+            self.gate_bias.zero_()
+
+    def reset_stats(self) -> None:
+        """Forget the measured share of neurons on the exact path."""
+        self.last_active_fraction: float | None = None
+        self._active_sum = 0.0
+        self._active_calls = 0
+
+    @property
+    def active_fraction(self) -> float | None:
+        """Running mean, over calls since ``reset_stats``, of the share of neurons on the exact path."""
+        return self._active_sum / self._active_calls if self._active_calls else None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, keep={self.keep}, "
+            f"rank={self.rank}, granularity={self.granularity}, bias={self.bias is not None}"
+        )
+
+    # ----- maths on rows (..., in) --------------------------------------------------------
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Gate scores (..., out) from the light path's projection ``h = V x``; higher = exact path."""
+        if self.rank == 0:
+            return self.gate_bias.expand(*h.shape[:-1], self.out_features)
+        s = F.linear(h, self.gate_weight)
+        return (s.abs() if self.gate_mode == "abs" else s) + self.gate_bias
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _light(self, h: torch.Tensor) -> torch.Tensor:
+        if self.rank == 0:
+            out = h.new_zeros(*h.shape[:-1], self.out_features)
+            return out + self.bias if self.bias is not None else out
+        return F.linear(h, self.light_up, self.bias)
+
+    def _select(self, s: torch.Tensor) -> torch.Tensor:
+        """Indices (..., k) of the neurons on the exact path."""
+        return s.topk(self.k, dim=-1, sorted=False).indices
+
+    def _record(self, idx: torch.Tensor) -> None:
+        if self.track_stats:
+            frac = idx.shape[-1] / self.out_features  # exact Top-k: k of out per mask
+            self.last_active_fraction = frac
+            self._active_sum += frac
+            self._active_calls += 1
+
+    def mix_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """MID-L on grouped rows ``x (G, n, in)``, one mask per group from the mean of its ``V x``."""
+        if self.keep >= 1.0:
+            return self._dense(x)
+        h = F.linear(x, self.light_down)
+        s = self.scores(h.mean(dim=1, keepdim=True) if x.shape[1] > 1 else h)  # (G, 1, out)
+        idx = self._select(s)
+        self._record(idx)
+        if self.path == "sparse" or (self.path == "auto" and not self.training):
+            return self._sparse(x, h, idx)
+        return self._reference(x, h, s, idx)
+
+    def _reference(self, x: torch.Tensor, h: torch.Tensor, s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        hard = torch.zeros_like(s).scatter_(-1, idx, 1.0)
+        if self.training and torch.is_grad_enabled():
+            soft = torch.sigmoid(s)
+            hard = hard + soft - soft.detach()  # straight-through: d mask = d sigma(score)
+        light = self._light(h)
+        return light + hard * (self._dense(x) - light)
+
+    def _sparse(self, x: torch.Tensor, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Compute only the k selected rows of W per mask, and the light path elsewhere."""
+        out = self._light(h)
+        idx = idx[:, 0]  # (G, k): one mask per group
+        groups = idx.shape[0]
+        step = max(1, _GATHER_CHUNK // max(1, self.k * self.in_features))
+        for lo in range(0, groups, step):
+            sel = idx[lo : lo + step]
+            w_sel = self.weight[sel]  # (g, k, in)
+            exact = torch.bmm(x[lo : lo + step], w_sel.transpose(1, 2))  # (g, n, k)
+            if self.bias is not None:
+                exact = exact + self.bias[sel][:, None, :]
+            out[lo : lo + step].scatter_(-1, sel[:, None, :].expand_as(exact), exact)
+        return out
+
+    # ----- round trip ---------------------------------------------------------------------
+    def merge_and_unload(self) -> nn.Module:  # pragma: no cover - implemented by subclasses
+        raise NotImplementedError
+
+
+class MIDLinear(MIDLBase):
+    """MID-L replacement for ``nn.Linear`` (and Hugging Face ``Conv1D``), features last.
+
+    ``granularity="token"``: a mask per row of the input; ``"sequence"``: one mask per sample
+    from the gate applied to ``V x`` averaged over the middle (sequence) axes.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        keep: float = 0.5,
+        rank: int = 0,
+        granularity: str = "token",
+        bias: bool = True,
+        transposed: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, keep, rank, granularity, LINEAR_GRANULARITIES, bias, device, dtype)
+        # True when the original was an HF Conv1D (weight stored (in, out)); used to unload it.
+        self.transposed = transposed
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, keep: float = 0.5, rank: int = 32, granularity: str = "token") -> "MIDLinear":
+        """Build from an ``nn.Linear`` or an HF ``Conv1D`` (a Linear with its weight transposed)."""
+        transposed = type(linear).__name__ == "Conv1D" and not isinstance(linear, nn.Linear)
+        weight = linear.weight.T if transposed else linear.weight
+        out_f, in_f = weight.shape
+        layer = cls(
+            in_f, out_f, keep, check_rank(rank, in_f, out_f), granularity, linear.bias is not None,
+            transposed, weight.device, weight.dtype,
+        )
+        layer.init_from_dense(weight, linear.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"MIDLinear expects {self.in_features} input features, got {x.shape[-1]} (input shape {tuple(x.shape)})"
+            )
+        lead = x.shape[:-1]
+        if self.granularity == "sequence" and x.dim() >= 3:
+            rows = x.reshape(lead[0], -1, self.in_features)  # one group per sample
+        else:
+            rows = x.reshape(-1, 1, self.in_features)  # one group per token
+        return self.mix_rows(rows).reshape(*lead, self.out_features)
+
+    def merge_and_unload(self) -> nn.Module:
+        """The original dense module (``nn.Linear`` or HF ``Conv1D``) with the current ``W, b``."""
+        if self.transposed:
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(self.out_features, self.in_features)
+            dense.weight = nn.Parameter(self.weight.detach().T.contiguous())
+            dense.bias = nn.Parameter(self.bias.detach().clone()) if self.bias is not None else None
+            return dense.to(self.weight.device)
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+
+class MIDLConv2d(MIDLBase):
+    """MID-L replacement for a 1x1 ``nn.Conv2d`` (groups 1, any stride and zero padding).
+
+    ``granularity="pixel"``: a mask per spatial position; ``"sample"``: one mask per sample
+    from the gate applied to the spatially pooled ``V x``, so whole filters are skipped.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        keep: float = 0.5,
+        rank: int = 0,
+        granularity: str = "pixel",
+        bias: bool = True,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, keep, rank, granularity, CONV_GRANULARITIES, bias, device, dtype)
+        self.stride, self.padding = tuple(stride), tuple(padding)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, keep: float = 0.5, rank: int = 32, granularity: str = "pixel") -> "MIDLConv2d":
+        """Build from a 1x1 ``nn.Conv2d`` with groups 1 and zero padding mode."""
+        if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"MIDLConv2d needs a 1x1 conv with groups=1 and numeric zero padding, got kernel_size="
+                f"{conv.kernel_size}, groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+            )
+        out_c, in_c = conv.out_channels, conv.in_channels
+        layer = cls(
+            in_c, out_c, keep, check_rank(rank, in_c, out_c), granularity, conv.bias is not None,
+            conv.stride, conv.padding, conv.weight.device, conv.weight.dtype,
+        )
+        layer.init_from_dense(conv.weight.reshape(out_c, in_c), conv.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_features:
+            raise ValueError(
+                f"MIDLConv2d expects (B, {self.in_features}, H, W) input, got shape {tuple(x.shape)}"
+            )
+        if self.keep >= 1.0:  # every neuron exact: the original conv, bit for bit
+            return F.conv2d(x, self.weight[:, :, None, None], self.bias, self.stride, self.padding)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x[None]
+        if self.padding != (0, 0):
+            x = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+        if self.stride != (1, 1):
+            x = x[:, :, :: self.stride[0], :: self.stride[1]]
+        b, _, hh, ww = x.shape
+        rows = x.permute(0, 2, 3, 1)  # channels last: each pixel is a row
+        if self.granularity == "sample":
+            y = self.mix_rows(rows.reshape(b, hh * ww, self.in_features))
+        else:
+            y = self.mix_rows(rows.reshape(b * hh * ww, 1, self.in_features))
+        y = y.reshape(b, hh, ww, self.out_features).permute(0, 3, 1, 2)
+        return y[0] if unbatched else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", stride={self.stride}, padding={self.padding}"
+
+    def merge_and_unload(self) -> nn.Module:
+        """The original 1x1 ``nn.Conv2d`` with the current ``W, b``."""
+        dense = nn.Conv2d(self.in_features, self.out_features, 1, self.stride, self.padding,
+                          bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight.reshape(self.out_features, self.in_features, 1, 1))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense

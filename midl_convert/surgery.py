@@ -1,0 +1,170 @@
+"""The surgery: choose targets from a config (the plan), then swap each for its MID-L layer in place.
+
+The model keeps its class, ``forward`` and config; only the chosen submodules change, so
+``save_pretrained``, timm checkpoints and user code keep working.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MIDLConfig, granularity_for, resolve_rank
+from .errors import MIDLError
+from .graph import Target, TargetTable, find_targets
+from .layers import MIDLBase, MIDLConv2d, MIDLinear
+from .matching import ALL_LINEAR, closest, matches, matches_any
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one target: converted with these settings, or left dense and why."""
+
+    path: str
+    kind: str
+    in_features: int
+    out_features: int
+    flops: int
+    convert: bool
+    keep: float | None = None
+    rank: int | None = None
+    granularity: str | None = None
+    reason: str | None = None  # why it stays dense
+    role: str | None = None
+    aliases: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """The decision for every target of a model; replaying it rebuilds the converted model."""
+
+    layers: list[LayerPlan]
+    method: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers if layer.convert]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "notes": self.notes, "layers": [asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        return cls(layers=[LayerPlan(**d) for d in data["layers"]], method=data["method"], notes=list(data.get("notes", [])))
+
+
+def _check_patterns(patterns: list[str], paths: list[str], what: str) -> None:
+    for pattern in patterns:
+        if not any(matches(pattern, p) for p in paths):
+            raise MIDLError(
+                f"{what} pattern {pattern!r} matches no Linear or 1x1 conv; closest module names: "
+                f"{', '.join(closest(pattern, paths))}"
+            )
+
+
+def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
+    """Decide, for every target, whether it is converted and with which keep, rank and granularity."""
+    paths = [p for t in table.targets for p in [t.path, *t.aliases]]
+    include = config.include
+    if isinstance(include, list):
+        _check_patterns(include, paths, "include")
+    _check_patterns(config.exclude, paths, "exclude")
+    _check_patterns([o.match for o in config.overrides], paths, "override")
+    layers = []
+    for t in table.targets:
+        names = [t.path, *t.aliases]
+        explicit = isinstance(include, list) and any(matches_any(include, n) for n in names)
+        reason = None
+        if include == ALL_LINEAR and t.kind == "conv2d":
+            reason = "not a linear layer (include='all-linear')"
+        elif isinstance(include, list) and not explicit:
+            reason = "not included"
+        elif any(matches_any(config.exclude, n) for n in names):
+            reason = "excluded"
+        elif t.is_head and config.skip_head and not explicit:
+            reason = "classifier / output head (skip_head)"
+        elif t.weights < config.min_size:
+            reason = f"smaller than min_size ({t.weights} < {config.min_size} weights)"
+        keep, rank, gran = config.keep, config.rank, config.granularity
+        for o in config.overrides:  # later overrides win
+            if any(matches(o.match, n) for n in names):
+                keep = o.keep if o.keep is not None else keep
+                rank = o.rank if o.rank is not None else rank
+                gran = o.granularity or gran
+        layers.append(LayerPlan(
+            path=t.path, kind=t.kind, in_features=t.in_features, out_features=t.out_features, flops=t.flops,
+            convert=reason is None, keep=keep if reason is None else None,
+            rank=resolve_rank(rank, t.in_features, t.out_features) if reason is None else None,
+            granularity=granularity_for(t.kind, gran) if reason is None else None,
+            reason=reason, role=t.role, aliases=t.aliases,
+        ))
+    plan = Plan(layers=layers, method=table.method, notes=list(table.notes))
+    if not plan.converted:
+        raise MIDLError(
+            "no layer selected for conversion: every target was excluded, too small or a head; "
+            "loosen include/exclude/min_size or set skip_head=False"
+        )
+    return plan
+
+
+def _midl_layer(module: nn.Module, lp: LayerPlan) -> MIDLBase:
+    if lp.kind == "conv2d":
+        return MIDLConv2d.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
+    return MIDLinear.from_linear(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, new)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Swap every planned module for its MID-L layer (shared modules once, at all their paths)."""
+    for lp in plan.converted:
+        module = model.get_submodule(lp.path)
+        with torch.no_grad():
+            new = _midl_layer(module, lp)
+        new.train(module.training)
+        for path in [lp.path, *lp.aliases]:
+            _set_module(model, path, new)
+    return model
+
+
+def plan_conversion(
+    model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None
+) -> tuple[Plan, TargetTable]:
+    """The dry run: the graph pass and the plan, with the model untouched."""
+    table = find_targets(model, example_inputs)
+    if not table.targets:
+        raise MIDLError(f"{type(model).__name__} has no nn.Linear, HF Conv1D or 1x1 nn.Conv2d to convert")
+    return make_plan(table, config or MIDLConfig()), table
+
+
+def convert(
+    model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None
+) -> tuple[nn.Module, Plan]:
+    """Replace the planned layers of ``model`` in place by MID-L layers; returns ``(model, plan)``."""
+    plan, _ = plan_conversion(model, config, example_inputs)
+    return apply_plan(model, plan), plan
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Turn every MID-L layer back into its original dense module (with the current ``W, b``)."""
+    done: dict[int, nn.Module] = {}
+    for path, mod in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(mod, MIDLBase):
+            dense = done.setdefault(id(mod), mod.merge_and_unload())
+            _set_module(model, path, dense)
+    return model
+
+
+def midl_layers(model: nn.Module) -> dict[str, MIDLBase]:
+    """The MID-L layers of a converted model by path."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, MIDLBase)}
+
+
+__all__ = ["LayerPlan", "Plan", "Target", "apply_plan", "convert", "make_plan", "merge_and_unload", "midl_layers", "plan_conversion"]
