@@ -8,9 +8,10 @@ weights and a cheap rank-r path.
 ``r * out`` extra, not ``in * out``.
 
 Gate initialisation (``gate_mode="abs"``, ``G = U``, ``c = 0``): the score of neuron ``i`` is
-``|U_i h|``, the light path's own estimate of ``|W_i x|``; the neurons that carry the largest
-outputs take the exact path. A calibration pass may switch a layer to ``gate_mode="linear"``
-(``score = G h + c``), the form a least-squares fit of the light path's error produces.
+``|U_i h + c_i|`` = ``|U_i h|``, the light path's own estimate of ``|W_i x|``; the neurons that
+carry the largest outputs take the exact path. Calibration (``calibrate.py``) refits ``G, c`` to
+predict the light path's error, either signed (``gate_mode="abs"``: score ``|G h + c|``) or its
+magnitude (``gate_mode="linear"``: score ``G h + c``).
 With ``rank == 0`` there is no ``h``; the score is ``c``, initialised to the row norms of ``W``
 (static magnitude selection), and unselected neurons output ``b`` alone.
 
@@ -86,7 +87,8 @@ class MIDLBase(nn.Module):
         self.keep = check_keep(keep)
         self.rank = check_rank(rank, in_features, out_features)
         self.granularity = granularity
-        self.gate_mode: GateMode = "abs"
+        # Gate form, kept in the state dict so a saved calibrated layer reloads as it was: 1 = abs, 0 = linear.
+        self.register_buffer("gate_abs", torch.ones((), dtype=torch.uint8, device=device))
         self.path: Literal["auto", "reference", "sparse"] = "auto"
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -99,6 +101,16 @@ class MIDLBase(nn.Module):
         self.reset_stats()
 
     # ----- set-up -------------------------------------------------------------------------
+    @property
+    def gate_mode(self) -> GateMode:
+        return "abs" if bool(self.gate_abs) else "linear"
+
+    @gate_mode.setter
+    def gate_mode(self, mode: GateMode) -> None:
+        if mode not in ("abs", "linear"):
+            raise ValueError(f"gate_mode must be 'abs' or 'linear', got {mode!r}")
+        self.gate_abs.fill_(1 if mode == "abs" else 0)
+
     @property
     def k(self) -> int:
         """Neurons per mask that take the exact path."""
@@ -141,9 +153,10 @@ class MIDLBase(nn.Module):
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """Gate scores (..., out) from the light path's projection ``h = V x``; higher = exact path."""
         if self.rank == 0:
-            return self.gate_bias.expand(*h.shape[:-1], self.out_features)
-        s = F.linear(h, self.gate_weight)
-        return (s.abs() if self.gate_mode == "abs" else s) + self.gate_bias
+            s = self.gate_bias.expand(*h.shape[:-1], self.out_features)
+        else:
+            s = F.linear(h, self.gate_weight, self.gate_bias)
+        return torch.where(self.gate_abs.bool(), s.abs(), s)  # no Python branch on a buffer: export-safe
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -246,12 +259,17 @@ class MIDLinear(MIDLBase):
             raise ValueError(
                 f"MIDLinear expects {self.in_features} input features, got {x.shape[-1]} (input shape {tuple(x.shape)})"
             )
-        lead = x.shape[:-1]
+        return self.mix_rows(self.groups_of(x)).reshape(*x.shape[:-1], self.out_features)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The original layer's output (every neuron exact)."""
+        return F.linear(x, self.weight, self.bias)
+
+    def groups_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Input rows grouped by mask (G, n, in): one group per token, or per sample for ``sequence``."""
         if self.granularity == "sequence" and x.dim() >= 3:
-            rows = x.reshape(lead[0], -1, self.in_features)  # one group per sample
-        else:
-            rows = x.reshape(-1, 1, self.in_features)  # one group per token
-        return self.mix_rows(rows).reshape(*lead, self.out_features)
+            return x.reshape(x.shape[0], -1, self.in_features)
+        return x.reshape(-1, 1, self.in_features)
 
     def merge_and_unload(self) -> nn.Module:
         """The original dense module (``nn.Linear`` or HF ``Conv1D``) with the current ``W, b``."""
@@ -316,22 +334,32 @@ class MIDLConv2d(MIDLBase):
                 f"MIDLConv2d expects (B, {self.in_features}, H, W) input, got shape {tuple(x.shape)}"
             )
         if self.keep >= 1.0:  # every neuron exact: the original conv, bit for bit
-            return F.conv2d(x, self.weight[:, :, None, None], self.bias, self.stride, self.padding)
+            return self.dense_forward(x)
         unbatched = x.dim() == 3
-        if unbatched:
-            x = x[None]
+        x = x[None] if unbatched else x
+        b, hh, ww = x.shape[0], *self.out_size(x)
+        y = self.mix_rows(self.groups_of(x)).reshape(b, hh, ww, self.out_features).permute(0, 3, 1, 2)
+        return y[0] if unbatched else y
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The original 1x1 conv's output (every filter exact)."""
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias, self.stride, self.padding)
+
+    def out_size(self, x: torch.Tensor) -> tuple[int, int]:
+        (h, w), (sh, sw), (ph, pw) = x.shape[-2:], self.stride, self.padding
+        return (h + 2 * ph - 1) // sh + 1, (w + 2 * pw - 1) // sw + 1
+
+    def groups_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels as rows grouped by mask (G, n, in): one group per pixel, or per sample for ``sample``."""
+        x = x[None] if x.dim() == 3 else x
         if self.padding != (0, 0):
             x = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
         if self.stride != (1, 1):
             x = x[:, :, :: self.stride[0], :: self.stride[1]]
-        b, _, hh, ww = x.shape
         rows = x.permute(0, 2, 3, 1)  # channels last: each pixel is a row
         if self.granularity == "sample":
-            y = self.mix_rows(rows.reshape(b, hh * ww, self.in_features))
-        else:
-            y = self.mix_rows(rows.reshape(b * hh * ww, 1, self.in_features))
-        y = y.reshape(b, hh, ww, self.out_features).permute(0, 3, 1, 2)
-        return y[0] if unbatched else y
+            return rows.reshape(x.shape[0], -1, self.in_features)
+        return rows.reshape(-1, 1, self.in_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", stride={self.stride}, padding={self.padding}"

@@ -1,0 +1,162 @@
+"""Closed-form calibration before any gradient step, on the inputs each layer sees in the dense model.
+
+1. Light path fitted to real inputs (input-whitened SVD): with ``C = E[x x^T] = L L^T``, the
+   rank-r ``U V`` minimising ``E||W x - U V x||^2`` is the truncated SVD of ``W L`` mapped back by
+   ``L^-1`` (as in SVD-LLM); plain SVD minimises the weight error instead, which real inputs
+   do not care about.
+2. Gate fitted by least squares on ``h = V x`` to predict where the light path is wrong: either
+   the signed error ``(W - U V) x`` (score ``|G h + c|``) or its magnitude (score ``G h + c``).
+   Each layer keeps whichever candidate (including the SVD start) leaves the least error energy
+   on the calibration rows after Top-k.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .data import Batch
+from .layers import MIDLBase
+from .quality import run
+
+
+@dataclass
+class LayerCalibration:
+    """Relative output error of one layer on calibration rows, before and after."""
+
+    path: str
+    rows: int
+    error_before: float
+    error_after: float
+    gate: str  # which gate candidate won
+
+
+@contextlib.contextmanager
+def dense_mode(model: nn.Module) -> Iterator[None]:
+    """Run every MID-L layer as its original dense layer (keep = 1) for the duration."""
+    layers = [m for m in model.modules() if isinstance(m, MIDLBase)]
+    keeps = [m.keep for m in layers]
+    for m in layers:
+        m.keep = 1.0
+    try:
+        yield
+    finally:
+        for m, k in zip(layers, keeps):
+            m.keep = k
+
+
+@torch.no_grad()
+def collect_groups(model: nn.Module, batches: Iterable[Batch], max_rows: int = 4096, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Each MID-L layer's input in the dense model, as mask groups (G, n, in), capped at ``max_rows`` rows."""
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, MIDLBase)}
+    seen: dict[str, list[torch.Tensor]] = {p: [] for p in layers}
+    handles = [m.register_forward_pre_hook(lambda mod, inp, p=p: seen[p].append(mod.groups_of(inp[0]).float()))
+               for p, m in layers.items()]
+    try:
+        with dense_mode(model):
+            for batch in batches:
+                run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for p, chunks in seen.items():
+        if not chunks:
+            continue
+        n = chunks[0].shape[1]
+        groups = torch.cat([c for c in chunks if c.shape[1] == n])
+        cap = max(1, max_rows // n)
+        if groups.shape[0] > cap:
+            groups = groups[torch.randperm(groups.shape[0], generator=gen)[:cap]]
+        out[p] = groups
+    return out
+
+
+def whitened_factors(weight: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U, V`` minimising ``||W x - U V x||`` over the rows of ``x`` (N, in)."""
+    cov = x.T @ x / x.shape[0]
+    cov += torch.eye(cov.shape[0]) * (1e-4 * cov.diagonal().mean().clamp_min(1e-8))
+    chol = torch.linalg.cholesky(cov)
+    p, s, qh = torch.linalg.svd(weight @ chol, full_matrices=False)
+    root = s[:rank].sqrt()
+    u = p[:, :rank] * root
+    a = root[:, None] * qh[:rank]  # V L = a
+    v = torch.linalg.solve_triangular(chol.T, a.T, upper=True).T
+    return u, v
+
+
+def _lstsq(h: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge least squares ``target ~ h G^T + c``; returns (G, c)."""
+    feats = torch.cat([h, torch.ones(h.shape[0], 1)], dim=1)
+    gram = feats.T @ feats
+    gram += torch.eye(gram.shape[0]) * ridge * gram.diagonal().mean().clamp_min(1e-8)
+    sol = torch.linalg.solve(gram, feats.T @ target)  # (r + 1, out)
+    return sol[:-1].T.contiguous(), sol[-1].contiguous()
+
+
+def _left_energy(scores: torch.Tensor, err2: torch.Tensor, k: int) -> float:
+    """Error energy of the neurons Top-k leaves on the light path; scores (G, out), err2 (G, n, out)."""
+    idx = scores.topk(k, dim=-1).indices
+    kept = torch.zeros_like(scores).scatter_(-1, idx, 1.0)
+    return (err2 * (1 - kept)[:, None, :]).sum().item()
+
+
+@torch.no_grad()
+def calibrate_layer(layer: MIDLBase, groups: torch.Tensor, whiten: bool = True, path: str = "") -> LayerCalibration:
+    """Fit one layer's light path and gate to its real input groups (G, n, in)."""
+    w = layer.weight.float()
+    x = groups.reshape(-1, layer.in_features)
+    exact = x @ w.T
+    total = exact.pow(2).sum().item() or 1.0
+
+    def energy_now() -> float:
+        h = groups @ layer.light_down.float().T
+        err2 = (exact - h.reshape(-1, layer.rank) @ layer.light_up.float().T).pow(2).reshape(*groups.shape[:2], -1)
+        return _left_energy(layer.scores(h.mean(1).to(layer.weight.dtype)).float(), err2, layer.k)
+
+    before = energy_now()
+    if layer.rank == 0 or layer.keep >= 1.0:
+        return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (before / total) ** 0.5, "none")
+    if whiten:
+        u, v = whitened_factors(w, x, layer.rank)
+        layer.light_up.copy_(u)
+        layer.light_down.copy_(v)
+    u, v = layer.light_up.float(), layer.light_down.float()
+    h = groups @ v.T  # (G, n, r)
+    err = (exact - h.reshape(-1, layer.rank) @ u.T).reshape(*groups.shape[:2], -1)  # signed light-path error
+    err2 = err.pow(2)
+    h_mean = h.mean(1)
+    candidates = {"svd": (u, torch.zeros(layer.out_features), "abs")}
+    g, c = _lstsq(h_mean, err.mean(1))
+    candidates["signed"] = (g, c, "abs")
+    g, c = _lstsq(h_mean, err2.mean(1).sqrt())
+    candidates["magnitude"] = (g, c, "linear")
+    best, best_energy = "svd", float("inf")
+    for name, (g, c, mode) in candidates.items():
+        s = h_mean @ g.T + c
+        e = _left_energy(s.abs() if mode == "abs" else s, err2, layer.k)
+        if e < best_energy:
+            best, best_energy = name, e
+    g, c, mode = candidates[best]
+    layer.gate_weight.copy_(g)
+    layer.gate_bias.copy_(c)
+    layer.gate_mode = mode
+    return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (best_energy / total) ** 0.5, best)
+
+
+def calibrate(
+    model: nn.Module, batches: Iterable[Batch], whiten: bool = True, max_rows: int = 4096
+) -> list[LayerCalibration]:
+    """Calibrate every MID-L layer of ``model`` in closed form on ``batches`` (no gradient steps)."""
+    was_training = model.training
+    model.eval()
+    try:
+        groups = collect_groups(model, batches, max_rows)
+        layers = dict((p, m) for p, m in model.named_modules() if isinstance(m, MIDLBase))
+        return [calibrate_layer(layers[p], g, whiten, p) for p, g in groups.items()]
+    finally:
+        model.train(was_training)

@@ -1,0 +1,292 @@
+"""Data for calibration, distillation and evaluation, from one spec string.
+
+Specs: ``builtin:images`` (augmented crops of scikit-image's photos), ``builtin:text`` (sentences
+from Python's own ``pydoc_data.topics``), ``builtin:digits`` (scikit-learn's labelled digits), an
+image folder (ImageFolder layout), a ``datasets`` folder saved with ``save_to_disk``, a ``.txt``
+file (one sample per line) or a ``.csv`` / ``.json`` / ``.jsonl`` / ``.parquet`` data file.
+Preprocessing comes from the model (timm data config, HF tokenizer). Training batch ``i`` depends
+only on ``(seed, i)``, so an interrupted run resumes with the same data order; the held-out set
+never shares a photo, sentence or digit with training.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import MIDLError
+from .models import LoadedModel
+
+TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+                "camera", "coins", "brick", "grass", "gravel", "moon")
+HELDOUT_PHOTOS = ("chelsea", "coffee")  # ImageNet-like subjects, never seen in training
+TEXT_SUFFIXES = (".txt",)
+TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+TEXT_COLUMNS = ("text", "sentence", "content", "question")
+LABEL_COLUMNS = ("label", "labels")
+
+
+@dataclass
+class Batch:
+    """Model inputs (positional tuple or keyword dict) and optional labels."""
+
+    inputs: tuple | dict[str, torch.Tensor]
+    labels: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        inputs = {k: move(v) for k, v in self.inputs.items()} if isinstance(self.inputs, dict) else tuple(map(move, self.inputs))
+        return Batch(inputs, move(self.labels))
+
+    @property
+    def size(self) -> int:
+        first = next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs[0]
+        return int(first.shape[0])
+
+
+class Data:
+    """Training items drawn per step and a fixed held-out set, collated by the model's preprocessing."""
+
+    def __init__(
+        self,
+        spec: str,
+        train: Sequence[Any],
+        heldout: Sequence[Any],
+        collate: Callable[[list[Any], bool], Batch],
+        seed: int = 0,
+    ) -> None:
+        if not train or not heldout:
+            raise MIDLError(f"data {spec!r} has too few samples to split into training and held-out parts")
+        self.spec, self.train, self.heldout, self.collate, self.seed = spec, list(train), list(heldout), collate, seed
+
+    def train_batch(self, index: int, batch_size: int) -> Batch:
+        """Batch ``index`` of the training stream: depends only on ``(seed, index)``."""
+        rng = random.Random(self.seed * 1_000_003 + index)
+        items = [self.train[rng.randrange(len(self.train))] for _ in range(batch_size)]
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            return self.collate(items, True)
+
+    def heldout_batches(self, batch_size: int, limit: int | None = None) -> list[Batch]:
+        """The held-out set in fixed batches (the same on every call)."""
+        items = self.heldout[:limit] if limit else self.heldout
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed + 7)
+            return [self.collate(items[i : i + batch_size], False) for i in range(0, len(items), batch_size)]
+
+
+# ----- preprocessing from the model ------------------------------------------------------------
+def _image_transforms(loaded: LoadedModel):
+    """(train, eval) transforms of PIL images to normalised tensors, from the model's data config."""
+    import timm.data
+    from torchvision import transforms as T
+
+    cfg = loaded.data_config
+    if cfg is None:  # HF vision model: size from its config, mean/std 0.5
+        vision = getattr(loaded.model.config, "vision_config", None) or loaded.model.config
+        size = getattr(vision, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        cfg = {"input_size": (3, size, size), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
+               "crop_pct": 1.0, "crop_mode": "center"}
+    size = cfg["input_size"][-2:]
+    train = T.Compose([
+        T.RandomResizedCrop(size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(),
+        T.ColorJitter(0.3, 0.3, 0.3), T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"]),
+    ])
+    evaluate = timm.data.create_transform(**{k: cfg[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode") if k in cfg})
+    return train, evaluate
+
+
+def _image_collate(loaded: LoadedModel):
+    train_tf, eval_tf = _image_transforms(loaded)
+    hf = loaded.source == "hf"
+
+    def collate(items: list[Any], training: bool) -> Batch:
+        images = [it[0] if isinstance(it, tuple) else it for it in items]
+        labels = [it[1] for it in items if isinstance(it, tuple)]
+        tf = train_tf if training else eval_tf
+        x = torch.stack([tf(_open(img).convert("RGB")) for img in images])
+        y = torch.tensor(labels) if len(labels) == len(items) else None
+        return Batch({"pixel_values": x} if hf else (x,), y)
+
+    return collate
+
+
+def _open(img: Any) -> Any:
+    """Image folders hold paths (opened when drawn); built-ins and datasets hold PIL images."""
+    from PIL import Image
+
+    return Image.open(img) if isinstance(img, (str, Path)) else img
+
+
+def _text_collate(loaded: LoadedModel, max_length: int = 64):
+    tok = loaded.tokenizer
+    if tok is None:
+        raise MIDLError(f"text data needs a tokenizer and {loaded.spec!r} has none; use image data or a model folder with a tokenizer")
+
+    def collate(items: list[Any], training: bool) -> Batch:
+        texts = [it[0] if isinstance(it, tuple) else it for it in items]
+        labels = [it[1] for it in items if isinstance(it, tuple)]
+        enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return Batch(dict(enc), torch.tensor(labels) if len(labels) == len(items) else None)
+
+    return collate
+
+
+# ----- the built-ins ---------------------------------------------------------------------------
+def _photo(name: str):
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    arr = getattr(skimage.data, name)()
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, -1)
+    return Image.fromarray(arr[..., :3])
+
+
+def _heldout_crops(photos: Sequence[str], count: int, seed: int) -> list[Any]:
+    """Fixed random crops of photos that training never sees."""
+    from torchvision import transforms as T
+
+    crop = T.RandomResizedCrop(256, scale=(0.25, 1.0))
+    images = [_photo(p) for p in photos]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return [crop(images[i % len(images)]) for i in range(count)]
+
+
+def builtin_images(loaded: LoadedModel, seed: int = 0, heldout: int = 64) -> Data:
+    photos = [_photo(p) for p in TRAIN_PHOTOS]
+    return Data("builtin:images", photos, _heldout_crops(HELDOUT_PHOTOS, heldout, seed), _image_collate(loaded), seed)
+
+
+def text_sentences() -> list[str]:
+    """English sentences from the help topics that ship with Python (``pydoc_data.topics``)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", topics[name])):
+            if 40 <= len(sent) <= 300 and sent[0].isupper() and not re.search(r"[{}<>=*]{2}|\*\*\*", sent):
+                out.append(sent)
+    return list(dict.fromkeys(out))
+
+
+def builtin_text(loaded: LoadedModel, seed: int = 0, heldout: int = 512) -> Data:
+    sentences = text_sentences()
+    rng = random.Random(1234)  # the split is fixed, whatever the seed
+    order = list(range(len(sentences)))
+    rng.shuffle(order)
+    held = [sentences[i] for i in order[:heldout]]
+    train = [sentences[i] for i in order[heldout:]]
+    return Data("builtin:text", train, held, _text_collate(loaded), seed)
+
+
+def builtin_digits(loaded: LoadedModel, seed: int = 0) -> Data:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    items = [(Image.fromarray((img * 255 / 16).astype("uint8")).resize((32, 32), Image.BILINEAR), int(y))
+             for img, y in zip(digits.images, digits.target)]
+    cut = int(len(items) * 0.8)  # the last 20% are the test set
+    return Data("builtin:digits", items[:cut], items[cut:], _digits_collate(loaded), seed)
+
+
+def _digits_collate(loaded: LoadedModel):
+    """Digits want light augmentation (no crops that cut the digit away, no flips)."""
+    from torchvision import transforms as T
+
+    base = _image_collate(loaded)
+    _, eval_tf = _image_transforms(loaded)
+    aug = T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+
+    def collate(items: list[Any], training: bool) -> Batch:
+        if training:
+            items = [(aug(img), y) for img, y in items]
+        return base(items, False)
+
+    return collate
+
+
+BUILTINS: dict[str, Callable[..., Data]] = {
+    "builtin:images": builtin_images,
+    "builtin:text": builtin_text,
+    "builtin:digits": builtin_digits,
+}
+
+
+# ----- files and folders -----------------------------------------------------------------------
+def _split(items: list[Any], seed: int = 1234, heldout_share: float = 0.2) -> tuple[list[Any], list[Any]]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, int(len(items) * heldout_share))
+    return [items[i] for i in order[cut:]], [items[i] for i in order[:cut]]
+
+
+def _from_records(spec: str, records: list[dict], loaded: LoadedModel, seed: int) -> Data:
+    if not records:
+        raise MIDLError(f"data {spec!r} is empty")
+    cols = set(records[0])
+    label = next((c for c in LABEL_COLUMNS if c in cols), None)
+    img_col = next((c for c in IMAGE_COLUMNS if c in cols), None)
+    txt_col = next((c for c in TEXT_COLUMNS if c in cols), None)
+    if img_col is None and txt_col is None:
+        raise MIDLError(
+            f"data {spec!r} has columns {sorted(cols)}; expected an image column ({', '.join(IMAGE_COLUMNS)}) "
+            f"or a text column ({', '.join(TEXT_COLUMNS)})"
+        )
+    col = img_col or txt_col
+    items = [(r[col], int(r[label])) if label else r[col] for r in records]
+    collate = _image_collate(loaded) if img_col else _text_collate(loaded)
+    return Data(spec, *_split(items), collate, seed)
+
+
+def load_data(spec: str, loaded: LoadedModel, seed: int = 0) -> Data:
+    """Data for ``loaded`` from a spec string; one ``MIDLError`` line when it cannot be read."""
+    if spec in BUILTINS:
+        return BUILTINS[spec](loaded, seed=seed)
+    if spec.startswith("builtin:"):
+        raise MIDLError(f"unknown built-in data {spec!r}; use one of {', '.join(BUILTINS)}")
+    path = Path(spec)
+    if not path.exists():
+        raise MIDLError(
+            f"data {spec!r} does not exist; pass an image folder, a datasets folder, a .txt/.csv/.json/.parquet "
+            f"file, or one of {', '.join(BUILTINS)}"
+        )
+    if path.is_file() and path.suffix in TEXT_SUFFIXES:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return Data(spec, *_split(lines), _text_collate(loaded), seed)
+    if path.is_file() and path.suffix in TABLE_SUFFIXES:
+        import datasets
+
+        kind = {".jsonl": "json"}.get(path.suffix, path.suffix[1:])
+        return _from_records(spec, list(datasets.load_dataset(kind, data_files=str(path), split="train")), loaded, seed)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[next(iter(ds))]
+        return _from_records(spec, list(ds), loaded, seed)
+    if path.is_dir():
+        from torchvision.datasets import ImageFolder
+
+        try:
+            folder = ImageFolder(str(path))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise MIDLError(f"data folder {spec!r} is not an image folder (class sub-folders of images) nor a datasets folder") from exc
+        items = list(folder.samples)  # (path, class index); images open when drawn
+        return Data(spec, *_split(items), _image_collate(loaded), seed)
+    raise MIDLError(f"data {spec!r}: unsupported file type {path.suffix!r}; use .txt, .csv, .json, .jsonl or .parquet")
+
+
+def default_data(loaded: LoadedModel) -> str:
+    """The offline built-in that suits a model: text for models with a tokenizer, else images."""
+    return "builtin:text" if loaded.tokenizer is not None else "builtin:images"

@@ -1,0 +1,235 @@
+"""A short teacher-student fine-tune: the original model teaches its converted copy.
+
+By default only the gates and light paths train (the original ``W, b`` stay exact); ``train="all"``
+also trains everything else at its own, lower learning rate. AdamW, linear warm-up then cosine
+decay, gradient clipping, optional bf16 autocast; devices and data parallelism through
+``accelerate`` (``accelerate launch`` / ``torchrun`` need no code change: each process takes its
+share of every global batch, so the averaged gradient equals the single-process one).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .data import Batch, Data
+from .errors import MIDLError
+from .layers import MIDLBase
+from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output
+
+MIDL_PARAMS = ("gate_weight", "gate_bias", "light_up", "light_down")
+CHECKPOINT = "distill_checkpoint.pt"
+
+
+class DistillConfig(BaseModel):
+    """Settings of the fine-tune (also the ``distill`` section of a recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(100, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    base_lr: float = Field(1e-5, gt=0, description="learning rate of the original weights when train='all'")
+    batch_size: int = Field(16, ge=1)
+    train: Literal["midl", "gates", "all"] = "midl"
+    temperature: float = Field(2.0, gt=0)
+    output_weight: float = Field(1.0, ge=0)
+    layer_weight: float = Field(0.0, ge=0, description="weight of each MID-L layer's output error against its dense output")
+    warmup: float = Field(0.05, ge=0, le=1, description="share of steps spent warming up")
+    grad_clip: float = Field(1.0, gt=0)
+    bf16: bool = False
+    calibration_batches: int = Field(4, ge=0)
+    checkpoint_every: int = Field(0, ge=0, description="0 = no checkpoints")
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    losses: list[float]
+    before: dict[str, float]
+    after: dict[str, float]
+    seconds: float
+    resumed_from: int | None = None
+    checkpoint: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def trainable(model: nn.Module, train: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(MID-L parameters, other parameters) that train; everything else is frozen."""
+    names = ("gate_weight", "gate_bias") if train == "gates" else MIDL_PARAMS
+    midl, rest = [], []
+    for mod in model.modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            is_midl = isinstance(mod, MIDLBase) and pname in names
+            (midl if is_midl else rest).append(p)
+    rest = rest if train == "all" else []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in midl + rest:
+        p.requires_grad_(True)
+    return midl, list({id(p): p for p in rest}.values())
+
+
+def _schedule(step: int, total: int, warmup: float) -> float:
+    warm = max(1, int(total * warmup))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _shard(batch: Batch, rank: int, world: int) -> Batch:
+    if world == 1:
+        return batch
+    cut = lambda t: t[rank::world] if isinstance(t, torch.Tensor) else t  # noqa: E731
+    inputs = {k: cut(v) for k, v in batch.inputs.items()} if isinstance(batch.inputs, dict) else tuple(map(cut, batch.inputs))
+    return Batch(inputs, cut(batch.labels))
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _LayerLoss:
+    """Each MID-L layer's output against the original layer's output on the same input (hooks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.terms: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, MIDLBase)]
+
+    def _hook(self, mod: MIDLBase, inputs: tuple, out: torch.Tensor) -> None:
+        with torch.no_grad():
+            ref = mod.dense_forward(inputs[0])
+        self.terms.append(F.mse_loss(out.float(), ref.float()) / ref.float().pow(2).mean().clamp_min(1e-8))
+
+    def pop(self) -> torch.Tensor | None:
+        terms, self.terms = self.terms, []
+        return torch.stack(terms).mean() if terms else None
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _reporter(total: int, log_every: int):
+    """A rich progress bar on a terminal; a plain log line every ``log_every`` steps otherwise."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if console.is_terminal:
+        progress = Progress(TextColumn("distil"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console)
+        task = progress.add_task("distil", total=total, loss=float("nan"))
+        progress.start()
+        return (lambda step, loss: progress.update(task, completed=step, loss=loss)), progress.stop
+    def log(step: int, loss: float) -> None:
+        if step % log_every == 0 or step == total:
+            print(f"distil step {step}/{total} loss {loss:.5f}", file=sys.stderr, flush=True)
+    return log, (lambda: None)
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Data,
+    task: str = "classifier",
+    config: DistillConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    eval_batches: list[Batch] | None = None,
+    **overrides,
+) -> DistillResult:
+    """Train ``student`` to match ``teacher`` on ``data``; returns the loss curve and held-out agreement.
+
+    ``overrides`` set any ``DistillConfig`` field (``steps=300, lr=1e-3``). With ``checkpoint_dir``
+    and ``checkpoint_every``, a checkpoint is written atomically every N steps and a rerun resumes
+    from it with the same result as an uninterrupted run.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cfg = (config or DistillConfig()).model_copy(update=overrides)
+    cfg = DistillConfig.model_validate(cfg.model_dump())
+    kind = OUTPUT_KIND[task]
+    acc = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    torch.manual_seed(cfg.seed)
+    teacher.eval().requires_grad_(False).to(acc.device)
+    student.to(acc.device)
+    eval_batches = eval_batches if eval_batches is not None else data.heldout_batches(cfg.batch_size)
+    eval_batches = [b.to(acc.device) for b in eval_batches]
+    before = compare(student.eval(), teacher, eval_batches, kind)
+    midl_params, rest = trainable(student, cfg.train)
+    groups = [{"params": midl_params, "lr": cfg.lr}] + ([{"params": rest, "lr": cfg.base_lr}] if rest else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.steps, cfg.warmup))
+    start, losses, resumed = 0, [], None
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        student.load_state_dict(state["student"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, losses, resumed = state["step"], list(state["losses"]), state["step"]
+    model, opt = acc.prepare(student, opt)
+    student.eval()  # dropout off: a run is deterministic, so resuming reproduces it
+    for m in student.modules():
+        if isinstance(m, MIDLBase):
+            m.train()  # Top-k with the straight-through gate gradient
+    layer_loss = _LayerLoss(student) if cfg.layer_weight > 0 else None
+    update, finish = _reporter(cfg.steps, cfg.log_every) if acc.is_main_process else ((lambda *a: None), (lambda: None))
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            batch = _shard(data.train_batch(step, cfg.batch_size), acc.process_index, acc.num_processes).to(acc.device)
+            with torch.no_grad():
+                target = model_output(teacher, batch, kind)
+            with acc.autocast():
+                out = model_output(model, batch, kind)
+                loss = cfg.output_weight * distill_loss(out, target, kind, batch, cfg.temperature)
+                if layer_loss is not None:
+                    loss = loss + cfg.layer_weight * layer_loss.pop()
+            if not torch.isfinite(loss):
+                kept = f"the last good checkpoint is {ckpt}" if ckpt is not None and ckpt.is_file() else "no checkpoint was written"
+                raise MIDLError(f"distillation loss became {loss.item()} at step {step}; {kept}; lower --lr or disable bf16")
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            acc.clip_grad_norm_(midl_params + rest, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(float(acc.reduce(loss.detach(), "mean")))
+            update(step + 1, losses[-1])
+            if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and acc.is_main_process:
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                trained = {n for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
+                _save_atomic({
+                    "student": {k: v.detach().cpu() for k, v in acc.unwrap_model(model).state_dict().items() if k in trained},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1, "losses": losses,
+                }, ckpt)
+    finally:
+        finish()
+        if layer_loss is not None:
+            layer_loss.close()
+    student = acc.unwrap_model(model)
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    after = compare(student, teacher, eval_batches, kind)
+    return DistillResult(cfg.steps, losses, before, after, time.perf_counter() - t0, resumed,
+                         str(ckpt) if ckpt is not None and ckpt.is_file() else None)
+
+
+def summary(result: DistillResult) -> str:
+    key, before = headline(result.before)
+    return f"{key} {before:.4f} -> {result.after[key]:.4f} after {result.steps} steps ({result.seconds:.1f}s)"

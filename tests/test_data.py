@@ -1,0 +1,88 @@
+"""Data specs: built-ins, files and folders, determinism, held-out split, bad specs."""
+import pytest
+import torch
+
+import midl_convert as mc
+from midl_convert.data import HELDOUT_PHOTOS, TRAIN_PHOTOS, load_data, text_sentences
+
+
+@pytest.fixture(scope="module")
+def vision():
+    return mc.load_model("resnet18", random_init=True, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def text():
+    return mc.load_model("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_builtin_images_are_deterministic_and_held_out_photos_are_separate(vision):
+    data = load_data("builtin:images", vision, seed=3)
+    a, b = data.train_batch(5, 4), data.train_batch(5, 4)
+    assert a.inputs[0].shape == (4, 3, 224, 224)
+    assert torch.equal(a.inputs[0], b.inputs[0])
+    assert not torch.equal(a.inputs[0], data.train_batch(6, 4).inputs[0])
+    assert not set(TRAIN_PHOTOS) & set(HELDOUT_PHOTOS)
+    held = data.heldout_batches(16)
+    assert sum(x.size for x in held) == 64
+    assert torch.equal(held[0].inputs[0], data.heldout_batches(16)[0].inputs[0])
+    # normalised with the model's mean / std: roughly centred
+    assert abs(a.inputs[0].mean().item()) < 1.5
+
+
+def test_builtin_text_split_and_tokenisation(text):
+    sentences = text_sentences()
+    assert len(sentences) > 1500
+    data = load_data("builtin:text", text)
+    assert not set(data.train) & set(data.heldout)
+    batch = data.train_batch(0, 8)
+    assert batch.inputs["input_ids"].shape[0] == 8 and "attention_mask" in batch.inputs
+
+
+def test_builtin_digits_have_labels(vision):
+    data = load_data("builtin:digits", vision)
+    batch = data.heldout_batches(32)[0]
+    assert batch.labels is not None and batch.labels.shape == (32,) and batch.labels.max() <= 9
+    assert len(data.heldout) == 360
+
+
+def test_text_file_and_image_folder_and_datasets_folder(tmp_path, text, vision):
+    from PIL import Image
+
+    txt = tmp_path / "lines.txt"
+    txt.write_text("\n".join(f"Sentence number {i} about layers." for i in range(20)))
+    d = load_data(str(txt), text)
+    assert len(d.train) + len(d.heldout) == 20
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    d = load_data(str(tmp_path / "imgs"), vision)
+    batch = d.train_batch(0, 2)
+    assert batch.inputs[0].shape == (2, 3, 224, 224) and batch.labels is not None
+    import datasets
+
+    datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(10)], "label": list(range(10))}).save_to_disk(str(tmp_path / "ds"))
+    d = load_data(str(tmp_path / "ds"), text)
+    assert d.train_batch(0, 3).labels.shape == (3,)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("builtin:video", r"unknown built-in data 'builtin:video'; use one of builtin:images"),
+    ("/nonexistent/folder", r"data '/nonexistent/folder' does not exist; pass an image folder"),
+])
+def test_bad_specs(spec, message, vision):
+    with pytest.raises(mc.MIDLError, match=message):
+        load_data(spec, vision)
+
+
+def test_bad_files(tmp_path, vision):
+    (tmp_path / "x.bmp").write_bytes(b"0")
+    with pytest.raises(mc.MIDLError, match=r"unsupported file type '.bmp'"):
+        load_data(str(tmp_path / "x.bmp"), vision)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(mc.MIDLError, match=r"is not an image folder"):
+        load_data(str(tmp_path / "empty"), vision)
+    with pytest.raises(mc.MIDLError, match=r"text data needs a tokenizer"):
+        (tmp_path / "t.txt").write_text("a\nb\nc\n")
+        load_data(str(tmp_path / "t.txt"), vision)

@@ -1,0 +1,127 @@
+"""Calibration and distillation: error goes down, resume reproduces, bad losses stop cleanly."""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import midl_convert as mc
+from midl_convert.calibrate import calibrate
+from midl_convert.distill import CHECKPOINT, DistillConfig, distill
+from midl_convert.quality import compare
+from helpers import TinyNet, tiny_data
+
+HERE = Path(__file__).parent
+
+
+def converted_pair(seed: int = 0, keep: float = 0.5, rank: int = 4):
+    torch.manual_seed(seed)
+    teacher = TinyNet().eval()
+    student = copy.deepcopy(teacher)
+    data = tiny_data()
+    mc.convert(student, mc.MIDLConfig(keep=keep, rank=rank), data.train_batch(0, 4).inputs)
+    return teacher, student, data
+
+
+def test_calibration_reduces_error_before_any_step():
+    teacher, student, data = converted_pair()
+    held = data.heldout_batches(64)
+    before = compare(student, teacher, held, "logits")
+    layers = calibrate(student, [data.train_batch(i, 32) for i in range(4)])
+    after = compare(student, teacher, held, "logits")
+    assert {lc.path for lc in layers} == {"fc1", "fc2"}
+    assert all(lc.error_after < lc.error_before for lc in layers)
+    assert after["kl"] < 0.5 * before["kl"]
+    assert after["agreement"] >= before["agreement"]
+
+
+def test_distillation_lowers_loss_and_trains_only_midl_params():
+    teacher, student, data = converted_pair(seed=1)
+    w_before = student.fc1.weight.clone()
+    gate_before = student.fc1.gate_weight.clone()
+    result = distill(student, teacher, data, "classifier", steps=40, lr=3e-3, batch_size=32, log_every=100)
+    assert len(result.losses) == 40
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert result.after["kl"] < result.before["kl"]
+    assert torch.equal(student.fc1.weight, w_before)  # the original weights stay exact by default
+    assert not torch.equal(student.fc1.gate_weight, gate_before)
+
+
+def test_train_all_moves_the_original_weights_too():
+    teacher, student, data = converted_pair(seed=2)
+    w_before = student.fc1.weight.clone()
+    distill(student, teacher, data, "classifier", steps=3, lr=1e-3, base_lr=1e-3, train="all", batch_size=8)
+    assert not torch.equal(student.fc1.weight, w_before)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    cfg = DistillConfig(steps=8, lr=3e-3, batch_size=16, checkpoint_every=2, log_every=100)
+    teacher, full, data = converted_pair(seed=3)
+    ref = distill(full, teacher, data, "classifier", cfg, checkpoint_dir=tmp_path / "a")
+
+    teacher, part, data = converted_pair(seed=3)
+    original = data.train_batch
+
+    def flaky(index, size):
+        if index == 5:
+            raise Interrupt("killed")
+        return original(index, size)
+
+    data.train_batch = flaky
+    with pytest.raises(Interrupt):
+        distill(part, teacher, data, "classifier", cfg, checkpoint_dir=tmp_path / "b")
+    assert (tmp_path / "b" / CHECKPOINT).is_file()
+    assert not list((tmp_path / "b").glob("*.tmp"))  # atomic: no half-written file left
+    data.train_batch = original
+    _, resumed_student, _ = converted_pair(seed=3)  # a fresh process: the student is rebuilt
+    resumed = distill(resumed_student, teacher, data, "classifier", cfg, checkpoint_dir=tmp_path / "b")
+    assert resumed.resumed_from == 4
+    assert resumed.losses == pytest.approx(ref.losses, rel=1e-5, abs=1e-7)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed_student.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path):
+    teacher, student, data = converted_pair(seed=4)
+    original = data.train_batch
+
+    def poisoned(index, size):
+        batch = original(index, size)
+        if index == 3:
+            batch.inputs[0][0, 0] = float("nan")
+        return batch
+
+    data.train_batch = poisoned
+    with pytest.raises(mc.MIDLError, match=r"distillation loss became nan at step 3; the last good checkpoint is"):
+        distill(student, teacher, data, "classifier", steps=6, checkpoint_every=2, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["step"] == 2
+
+
+def test_layer_loss_is_used():
+    teacher, student, data = converted_pair(seed=5)
+    plain = distill(copy.deepcopy(student), teacher, data, "classifier", steps=2, batch_size=8)
+    with_layers = distill(student, teacher, data, "classifier", steps=2, batch_size=8, layer_weight=1.0)
+    assert with_layers.losses[0] > plain.losses[0]  # the layer term adds to the output term
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_matches_single_process(tmp_path):
+    script = HERE / "ddp_worker.py"
+    single = tmp_path / "single.pt"
+    double = tmp_path / "double.pt"
+    subprocess.run([sys.executable, str(script), str(single)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    str(script), str(double)], check=True, timeout=300)
+    a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+    assert a["world"] == 1 and b["world"] == 2
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-3, abs=1e-5)
+    for k in a["state"]:
+        torch.testing.assert_close(a["state"][k], b["state"][k], rtol=1e-3, atol=1e-4)
