@@ -2,17 +2,27 @@
 
     import midl_convert as mc
     model, plan = mc.convert(model, mc.MIDLConfig(keep=0.5), example_inputs)
+    mc.calibrate(model, batches); mc.distill(model, teacher, data); mc.save(model, "out")
+
+Heavy libraries (timm, transformers, accelerate, matplotlib) load when first used.
 """
+from .calibrate import calibrate
 from .config import LayerOverride, MIDLConfig
+from .data import load_data
+from .distill import DistillConfig, distill
 from .errors import MIDLError
 from .graph import Target, TargetTable, find_targets
 from .layers import MIDLConv2d, MIDLinear
 from .models import LoadedModel, load_model
+from .report import Report
+from .report import build_report as report
+from .saving import load, save
 from .surgery import LayerPlan, Plan, apply_plan, convert, merge_and_unload, midl_layers, plan_conversion
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LayerOverride", "LayerPlan", "LoadedModel", "load_model", "MIDLConfig", "MIDLConv2d", "MIDLError", "MIDLinear", "Plan", "Target",
-    "TargetTable", "apply_plan", "convert", "find_targets", "merge_and_unload", "midl_layers", "plan_conversion",
+    "DistillConfig", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d", "MIDLError", "MIDLinear",
+    "Plan", "Report", "Target", "TargetTable", "apply_plan", "calibrate", "convert", "distill", "find_targets", "load",
+    "load_data", "load_model", "merge_and_unload", "midl_layers", "plan_conversion", "report", "save",
 ]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .data import Batch
-from .layers import MIDLBase
+from .layers import MIDLBase, linalg_threads
 from .quality import run
 
 
@@ -157,6 +157,10 @@ def calibrate(
     try:
         groups = collect_groups(model, batches, max_rows)
         layers = dict((p, m) for p, m in model.named_modules() if isinstance(m, MIDLBase))
-        return [calibrate_layer(layers[p], g, whiten, p) for p, g in groups.items()]
+        out = []
+        for p, g in groups.items():
+            with linalg_threads(layers[p].weight.numel()):
+                out.append(calibrate_layer(layers[p], g, whiten, p))
+        return out
     finally:
         model.train(was_training)

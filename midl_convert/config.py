@@ -12,7 +12,7 @@ Granularity = Literal["token", "sequence", "pixel", "sample"]
 PER_SAMPLE = {"sequence", "sample"}
 
 
-def _check_rank(value: Union[int, float, None]) -> Union[int, float, None]:
+def check_rank_setting(value: Union[int, float, None]) -> Union[int, float, None]:
     if value is None:
         return value
     if isinstance(value, bool) or (isinstance(value, int) and value < 0):
@@ -32,7 +32,7 @@ class LayerOverride(BaseModel):
     granularity: Granularity | None = None
 
     _keep = field_validator("keep")(lambda v: None if v is None else check_keep(v))
-    _rank = field_validator("rank")(_check_rank)
+    _rank = field_validator("rank")(check_rank_setting)
 
 
 class MIDLConfig(BaseModel):
@@ -56,7 +56,7 @@ class MIDLConfig(BaseModel):
     skip_head: bool = True
 
     _keep = field_validator("keep")(lambda v: check_keep(v))
-    _rank = field_validator("rank")(_check_rank)
+    _rank = field_validator("rank")(check_rank_setting)
 
 
 def resolve_rank(rank: Union[int, float], in_features: int, out_features: int) -> int:

@@ -1,7 +1,161 @@
-"""FLOPs formulas: the one place that says what a layer costs (2 FLOPs per multiply-add)."""
+"""FLOPs formulas: the one place that says what a layer costs (2 FLOPs per multiply-add, 1 per
+elementwise op or compared element).
+
+The MID-L count follows ``MIDLBase.mix_rows`` and ``_sparse`` term by term, so a ratio says what
+the code does, not what the paper promises; the whole-model dense count is
+``torch.utils.flop_counter.FlopCounterMode``'s, and the MID-L one swaps each converted layer's dense
+FLOPs for its own.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .layers import MIDLBase
 
 
 def dense_flops(in_features: int, out_features: int, rows: int) -> int:
     """A dense Linear or 1x1 conv applied to ``rows`` positions (tokens or pixels)."""
     return 2 * in_features * out_features * rows
+
+
+def midl_flops_parts(
+    in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int, k: int
+) -> dict[str, int]:
+    """FLOPs of each step of a MID-L layer over ``rows`` input rows split into ``groups`` masks.
+
+    ``groups == rows`` for token/pixel granularity, the number of samples for sequence/sample.
+    ``keep >= 1`` runs the dense layer, so it costs exactly that (no gate is computed).
+    """
+    if keep >= 1.0:
+        return {"dense": dense_flops(in_features, out_features, rows)}
+    r, out = rank, out_features
+    return {
+        "light_down": 2 * r * in_features * rows,  # h = V x on every row
+        "pool": r * rows if rows > groups else 0,  # mean of h over each group's rows
+        "gate": 2 * r * out * groups,  # scores from the (pooled) h, one per mask group
+        "topk": out * groups,  # one pass over the scores per mask
+        "light_up": 2 * r * out * rows,  # U h: computed on every row, selected neurons included
+        "exact": 2 * k * in_features * rows,  # the k selected rows of W
+        "blend": out * rows,  # bias on the light path (and the scatter of exact rows)
+    }
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """Dense and MID-L FLOPs of one converted layer, summed over its calls on one input."""
+
+    dense: int
+    midl: int
+    parts: dict[str, int] = field(default_factory=dict)
+    calls: tuple[tuple[int, int], ...] = ()  # (rows, groups) of each call
+
+    @property
+    def ratio(self) -> float:
+        """Dense / MID-L: above 1 the layer is cheaper than the original."""
+        return self.dense / self.midl if self.midl else float("nan")
+
+
+def layer_flops(layer: MIDLBase, calls: list[tuple[int, int]]) -> LayerFlops:
+    """FLOPs of ``layer`` over calls given as ``(rows, groups)`` (see ``layer_calls``)."""
+    parts: dict[str, int] = {}
+    for rows, groups in calls:
+        step = midl_flops_parts(layer.in_features, layer.out_features, layer.keep, layer.rank, rows, groups, layer.k)
+        for name, value in step.items():
+            parts[name] = parts.get(name, 0) + value
+    dense = sum(dense_flops(layer.in_features, layer.out_features, rows) for rows, _ in calls)
+    return LayerFlops(dense=dense, midl=sum(parts.values()), parts=parts, calls=tuple(calls))
+
+
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, inputs: Any) -> int:
+    """FLOPs of one forward of ``model`` on ``inputs`` as ``FlopCounterMode`` counts them (matmuls, convs, attention).
+
+    Attention runs on SDPA's math backend here: the counter has no formula for the CPU flash
+    kernel and would count its matmuls as 0 (torch 2.x).
+    """
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        _forward(model, inputs)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def layer_calls(model: nn.Module, inputs: Any) -> dict[str, list[tuple[int, int]]]:
+    """``(rows, groups)`` of every call of every MID-L layer in one forward, read off ``groups_of``.
+
+    Shared layers count once per call; the layers' statistics are left as they were.
+    """
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, MIDLBase)}
+    calls: dict[str, list[tuple[int, int]]] = {path: [] for path in layers}
+    handles = []
+    saved = {path: (m.track_stats, m.last_active_fraction, m._active_sum, m._active_calls) for path, m in layers.items()}
+    for path, layer in layers.items():
+        def hook(mod: MIDLBase, args: tuple, _path: str = path) -> None:
+            grouped = mod.groups_of(args[0])
+            calls[_path].append((grouped.shape[0] * grouped.shape[1], grouped.shape[0]))
+        handles.append(layer.register_forward_pre_hook(hook))
+        layer.track_stats = False
+    try:
+        _forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for path, m in layers.items():
+            m.track_stats, m.last_active_fraction, m._active_sum, m._active_calls = saved[path]
+    return calls
+
+
+@dataclass
+class ModelFlops:
+    """Whole-model FLOPs on one input: the original's dense count and the converted model's MID-L count."""
+
+    dense: int  # FlopCounterMode on the original model
+    layers: dict[str, LayerFlops]  # converted layers by path
+
+    @property
+    def converted_dense(self) -> int:
+        return sum(f.dense for f in self.layers.values())
+
+    @property
+    def converted_midl(self) -> int:
+        return sum(f.midl for f in self.layers.values())
+
+    @property
+    def midl(self) -> int:
+        """Dense count, less the converted layers' dense FLOPs, plus their MID-L FLOPs."""
+        return self.dense - self.converted_dense + self.converted_midl
+
+    @property
+    def ratio(self) -> float:
+        """Whole model, dense / MID-L."""
+        return self.dense / self.midl if self.midl else float("nan")
+
+    @property
+    def converted_ratio(self) -> float:
+        """Converted layers alone, dense / MID-L."""
+        return self.converted_dense / self.converted_midl if self.converted_midl else float("nan")
+
+
+def model_flops(student: nn.Module, teacher: nn.Module, inputs: Any) -> ModelFlops:
+    """FLOPs of ``teacher`` (dense, counted) and of its converted copy ``student`` (analytic) on ``inputs``."""
+    calls = layer_calls(student, inputs)
+    layers = dict(student.named_modules())
+    return ModelFlops(
+        dense=count_flops(teacher, inputs),
+        layers={path: layer_flops(layers[path], c) for path, c in calls.items()},
+    )
+
+
+__all__ = ["LayerFlops", "ModelFlops", "count_flops", "dense_flops", "layer_calls", "layer_flops", "midl_flops_parts", "model_flops"]

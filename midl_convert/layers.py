@@ -17,12 +17,14 @@ With ``rank == 0`` there is no ``h``; the score is ``c``, initialised to the row
 
 Forward: a hard Top-k mask; in training its gradient is that of ``sigma(score)`` (straight
 through), so the gate learns. Two compute paths give the same numbers: ``reference`` (full
-output, then masked) and ``sparse`` (only the selected rows of ``W``), the default in eval.
+output, then masked) and ``sparse`` (only the selected rows of ``W``), the default in eval
+wherever it is valid and pays: shared masks (sequence / sample) and single rows.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +56,24 @@ def check_rank(rank: int, in_features: int, out_features: int) -> int:
     return rank
 
 
+@contextlib.contextmanager
+def linalg_threads(elements: int) -> Iterator[None]:
+    """One CPU thread for decompositions of small matrices: LAPACK's threaded SVD on a busy
+    2-core machine was measured 100x slower than one thread (256x64: 2.6 s vs 2 ms)."""
+    before = torch.get_num_threads()
+    if elements < (1 << 22):
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors ``U (out, r)``, ``V (r, in)`` of ``weight`` with ``U V`` its best rank-r fit."""
     w = weight.detach().float()
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    with linalg_threads(w.numel()):
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
 
@@ -186,9 +202,16 @@ class MIDLBase(nn.Module):
         s = self.scores(h.mean(dim=1, keepdim=True) if x.shape[1] > 1 else h)  # (G, 1, out)
         idx = self._select(s)
         self._record(idx)
-        if self.path == "sparse" or (self.path == "auto" and not self.training):
+        if self.path == "sparse" or (self.path == "auto" and not self.training and self._sparse_pays(x)):
             return self._sparse(x, h, idx)
         return self._reference(x, h, s, idx)
+
+    @staticmethod
+    def _sparse_pays(x: torch.Tensor) -> bool:
+        """Gathering rows of W pays when one mask serves many rows (sequence / sample masks) or when
+        there is a single row (batch 1); a different mask per token in a batch would copy a
+        (tokens, k, in) block of W, far slower than dense compute plus masking."""
+        return x.shape[1] > 1 or x.shape[0] == 1
 
     def _reference(self, x: torch.Tensor, h: torch.Tensor, s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         hard = torch.zeros_like(s).scatter_(-1, idx, 1.0)

@@ -57,6 +57,7 @@ class LoadedModel:
     data_config: dict[str, Any] | None = None  # timm preprocessing
     tokenizer: Any = None
     notes: list[str] = field(default_factory=list)  # one-line facts the user should see (offline fallbacks, remaps)
+    build: dict[str, Any] = field(default_factory=dict)  # how to rebuild the bare architecture (for saving)
 
 
 @lru_cache(maxsize=1)
@@ -197,7 +198,8 @@ def _load_timm(name: str, spec: str, weights: str | None, random_init: bool, mod
     model.eval()
     data_config = timm.data.resolve_data_config({}, model=model)
     example = (torch.randn(1, *data_config["input_size"]),)
-    return LoadedModel(model, spec, "timm", "classifier", example, data_config=data_config, notes=notes)
+    build = {"source": "timm", "name": name, "kwargs": model_kwargs}
+    return LoadedModel(model, spec, "timm", "classifier", example, data_config=data_config, notes=notes, build=build)
 
 
 # ----- Hugging Face ----------------------------------------------------------------------------
@@ -249,7 +251,8 @@ def _load_hf(spec: str, random_init: bool, model_kwargs: dict) -> LoadedModel:
         model = cls.from_pretrained(source, local_files_only=local_only, **model_kwargs)
     model.eval()
     tokenizer = _tokenizer(source, local_only)
-    return LoadedModel(model, spec, "hf", task, hf_example_inputs(model, tokenizer), tokenizer=tokenizer, notes=notes)
+    return LoadedModel(model, spec, "hf", task, hf_example_inputs(model, tokenizer), tokenizer=tokenizer, notes=notes,
+                       build={"source": "hf", "spec": spec, "task": task})
 
 
 SAMPLE_TEXT = "MID-L keeps the exact path for the neurons that matter most."

@@ -110,10 +110,17 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
     return plan
 
 
-def _midl_layer(module: nn.Module, lp: LayerPlan) -> MIDLBase:
+def _midl_layer(module: nn.Module, lp: LayerPlan, init: bool) -> MIDLBase:
+    if init:
+        if lp.kind == "conv2d":
+            return MIDLConv2d.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
+        return MIDLinear.from_linear(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
+    # Shapes only (weights are loaded next): skips the SVD when a saved model is rebuilt.
+    w, bias = module.weight, module.bias is not None
+    common = dict(keep=lp.keep, rank=lp.rank, granularity=lp.granularity, bias=bias, device=w.device, dtype=w.dtype)
     if lp.kind == "conv2d":
-        return MIDLConv2d.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
-    return MIDLinear.from_linear(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
+        return MIDLConv2d(lp.in_features, lp.out_features, stride=module.stride, padding=module.padding, **common)
+    return MIDLinear(lp.in_features, lp.out_features, transposed=lp.kind == "conv1d", **common)
 
 
 def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -122,15 +129,26 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Swap every planned module for its MID-L layer (shared modules once, at all their paths)."""
+def apply_plan(model: nn.Module, plan: Plan, init: bool = True) -> nn.Module:
+    """Swap every planned module for its MID-L layer (shared modules once, at all their paths).
+
+    ``init=False`` builds empty layers of the right shapes, for loading saved weights into.
+    The plan is also recorded on a Hugging Face model's config, so ``save_pretrained`` keeps it.
+    """
     for lp in plan.converted:
-        module = model.get_submodule(lp.path)
+        try:
+            module = model.get_submodule(lp.path)
+        except AttributeError as exc:
+            raise MIDLError(f"the plan names {lp.path!r}, which {type(model).__name__} does not have; "
+                            f"rebuild the same architecture the plan was made for") from exc
         with torch.no_grad():
-            new = _midl_layer(module, lp)
+            new = _midl_layer(module, lp, init)
         new.train(module.training)
         for path in [lp.path, *lp.aliases]:
             _set_module(model, path, new)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        config.midl_plan = plan.to_dict()
     return model
 
 
@@ -159,6 +177,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if isinstance(mod, MIDLBase):
             dense = done.setdefault(id(mod), mod.merge_and_unload())
             _set_module(model, path, dense)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "midl_plan"):
+        del config.midl_plan
     return model
 
 

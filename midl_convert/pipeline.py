@@ -1,0 +1,92 @@
+"""The whole job, top to bottom: spec -> model -> plan -> converted -> calibrated -> distilled -> report -> saved.
+
+The CLI is a thin shell over ``run``; every step is also a public function of its own.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from .calibrate import LayerCalibration, calibrate
+from .data import default_data, load_data
+from .distill import DistillConfig, DistillResult, distill
+from .graph import TargetTable
+from .models import LoadedModel, load_model
+from .recipe import Recipe
+from .saving import save
+from .surgery import Plan, apply_plan, plan_conversion
+
+CALIBRATION_OFFSET = 1_000_000  # calibration batches come from a part of the stream training never draws
+
+
+@dataclass
+class RunResult:
+    loaded: LoadedModel
+    plan: Plan
+    table: TargetTable
+    student: nn.Module | None = None
+    teacher: nn.Module | None = None
+    calibration: list[LayerCalibration] | None = None
+    distilled: DistillResult | None = None
+    report: Any = None
+    out_dir: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -> RunResult:
+    """Run a recipe; with ``dry_run`` stop after the plan (the model is untouched)."""
+    console = console or Console(stderr=True)
+    torch.manual_seed(recipe.seed)
+    m = recipe.model
+    loaded = load_model(m.spec, weights=m.weights, random_init=m.random_init, **m.kwargs)
+    for note in loaded.notes:
+        console.print(f"[dim]{note}[/]")
+    plan, table = plan_conversion(loaded.model, recipe.midl_config(), loaded.example_inputs)
+    result = RunResult(loaded, plan, table)
+    if dry_run:
+        return result
+    device = resolve_device(recipe.device)
+    teacher = copy.deepcopy(loaded.model).eval()
+    student = apply_plan(loaded.model, plan).eval()
+    result.student, result.teacher = student, teacher
+    spec = recipe.distill.data or default_data(loaded)
+    data = load_data(spec, loaded, seed=recipe.seed)
+    dcfg = DistillConfig(**recipe.distill.model_dump(exclude={"data", "enabled"}))
+    bs = dcfg.batch_size
+    if dcfg.calibration_batches:
+        console.print(f"calibrating {len(plan.converted)} layers on {dcfg.calibration_batches} batches of {spec}")
+        result.calibration = calibrate(student, [data.train_batch(CALIBRATION_OFFSET + i, bs) for i in range(dcfg.calibration_batches)])
+    eval_data = load_data(recipe.report.data, loaded, seed=recipe.seed) if recipe.report.data else data
+    eval_batches = eval_data.heldout_batches(recipe.report.batch_size, limit=recipe.report.eval_samples)
+    out = Path(recipe.output.dir)
+    ckpt_dir = out.parent / f".{out.name}.distill"
+    if recipe.distill.enabled and dcfg.steps > 0:
+        if device.type != "cpu":
+            student.to(device)
+            teacher.to(device)
+        result.distilled = distill(student, teacher, data, loaded.task, dcfg, checkpoint_dir=ckpt_dir, eval_batches=eval_batches)
+    student.to(device).eval()
+    teacher.to(device).eval()
+    if recipe.report.enabled:
+        from .report import build_report
+
+        settings = {"model": m.model_dump(), "recipe": recipe.model_dump(), "data": spec, "seed": recipe.seed,
+                    "device": str(device), "notes": loaded.notes}
+        result.report = build_report(student, teacher, [b.to(device) for b in eval_batches], loaded.task, plan=plan,
+                                     settings=settings, latency_batch_sizes=tuple(recipe.report.latency_batch_sizes))
+    result.out_dir = save(student, out, build=loaded.build, recipe=recipe.model_dump(), tokenizer=loaded.tokenizer,
+                          extra=result.report.save if result.report is not None else None)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is saved: its checkpoints are spent
+    return result

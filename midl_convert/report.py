@@ -1,0 +1,604 @@
+"""The report: what a conversion costs and buys, measured rather than promised.
+
+Per converted layer its settings, measured exact-path share and FLOPs; for the whole model
+FLOPs (``flops.py``), parameters, held-out quality (``quality.compare``), latency (median and
+IQR of interleaved runs) and peak memory. Saved as ``report.json`` (schema ``REPORT_SCHEMA``),
+``report.md`` and ``report.png``.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .data import Batch
+from .errors import MIDLError
+from .flops import model_flops
+from .layers import MIDLBase, MIDLConv2d
+from .quality import OUTPUT_KIND, compare, headline, run
+from .surgery import Plan, midl_layers
+
+SCHEMA_VERSION = 1
+PRINT_ROWS = 20  # per-layer rows printed to the terminal; report.md has them all
+WARMUP_S, WARMUP_MAX = 0.25, 100  # warm each model this long (thread pools, caches, cuDNN plans), in at most so many runs
+FILES = ("report.json", "report.md", "report.png")
+
+_NUM = {"type": ["number", "null"]}
+_INT = {"type": "integer", "minimum": 0}
+_TIMING = {
+    "type": "object",
+    "required": ["median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms"],
+    "properties": {k: {"type": "number", "minimum": 0} for k in ("median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms")},
+}
+_MEMORY = {
+    "type": "object",
+    "required": ["weights_bytes", "forward_peak_bytes", "peak_bytes"],
+    "properties": {k: {"type": ["integer", "null"], "minimum": 0} for k in ("weights_bytes", "forward_peak_bytes", "peak_bytes")},
+}
+REPORT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "midl-convert report",
+    "description": "FLOPs are counted on one sample (batch size 1); ratios are dense / MID-L (above 1: fewer FLOPs).",
+    "type": "object",
+    "required": ["schema_version", "settings", "flops", "parameters", "quality", "latency", "memory", "layers", "skipped", "notes"],
+    "additionalProperties": False,
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "settings": {
+            "type": "object",
+            "description": "What produced the report; model, config, data and seed are the caller's, versions and device are measured.",
+            "required": ["versions", "device"],
+            "properties": {
+                "model": {"type": ["string", "null"]},
+                "config": {"type": ["object", "null"]},
+                "data": {"type": ["string", "null"]},
+                "seed": {"type": ["integer", "null"]},
+                "task": {"type": "string"},
+                "device": {"type": "string"},
+                "versions": {
+                    "type": "object",
+                    "required": ["python", "torch", "timm", "transformers", "midl_convert"],
+                    "additionalProperties": {"type": ["string", "null"]},
+                },
+            },
+        },
+        "flops": {
+            "type": "object",
+            "required": ["input_shapes", "counter", "dense", "midl", "ratio", "converted_dense", "converted_midl", "converted_ratio"],
+            "properties": {
+                "input_shapes": {"type": "object", "additionalProperties": {"type": "array", "items": _INT}},
+                "counter": {"type": "string"},
+                "dense": _INT, "midl": _INT, "ratio": _NUM,
+                "converted_dense": _INT, "converted_midl": _INT, "converted_ratio": _NUM,
+            },
+        },
+        "parameters": {
+            "type": "object",
+            "required": ["original", "converted", "added"],
+            "properties": {"original": _INT, "converted": _INT, "added": {"type": "integer"}},
+        },
+        "quality": {
+            "type": "object",
+            "required": ["kind", "headline", "value", "metrics", "batches"],
+            "properties": {
+                "kind": {"enum": sorted(set(OUTPUT_KIND.values()))},
+                "headline": {"type": "string"},
+                "value": _NUM,
+                "metrics": {"type": "object", "additionalProperties": _NUM},
+                "batches": _INT,
+            },
+        },
+        "latency": {
+            "type": "object",
+            "required": ["device", "timer", "repeats", "results"],
+            "properties": {
+                "device": {"type": "string"},
+                "timer": {"type": "string"},
+                "repeats": {"type": "integer", "minimum": 1},
+                "results": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["batch_size", "warmup_runs", "teacher", "student", "speedup"],
+                    "properties": {"batch_size": {"type": "integer", "minimum": 1}, "warmup_runs": _INT,
+                                   "teacher": _TIMING, "student": _TIMING, "speedup": _NUM},
+                }},
+            },
+        },
+        "memory": {
+            "type": "object",
+            "description": "peak_bytes = weights_bytes (parameters and buffers) + forward_peak_bytes (tensors allocated during one forward).",
+            "required": ["device", "method", "results"],
+            "properties": {
+                "device": {"type": "string"},
+                "method": {"type": "string"},
+                "results": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["batch_size", "teacher", "student"],
+                    "properties": {"batch_size": {"type": "integer", "minimum": 1}, "teacher": _MEMORY, "student": _MEMORY},
+                }},
+            },
+        },
+        "layers": {"type": "array", "items": {
+            "type": "object",
+            "required": ["path", "kind", "in_features", "out_features", "keep", "rank", "granularity", "k", "calls", "rows",
+                         "groups", "active_fraction", "dense_flops", "midl_flops", "ratio", "flops_parts"],
+            "additionalProperties": False,
+            "properties": {
+                "path": {"type": "string"},
+                "kind": {"enum": ["linear", "conv1d", "conv2d"]},
+                "in_features": _INT, "out_features": _INT, "keep": {"type": "number"}, "rank": _INT,
+                "granularity": {"enum": ["token", "sequence", "pixel", "sample"]},
+                "k": _INT, "calls": _INT, "rows": _INT, "groups": _INT,
+                "active_fraction": {**_NUM, "description": "measured on the held-out data (layer stats); null if never recorded"},
+                "dense_flops": _INT, "midl_flops": _INT, "ratio": _NUM,
+                "flops_parts": {"type": "object", "additionalProperties": _INT},
+            },
+        }},
+        "skipped": {"type": "array", "items": {
+            "type": "object", "required": ["path", "reason"],
+            "properties": {"path": {"type": "string"}, "reason": {"type": ["string", "null"]}},
+        }},
+        "notes": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+@dataclass
+class LayerReport:
+    """One converted layer: its settings, measured exact-path share and FLOPs on one sample."""
+
+    path: str
+    kind: str
+    in_features: int
+    out_features: int
+    keep: float
+    rank: int
+    granularity: str
+    k: int
+    calls: int
+    rows: int
+    groups: int
+    active_fraction: float | None
+    dense_flops: int
+    midl_flops: int
+    ratio: float | None
+    flops_parts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """Everything ``build_report`` measured; ``to_dict`` follows ``REPORT_SCHEMA``."""
+
+    settings: dict[str, Any]
+    flops: dict[str, Any]
+    parameters: dict[str, int]
+    quality: dict[str, Any]
+    latency: dict[str, Any]
+    memory: dict[str, Any]
+    layers: list[LayerReport]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise MIDLError(
+                f"report schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION}; rebuild the report with this midl-convert"
+            )
+        fields = dict(data)
+        fields["layers"] = [LayerReport(**layer) for layer in data["layers"]]
+        return cls(**fields)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write report.json, report.md and report.png into ``directory``, each atomically."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "report.json", lambda f: f.write(json.dumps(self.to_dict(), indent=2, allow_nan=False).encode()))
+        _write_atomic(out / "report.md", lambda f: f.write(self.markdown().encode()))
+        _write_atomic(out / "report.png", self._plot)
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Report":
+        path = Path(directory) / "report.json"
+        if not path.is_file():
+            raise MIDLError(f"no report.json in {str(directory)!r}; pass the folder that Report.save wrote")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    # ----- rendering ---------------------------------------------------------------------
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """The headline numbers as (label, value) pairs, shared by the terminal and markdown."""
+        f, p, q = self.flops, self.parameters, self.quality
+        rows = [
+            ("FLOPs dense (1 sample)", _si(f["dense"])),
+            ("FLOPs MID-L (1 sample)", _si(f["midl"])),
+            ("FLOPs ratio, whole model (dense / MID-L)", _fmt(f["ratio"])),
+            ("FLOPs ratio, converted layers", _fmt(f["converted_ratio"])),
+            ("Converted layers", str(len(self.layers))),
+            ("Parameters original / converted", f"{p['original']:,} / {p['converted']:,}"),
+            (f"Quality: {q['headline']}", _fmt(q["value"])),
+        ]
+        mem = {m["batch_size"]: m for m in self.memory["results"]}
+        for lat in self.latency["results"]:
+            b, t, s = lat["batch_size"], lat["teacher"], lat["student"]
+            rows.append((f"Latency batch {b}, teacher / student (median ± IQR, {self.latency['device']})",
+                         f"{t['median_ms']:.3f} ± {t['iqr_ms']:.3f} / {s['median_ms']:.3f} ± {s['iqr_ms']:.3f} ms"))
+            rows.append((f"Speed-up batch {b}", _fmt(lat["speedup"])))
+            if b in mem:
+                rows.append((f"Peak memory batch {b}, teacher / student",
+                             f"{_bytes(mem[b]['teacher']['peak_bytes'])} / {_bytes(mem[b]['student']['peak_bytes'])}"))
+        return rows
+
+    def layer_rows(self) -> tuple[list[str], list[list[str]]]:
+        header = ["layer", "kind", "in", "out", "keep", "rank", "granularity", "active", "dense FLOPs", "MID-L FLOPs", "ratio"]
+        rows = [[lr.path, lr.kind, str(lr.in_features), str(lr.out_features), f"{lr.keep:g}", str(lr.rank), lr.granularity,
+                 _fmt(lr.active_fraction), _si(lr.dense_flops), _si(lr.midl_flops), _fmt(lr.ratio)] for lr in self.layers]
+        return header, rows
+
+    def markdown(self) -> str:
+        header, rows = self.layer_rows()
+        lines = ["# midl-convert report", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in self.summary_rows()]
+        lines += ["", f"Memory: {self.memory['method']}", "", "## Converted layers", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        if self.skipped:
+            lines += ["", "## Left dense", "", "| layer | reason |", "|---|---|"]
+            lines += [f"| {s['path']} | {s['reason']} |" for s in self.skipped]
+        lines += ["", "## Settings", "", "```json", json.dumps(self.settings, indent=2), "```"]
+        lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def print(self, console: Any = None) -> None:
+        """Rich tables on the terminal: the summary, then the first ``PRINT_ROWS`` layers."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console()
+        summary = Table(title="midl-convert report", show_header=False)
+        summary.add_column(style="bold")
+        summary.add_column(justify="right")
+        for label, value in self.summary_rows():
+            summary.add_row(label, value)
+        console.print(summary)
+        console.print(f"[dim]Memory: {self.memory['method']}[/dim]")
+        header, rows = self.layer_rows()
+        layers = Table(title="Converted layers")
+        for i, name in enumerate(header):
+            layers.add_column(name, justify="left" if i in (0, 1, 6) else "right")
+        for row in rows[:PRINT_ROWS]:
+            layers.add_row(*row)
+        console.print(layers)
+        if len(rows) > PRINT_ROWS:
+            console.print(f"... {len(rows) - PRINT_ROWS} more layers (see report.md)")
+        for note in self.notes:
+            console.print(f"[dim]{note}[/dim]")
+
+    def _plot(self, f: io.BufferedWriter) -> None:
+        from matplotlib.figure import Figure
+
+        names = [lr.path for lr in self.layers] or ["(none)"]
+        n, y = len(names), list(range(len(names)))
+        fig = Figure(figsize=(13, max(4.0, 0.28 * n + 1.8)), dpi=100, layout="constrained")
+        ax_f, ax_a = fig.subplots(1, 2, sharey=True, width_ratios=(3, 2))
+        ax_f.barh([i - 0.2 for i in y], [lr.dense_flops for lr in self.layers] or [0], 0.4, label="dense")
+        ax_f.barh([i + 0.2 for i in y], [lr.midl_flops for lr in self.layers] or [0], 0.4, label="MID-L")
+        ax_f.set(yticks=y, xlabel="FLOPs per sample", title=f"FLOPs per layer (converted ratio {_fmt(self.flops['converted_ratio'])})")
+        ax_f.set_yticklabels(names, fontsize=8)
+        ax_f.invert_yaxis()
+        ax_f.legend(loc="lower right")
+        active = [lr.active_fraction if lr.active_fraction is not None else math.nan for lr in self.layers] or [math.nan]
+        ax_a.barh(y, active, 0.6, color="tab:green", label="measured")
+        ax_a.scatter([lr.keep for lr in self.layers] or [math.nan], y, marker="|", s=120, color="black", label="keep", zorder=3)
+        ax_a.set(xlim=(0, 1.05), xlabel="share of neurons on the exact path", title="Active fraction (held-out data)")
+        ax_a.legend(loc="lower right")
+        fig.savefig(f, format="png")
+
+
+# ----- measurement -----------------------------------------------------------------------------
+def build_report(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[Batch],
+    task: str,
+    plan: Plan | None = None,
+    settings: dict[str, Any] | None = None,
+    latency_batch_sizes: Sequence[int] = (1,),
+    repeats: int = 20,
+) -> Report:
+    """Measure a converted ``student`` against its original ``teacher`` on held-out ``batches``.
+
+    ``task`` is a ``LoadedModel.task``; FLOPs use one sample of the first batch, latency and
+    memory run on the device the student's weights are on.
+    """
+    if task not in OUTPUT_KIND:
+        raise MIDLError(f"unknown task {task!r}; use one of {', '.join(OUTPUT_KIND)}")
+    if not batches:
+        raise MIDLError("build_report needs at least one held-out batch; pass Data.heldout_batches(...)")
+    if repeats < 1 or any(b < 1 for b in latency_batch_sizes):
+        raise MIDLError(f"repeats and latency batch sizes must be >= 1, got repeats={repeats}, sizes={tuple(latency_batch_sizes)}")
+    layers = midl_layers(student)
+    if not layers:
+        raise MIDLError(f"{type(student).__name__} has no MID-L layers; convert it first (midl_convert.convert)")
+    device = _device(student)
+    if _device(teacher) != device:
+        raise MIDLError(f"student is on {device} and teacher on {_device(teacher)}; move both to one device to compare them")
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    try:
+        batches = [b.to(device) for b in batches]
+        one = _resize(batches[0], 1)
+        counted = model_flops(student, teacher, one.inputs)
+        quality, active = _quality_and_activity(layers, student, teacher, batches, task)
+        latency, memory = _runtime(student, teacher, batches[0], latency_batch_sizes, repeats, device)
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    kinds = {lp.path: lp.kind for lp in plan.layers} if plan is not None else {}
+    layer_reports = [_layer_report(path, layer, kinds, counted.layers[path], active[path]) for path, layer in layers.items()]
+    n_orig, n_conv = _count_params(teacher), _count_params(student)
+    key, value = headline(quality)
+    return Report(
+        settings={**_jsonable(settings or {}), "task": task, "device": _device_name(device), "versions": versions()},
+        flops={
+            "input_shapes": {k: list(v.shape) for k, v in _tensors(one.inputs).items()},
+            "counter": "torch.utils.flop_counter.FlopCounterMode (original); midl_convert.flops formulas (converted layers)",
+            "dense": counted.dense, "midl": counted.midl, "ratio": counted.ratio,
+            "converted_dense": counted.converted_dense, "converted_midl": counted.converted_midl,
+            "converted_ratio": counted.converted_ratio,
+        },
+        parameters={"original": n_orig, "converted": n_conv, "added": n_conv - n_orig},
+        quality={"kind": OUTPUT_KIND[task], "headline": key, "value": value, "metrics": quality, "batches": len(batches)},
+        latency=latency,
+        memory=memory,
+        layers=layer_reports,
+        skipped=[{"path": lp.path, "reason": lp.reason} for lp in plan.layers if not lp.convert] if plan is not None else [],
+        notes=[
+            "FLOPs: one sample of the first held-out batch; 2 per multiply-add, 1 per elementwise op or top-k element; "
+            "attention counted on SDPA's math backend.",
+            "Active fraction: mean share of neurons on the exact path over the held-out batches (layer stats).",
+            *(["Layers at keep 1.0 run the original matmul and no gate: their ratio is exactly 1."]
+              if any(m.keep >= 1.0 for m in layers.values()) else []),
+        ],
+    )
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries a report's numbers depend on."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name, dist in (("torch", "torch"), ("timm", "timm"), ("transformers", "transformers"), ("midl_convert", "midl-convert")):
+        try:
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _layer_report(path: str, layer: MIDLBase, kinds: dict[str, str], f: Any, active: float | None) -> LayerReport:
+    kind = kinds.get(path) or ("conv2d" if isinstance(layer, MIDLConv2d) else "conv1d" if getattr(layer, "transposed", False) else "linear")
+    return LayerReport(
+        path=path, kind=kind, in_features=layer.in_features, out_features=layer.out_features, keep=layer.keep,
+        rank=layer.rank, granularity=layer.granularity, k=layer.k, calls=len(f.calls), rows=sum(r for r, _ in f.calls),
+        groups=sum(g for _, g in f.calls), active_fraction=active, dense_flops=f.dense, midl_flops=f.midl,
+        ratio=f.ratio, flops_parts=dict(f.parts),
+    )
+
+
+def _quality_and_activity(
+    layers: dict[str, MIDLBase], student: nn.Module, teacher: nn.Module, batches: list[Batch], task: str
+) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Quality on the held-out batches, with each layer's exact-path share recorded along the way."""
+    saved = {p: m.track_stats for p, m in layers.items()}
+    for m in layers.values():
+        m.track_stats = True
+        m.reset_stats()
+    try:
+        quality = compare(student, teacher, batches, OUTPUT_KIND[task])
+        active = {p: m.active_fraction for p, m in layers.items()}
+    finally:
+        for p, m in layers.items():
+            m.track_stats = saved[p]
+    # keep >= 1 runs the dense layer and records nothing: every neuron is exact by construction
+    active.update({p: 1.0 for p, m in layers.items() if active[p] is None and m.keep >= 1.0})
+    return quality, active
+
+
+def _runtime(
+    student: nn.Module, teacher: nn.Module, batch: Batch, sizes: Sequence[int], repeats: int, device: torch.device
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Latency (interleaved teacher/student runs) and peak memory at each batch size."""
+    lat, mem = [], []
+    for size in sizes:
+        b = _resize(batch, size)
+        warm = _warm_up((teacher, student), b, device)
+        times = _interleaved(teacher, student, b, repeats, device)
+        t, s = _timing(times[0]), _timing(times[1])
+        lat.append({"batch_size": size, "warmup_runs": warm, "teacher": t, "student": s,
+                    "speedup": t["median_ms"] / s["median_ms"] if s["median_ms"] else None})
+        mem.append({"batch_size": size, "teacher": _peak_memory(teacher, b, device), "student": _peak_memory(student, b, device)})
+    name = _device_name(device)
+    timer = "time.perf_counter" + (" with torch.cuda.synchronize" if device.type == "cuda" else "")
+    method = (
+        "torch.cuda.max_memory_allocated minus memory allocated before the forward, plus parameter and buffer bytes"
+        if device.type == "cuda" else
+        "torch.profiler (profile_memory=True): peak of the running sum of CPU tensor allocations during one forward, "
+        "plus parameter and buffer bytes"
+    )
+    return ({"device": name, "timer": timer, "repeats": repeats, "results": lat},
+            {"device": name, "method": method, "results": mem})
+
+
+@torch.no_grad()
+def _interleaved(teacher: nn.Module, student: nn.Module, batch: Batch, repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Milliseconds per forward, teacher and student alternating (order flipped each round) so drift hits both."""
+    models = (teacher, student)
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            _sync(device)
+            start = time.perf_counter()
+            run(models[j], batch)
+            _sync(device)
+            times[j].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+@torch.no_grad()
+def _warm_up(models: Sequence[nn.Module], batch: Batch, device: torch.device) -> int:
+    """Run the models in turn for ``WARMUP_S`` seconds (at least twice each): the first calls are slow."""
+    start, runs = time.perf_counter(), 0
+    while runs < 2 or (time.perf_counter() - start < WARMUP_S and runs < WARMUP_MAX):
+        for m in models:
+            run(m, batch)
+        _sync(device)
+        runs += 1
+    return runs
+
+
+def _timing(ms: list[float]) -> dict[str, float]:
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0], ms[0], ms[0])
+    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "min_ms": min(ms)}
+
+
+@torch.no_grad()
+def _peak_memory(model: nn.Module, batch: Batch, device: torch.device) -> dict[str, int | None]:
+    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run(model, batch)
+        torch.cuda.synchronize(device)
+        extra = torch.cuda.max_memory_allocated(device) - before
+    else:
+        extra = _cpu_forward_peak(model, batch)
+    return {"weights_bytes": weights, "forward_peak_bytes": extra, "peak_bytes": weights + extra}
+
+
+def _cpu_forward_peak(model: nn.Module, batch: Batch) -> int:
+    """Peak bytes of CPU tensors alive at once during one forward, from the profiler's allocation events."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(model, batch)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+# ----- small helpers ---------------------------------------------------------------------------
+def _device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _tensors(inputs: Any) -> dict[str, torch.Tensor]:
+    items = inputs.items() if isinstance(inputs, dict) else enumerate(inputs)
+    return {str(k): v for k, v in items if isinstance(v, torch.Tensor)}
+
+
+def _resize(batch: Batch, size: int) -> Batch:
+    """The first ``size`` samples of ``batch``, repeated when it holds fewer."""
+    def fit(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        return t.repeat(math.ceil(size / t.shape[0]), *[1] * (t.dim() - 1))[:size] if t.shape[0] < size else t[:size]
+
+    inputs = {k: fit(v) for k, v in batch.inputs.items()} if isinstance(batch.inputs, dict) else tuple(fit(v) for v in batch.inputs)
+    return Batch(inputs, fit(batch.labels))
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values from settings (pydantic configs, paths, tuples)."""
+    if hasattr(value, "model_dump"):
+        return _jsonable(value.model_dump(mode="json"))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinity become null: report.json stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path``: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+
+
+def _si(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:g}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+__all__ = ["REPORT_SCHEMA", "SCHEMA_VERSION", "LayerReport", "Report", "build_report", "versions"]

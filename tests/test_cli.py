@@ -1,0 +1,119 @@
+"""The command line through typer's test runner: a full run, dry run, inspect, schema, report, bad input."""
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from midl_convert import models
+from midl_convert.cli import app, main
+
+runner = CliRunner()
+SMALL = ["--random-init", "--steps", "2", "--batch-size", "4"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.hub_reachable.cache_clear()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def small_recipe(tmp_path, **extra):
+    body = {"model": {"spec": "test_vit", "random_init": True},
+            "distill": {"steps": 2, "batch_size": 4, "calibration_batches": 1},
+            "report": {"eval_samples": 8, "batch_size": 4}, "output": {"dir": str(tmp_path / "out")}} | extra
+    path = tmp_path / "r.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_full_run_writes_everything(tmp_path):
+    res = invoke("convert", str(small_recipe(tmp_path)))
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    assert {"model.safetensors", "midl_config.json", "report.json", "report.md", "report.png"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    assert report["layers"] and "agreement" in report["quality"]["metrics"]
+    assert f"wrote {out}" in res.output.replace("\n", "")
+    assert not (tmp_path / ".out.distill").exists()  # checkpoints are removed once the run is saved
+    again = invoke("report", str(out))
+    assert again.exit_code == 0 and "FLOPs" in again.output
+    import midl_convert as mc
+
+    assert mc.midl_layers(mc.load(out))
+
+
+def test_options_override_the_recipe(tmp_path):
+    res = invoke("convert", "--recipe", str(small_recipe(tmp_path)), "--keep", "0.25", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "0.25" in res.output and not (tmp_path / "out").exists()
+
+
+def test_dry_run_and_inspect_print_the_plan():
+    res = invoke("convert", "test_vit", "--random-init", "--dry-run", "--include", "all-linear")
+    assert res.exit_code == 0, res.output
+    assert "blocks.0.mlp.fc1" in res.output and "convert" in res.output
+    res = invoke("inspect", "test_vit", "--random-init")
+    assert res.exit_code == 0 and "targets (export trace)" in res.output.replace("\n", " ")
+
+
+def test_schema_is_json():
+    res = invoke("schema")
+    assert res.exit_code == 0 and "model" in json.loads(res.output)["properties"]
+
+
+def test_main_treats_a_model_name_as_convert(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["resnt50", "--keep", "0.5"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["convert", "resnt50"], "unknown model 'resnt50'"),
+    (["convert", "nobody/nothing"], "cannot download 'nobody/nothing'"),
+    (["convert", "test_vit", "--random-init", "--keep", "0"], "--keep: Value error, keep must be in (0, 1]"),
+    (["convert", "test_vit", "--random-init", "--keep", "1.5"], "--keep: Value error, keep must be in (0, 1]"),
+    (["convert", "test_vit", "--random-init", "--include", "mlp.fc9"], "include pattern 'mlp.fc9' matches no"),
+    (["convert", "test_vit", *SMALL, "--data", "/no/such/folder"], "data '/no/such/folder' does not exist"),
+    (["convert", "test_vit", "--random-init", "--rank", "lots"], "--rank must be an int or a fraction"),
+    (["report", "/no/such/run"], "has no report.json"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
+    res = invoke(*args, "--out", str(tmp_path / "o")) if args[0] == "convert" else invoke(*args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output.replace("\n", " ") or message in " ".join(res.output.split())
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_recipe_keys_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  spec: test_vit\nmidl:\n  kep: 0.5\n")
+    res = invoke("convert", str(bad))
+    assert res.exit_code == 2 and "line 4: midl.kep: unknown key" in " ".join(res.output.split())
+    bad.write_text("model:\n  spec: test_vit\ndistill:\n  steps: lots\n")
+    res = invoke("convert", str(bad))
+    assert res.exit_code == 2 and "distill.steps: Input should be a valid integer" in " ".join(res.output.split())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["model", "midl", "distill", "targets", "bogus"]),
+                       st.one_of(st.integers(), st.text(max_size=5), st.dictionaries(
+                           st.sampled_from(["spec", "keep", "rank", "steps", "x"]), st.one_of(st.integers(-3, 3), st.text(max_size=4)),
+                           max_size=3)), max_size=4))
+def test_malformed_recipes_exit_2_never_traceback(tmp_path, data):
+    import yaml
+
+    path = tmp_path / "h.yaml"
+    data.setdefault("model", {"spec": "resnt50"})  # a recipe that validates still fails fast: unknown model
+    path.write_text(yaml.safe_dump(data))
+    res = invoke("convert", str(path), "--dry-run")
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output

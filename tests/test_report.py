@@ -1,0 +1,190 @@
+"""The report: schema, files, round trip, terminal output, and numbers that match their sources."""
+import copy
+import io
+import json
+
+import jsonschema
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+from torch import nn
+
+import midl_convert as mc
+from midl_convert.data import Batch
+from midl_convert.flops import count_flops
+from midl_convert.report import FILES, PRINT_ROWS, REPORT_SCHEMA, Report, build_report
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared CPU: worker threads only contend (10x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Stack(nn.Module):
+    """A 1x1 conv stem, then enough Linear layers (pixels as tokens) for the printed table to be trimmed."""
+
+    def __init__(self, width: int = 16, depth: int = 22, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 1)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.stem(x).flatten(2).transpose(1, 2)  # (B, pixels, width)
+        for block in self.blocks:
+            h = h + torch.relu(block(h))
+        return self.head(h.mean(1))
+
+
+def batches(n: int = 3, size: int = 4) -> list[Batch]:
+    gen = torch.Generator().manual_seed(0)
+    return [Batch((torch.randn(size, 3, 4, 4, generator=gen),), torch.randint(0, 5, (size,), generator=gen)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def built():
+    torch.manual_seed(0)
+    teacher = Stack().eval()
+    held = batches()
+    config = mc.MIDLConfig(keep=0.25, rank=2, overrides=[mc.LayerOverride(match="blocks.21", keep=1.0)])
+    student, plan = mc.convert(copy.deepcopy(teacher), config, held[0].inputs)
+    report = build_report(
+        student, teacher, held, "classifier", plan=plan,
+        settings={"model": "Stack", "config": config, "data": "random", "seed": 0},
+        latency_batch_sizes=(1, 2), repeats=3,
+    )
+    return report, student, teacher, held
+
+
+@pytest.fixture(scope="module")
+def saved(built, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    built[0].save(out)
+    return out
+
+
+def test_json_validates_against_schema(saved):
+    jsonschema.Draft202012Validator.check_schema(REPORT_SCHEMA)
+    data = json.loads((saved / "report.json").read_text())
+    jsonschema.validate(data, REPORT_SCHEMA, cls=jsonschema.Draft202012Validator)
+    assert set(data) == set(REPORT_SCHEMA["required"])
+    assert sorted(p.name for p in saved.iterdir()) == sorted(FILES)  # no temporary files left behind
+
+
+def test_png_is_readable_and_not_trivial(saved):
+    with Image.open(saved / "report.png") as img:
+        img.verify()
+    with Image.open(saved / "report.png") as img:
+        assert img.format == "PNG" and min(img.size) > 300
+        assert len(img.getcolors(1 << 16) or range(1 << 16)) > 10  # more than a blank canvas
+    assert (saved / "report.png").stat().st_size > 20_000
+
+
+def test_save_load_round_trip(built, saved):
+    loaded = Report.load(saved)
+    assert loaded.to_dict() == built[0].to_dict()
+    assert (saved / "report.md").read_text() == loaded.markdown()
+
+
+def test_load_refuses_other_schema_versions(built, tmp_path):
+    data = built[0].to_dict() | {"schema_version": 999}
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    with pytest.raises(mc.MIDLError, match="schema_version"):
+        Report.load(tmp_path)
+
+
+def test_numbers_match_their_sources(built):
+    report, student, teacher, held = built
+    one = (held[0].inputs[0][:1],)
+    f = report.flops
+    assert f["dense"] == count_flops(teacher, one)
+    assert f["midl"] == f["dense"] - f["converted_dense"] + f["converted_midl"]
+    assert f["converted_midl"] == sum(lr.midl_flops for lr in report.layers)
+    assert f["ratio"] == pytest.approx(f["dense"] / f["midl"]) and f["converted_ratio"] > 1
+    by = {lr.path: lr for lr in report.layers}
+    assert len(by) == 23 and by["stem"].kind == "conv2d" and by["stem"].granularity == "pixel"
+    assert by["blocks.0"].active_fraction == pytest.approx(by["blocks.0"].k / 16)  # Top-k keeps exactly k
+    assert by["blocks.21"].keep == 1.0 and by["blocks.21"].ratio == 1.0 and by["blocks.21"].active_fraction == 1.0
+    assert report.skipped == [{"path": "head", "reason": "classifier / output head (skip_head)"}]
+    assert report.parameters["original"] == sum(p.numel() for p in teacher.parameters())
+    assert report.parameters["converted"] == sum(p.numel() for p in student.parameters())
+    assert report.quality["kind"] == "logits" and report.quality["headline"] == "agreement"
+    assert report.quality["metrics"]["samples"] == 12
+    assert torch.__version__.startswith(report.settings["versions"]["torch"])
+    assert report.settings["config"]["keep"] == 0.25 and report.settings["task"] == "classifier"
+
+
+def test_latency_and_memory_per_batch_size(built):
+    report = built[0]
+    assert [r["batch_size"] for r in report.latency["results"]] == [1, 2]
+    for r in report.latency["results"]:
+        for who in ("teacher", "student"):
+            t = r[who]
+            assert 0 < t["min_ms"] <= t["q1_ms"] <= t["median_ms"] <= t["q3_ms"]
+    assert "profiler" in report.memory["method"]
+    for r in report.memory["results"]:
+        for who in ("teacher", "student"):
+            m = r[who]
+            assert m["peak_bytes"] == m["weights_bytes"] + m["forward_peak_bytes"] and m["forward_peak_bytes"] > 0
+
+
+def test_models_are_left_as_they_were(built):
+    _, student, teacher, held = built
+    layers = mc.midl_layers(student).values()
+    assert not any(layer.track_stats for layer in layers) and not student.training and not teacher.training
+    student.train()
+    build_report(student, teacher, held[:1], "classifier", repeats=1)
+    assert student.training and not teacher.training
+
+
+def test_print_shows_summary_then_trimmed_layers(built):
+    report = built[0]
+    console = Console(record=True, width=200, file=io.StringIO())
+    report.print(console)
+    text = console.export_text()
+    ratio = f"{report.flops['ratio']:.3f}"
+    assert ratio in text and f"{report.quality['value']:.3f}" in text
+    assert text.index(ratio) < text.index("Converted layers") < text.index("blocks.0")
+    assert f"... {len(report.layers) - PRINT_ROWS} more layers (see report.md)" in text
+    assert "blocks.21" not in text  # past the first PRINT_ROWS rows
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"task": "segmentation"}, "unknown task"),
+    ({"batches": []}, "at least one held-out batch"),
+    ({"repeats": 0}, "repeats"),
+])
+def test_bad_arguments_raise(built, kwargs, message):
+    _, student, teacher, held = built
+    args = {"student": student, "teacher": teacher, "batches": held, "task": "classifier"} | kwargs
+    with pytest.raises(mc.MIDLError, match=message):
+        build_report(**args)
+
+
+def test_unconverted_model_is_refused():
+    with pytest.raises(mc.MIDLError, match="no MID-L layers"):
+        build_report(Stack(), Stack(), batches(1), "classifier")
+
+
+def test_embedding_model_with_dict_inputs():
+    """A tiny random BERT: keyword inputs, attention mask, sentence-embedding quality, attention FLOPs counted."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    teacher = BertModel(cfg).eval()
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    held = [Batch({"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": mask})]
+    student, plan = mc.convert(copy.deepcopy(teacher), mc.MIDLConfig(keep=0.5, rank=8, granularity="sequence"), held[0].inputs)
+    report = build_report(student, teacher, held, "embedding", plan=plan, repeats=1)
+    jsonschema.validate(report.to_dict(), REPORT_SCHEMA)
+    assert report.quality["kind"] == "embedding" and report.quality["headline"] == "cosine"
+    assert report.flops["input_shapes"] == {"input_ids": [1, 6], "attention_mask": [1, 6]}
+    attention = 2 * (2 * 6 * 6 * 32)  # q k^T and p v over 6 tokens
+    assert report.flops["dense"] - report.flops["converted_dense"] >= attention
+    assert {lr.granularity for lr in report.layers} == {"sequence"}
