@@ -8,7 +8,7 @@ Heavy libraries (timm, transformers, accelerate, matplotlib) load when first use
 """
 from .calibrate import calibrate
 from .config import LayerOverride, MIDLConfig
-from .data import load_data
+from .data import Batch, load_data
 from .distill import DistillConfig, distill
 from .errors import MIDLError
 from .graph import Target, TargetTable, find_targets
@@ -22,7 +22,7 @@ from .surgery import LayerPlan, Plan, apply_plan, convert, merge_and_unload, mid
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistillConfig", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d", "MIDLError", "MIDLinear",
+    "Batch", "DistillConfig", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d", "MIDLError", "MIDLinear",
     "Plan", "Report", "Target", "TargetTable", "apply_plan", "calibrate", "convert", "distill", "find_targets", "load",
     "load_data", "load_model", "merge_and_unload", "midl_layers", "plan_conversion", "report", "save",
 ]

@@ -1,5 +1,6 @@
 """The command line through typer's test runner: a full run, dry run, inspect, schema, report, bad input."""
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -117,3 +118,25 @@ def test_malformed_recipes_exit_2_never_traceback(tmp_path, data):
     res = invoke("convert", str(path), "--dry-run")
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["plan"].converted
+
+
+@pytest.mark.slow
+def test_offline_minilm_recipe_runs_end_to_end(tmp_path):
+    recipe = Path(__file__).parents[1] / "recipes" / "minilm_offline.yaml"
+    res = invoke("convert", str(recipe), "--steps", "5", "--out", str(tmp_path / "minilm"))
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "minilm" / "report.json").read_text())
+    quality = report["quality"]["metrics"]
+    assert 0.3 < quality["cosine"] <= 1.0 and "top10_overlap" in quality
+    assert report["flops"]["converted_ratio"] > 1.0  # keep 0.5 at rank 32 saves FLOPs, gate included

@@ -217,3 +217,17 @@ def test_stats_record_active_fraction():
     assert layer.active_fraction == pytest.approx(0.3)
     layer.reset_stats()
     assert layer.active_fraction is None
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (40, 40)])
+@pytest.mark.parametrize("rank", [1, 8, 32])
+def test_light_path_is_the_best_rank_r_fit(shape, rank):
+    from midl_convert.layers import svd_factors
+
+    torch.manual_seed(9)
+    w = torch.randn(*shape) @ torch.diag(torch.linspace(3, 0.1, shape[1]))
+    u, v = svd_factors(w, rank)
+    assert u.shape == (shape[0], rank) and v.shape == (rank, shape[1])
+    uu, ss, vv = torch.linalg.svd(w, full_matrices=False)
+    best = (uu[:, :rank] * ss[:rank]) @ vv[:rank]
+    assert (u @ v - best).norm() / best.norm() < 1e-4
