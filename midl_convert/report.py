@@ -7,18 +7,20 @@ IQR of interleaved runs) and peak memory. Saved as ``report.json`` (schema ``REP
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import io
 import json
 import math
 import os
 import platform
+import sys
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -496,7 +498,7 @@ def _cpu_forward_peak(model: nn.Module, batch: Batch) -> int:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run(model, batch)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
     live = peak = 0
@@ -504,6 +506,21 @@ def _cpu_forward_peak(model: nn.Module, batch: Batch) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler library's own C++ log lines (profiler_start, gpuGetDeviceCount) on fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 # ----- small helpers ---------------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""How much of the teacher's behaviour conversion loses, and how much calibration and distillation win back.
+
+MiniLM (the real all-MiniLM-L6-v2 from the `demo` extra): every encoder Linear at one keep and
+rank (the pooler is excluded: it does not feed mean-pooled embeddings); cosine to the teacher's
+sentence embeddings and top-10 retrieval overlap on held-out `builtin:text` sentences, right
+after conversion, after closed-form calibration, and after distillation, with wall times.
+Digits: a small timm ViT trained here as teacher on `builtin:digits`, converted, calibrated and
+distilled; held-out accuracy of teacher and student.
+
+    python benchmarks/distill_quality.py --steps 300                   # MiniLM, defaults
+    python benchmarks/distill_quality.py --steps 300 --no-whiten       # one lever at a time
+    python benchmarks/distill_quality.py --digits --steps 200
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import midl_convert as mc
+from midl_convert.flops import model_flops
+from midl_convert.quality import compare
+
+
+def stage(rows: list, name: str, student, teacher, held, kind: str, seconds: float) -> None:
+    metrics = compare(student, teacher, held, kind)
+    rows.append((name, metrics, seconds))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("samples", "sure_samples"))
+    print(f"  {name:<28} {shown}  ({seconds:.1f}s)", flush=True)
+
+
+def minilm(args: argparse.Namespace) -> None:
+    loaded = mc.load_model("sentence-transformers/all-MiniLM-L6-v2")
+    teacher, student = loaded.model, copy.deepcopy(loaded.model)
+    data = mc.load_data("builtin:text", loaded, seed=args.seed)
+    held = data.heldout_batches(64, limit=args.eval)
+    cfg = mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=args.granularity, exclude=["pooler.dense"])
+    t = time.perf_counter()
+    _, plan = mc.convert(student, cfg, loaded.example_inputs)
+    flops = model_flops(student, teacher, loaded.example_inputs)
+    print(f"MiniLM: {len(plan.converted)} layers at keep {args.keep}, rank {args.rank}, {args.granularity} masks; "
+          f"FLOPs ratio converted layers {flops.converted_ratio:.3f}x, whole model {flops.ratio:.3f}x "
+          f"(gate and light path counted)")
+    rows: list = []
+    stage(rows, "after conversion (SVD gate)", student, teacher, held, "embedding", time.perf_counter() - t)
+    t = time.perf_counter()
+    mc.calibrate(student, [data.train_batch(1_000_000 + i, 32) for i in range(args.calib_batches)], whiten=not args.no_whiten)
+    stage(rows, "after calibration", student, teacher, held, "embedding", time.perf_counter() - t)
+    if args.steps:
+        res = mc.distill(student, teacher, data, "embedding", steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                         layer_weight=args.layer_weight, train=args.train, eval_batches=held, log_every=50)
+        stage(rows, f"after {args.steps} steps", student, teacher, held, "embedding", res.seconds)
+    table(rows, ["cosine", "top10_overlap"], {"cosine": 0.95, "top10_overlap": 0.8})
+
+
+def digits(args: argparse.Namespace) -> None:
+    import timm
+
+    from midl_convert.data import load_data
+    from midl_convert.models import LoadedModel
+
+    torch.manual_seed(args.seed)
+    model = timm.create_model("test_vit", img_size=32, patch_size=4, num_classes=10)
+    loaded = LoadedModel(model, "test_vit", "timm", "classifier", (torch.randn(1, 3, 32, 32),),
+                         data_config=timm.data.resolve_data_config({}, model=model))
+    data = load_data("builtin:digits", loaded, seed=args.seed)
+    held = data.heldout_batches(120)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    t = time.perf_counter()
+    model.train()
+    for step in range(args.teacher_steps):
+        batch = data.train_batch(step, 64)
+        loss = torch.nn.functional.cross_entropy(model(*batch.inputs), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    teacher = model.eval().requires_grad_(False)
+    print(f"digits teacher: test_vit trained {args.teacher_steps} steps in {time.perf_counter() - t:.0f}s")
+    student = copy.deepcopy(teacher)
+    _, plan = mc.convert(student, mc.MIDLConfig(keep=args.keep, rank=args.rank, include="all-linear"), loaded.example_inputs)
+    flops = model_flops(student, teacher, loaded.example_inputs)
+    print(f"digits: {len(plan.converted)} layers at keep {args.keep}, rank {args.rank}; FLOPs ratio converted "
+          f"{flops.converted_ratio:.3f}x, whole model {flops.ratio:.3f}x")
+    rows: list = []
+    stage(rows, "after conversion", student, teacher, held, "logits", 0.0)
+    t = time.perf_counter()
+    mc.calibrate(student, [data.train_batch(1_000_000 + i, 64) for i in range(args.calib_batches)])
+    stage(rows, "after calibration", student, teacher, held, "logits", time.perf_counter() - t)
+    if args.steps:
+        res = mc.distill(student, teacher, data, "classifier", steps=args.steps, lr=args.lr, batch_size=64,
+                         eval_batches=held, log_every=50)
+        stage(rows, f"after {args.steps} steps", student, teacher, held, "logits", res.seconds)
+    table(rows, ["accuracy", "teacher_accuracy", "agreement", "kl"], {})
+
+
+def table(rows: list, keys: list[str], targets: dict[str, float]) -> None:
+    print()
+    print("| stage | " + " | ".join(keys) + " | seconds |")
+    print("|---|" + "---|" * (len(keys) + 1))
+    for name, metrics, seconds in rows:
+        cells = []
+        for k in keys:
+            v = metrics.get(k, float("nan"))
+            gap = f" ({v - targets[k]:+.3f} vs target {targets[k]})" if k in targets and name.startswith("after ") and "steps" in name else ""
+            cells.append(f"{v:.4f}{gap}")
+        print(f"| {name} | " + " | ".join(cells) + f" | {seconds:.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--digits", action="store_true", help="the digits teacher instead of MiniLM")
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--granularity", default="token")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--layer-weight", type=float, default=0.0)
+    p.add_argument("--train", default="midl", choices=["midl", "gates", "all"])
+    p.add_argument("--no-whiten", action="store_true")
+    p.add_argument("--calib-batches", type=int, default=4)
+    p.add_argument("--eval", type=int, default=512, help="held-out sentences")
+    p.add_argument("--teacher-steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    (digits if args.digits else minilm)(args)
+
+
+if __name__ == "__main__":
+    main()
