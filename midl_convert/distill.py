@@ -148,11 +148,13 @@ def distill(
     config: DistillConfig | None = None,
     checkpoint_dir: str | Path | None = None,
     eval_batches: list[Batch] | None = None,
+    device: str | None = None,
     **overrides,
 ) -> DistillResult:
     """Train ``student`` to match ``teacher`` on ``data``; returns the loss curve and held-out agreement.
 
-    ``overrides`` set any ``DistillConfig`` field (``steps=300, lr=1e-3``). With ``checkpoint_dir``
+    ``overrides`` set any ``DistillConfig`` field (``steps=300, lr=1e-3``). ``device="cpu"`` keeps
+    the run on the CPU even where a GPU exists; otherwise ``accelerate`` picks the device. With ``checkpoint_dir``
     and ``checkpoint_every``, a checkpoint is written atomically every N steps and a rerun resumes
     from it with the same result as an uninterrupted run.
     """
@@ -162,7 +164,7 @@ def distill(
     cfg = (config or DistillConfig()).model_copy(update=overrides)
     cfg = DistillConfig.model_validate(cfg.model_dump())
     kind = OUTPUT_KIND[task]
-    acc = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
+    acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if cfg.bf16 else "no",
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(cfg.seed)
     teacher.eval().requires_grad_(False).to(acc.device)

@@ -84,14 +84,27 @@ class TargetTable:
         return {"method": self.method, "notes": self.notes, "targets": [t.to_dict() for t in self.targets]}
 
 
+# Subclasses that override forward but still compute exactly F.linear / F.conv2d with their weight.
+SAME_FORWARD = {"timm.layers.linear.Linear"}
+
+
+def _plain_forward(module: nn.Module, base: type) -> bool:
+    """False for subclasses whose forward transforms the weight first (timm's StdConv2d and
+    ScaledStdConv2d standardise it; quantised or LoRA-wrapped layers add to it): replacing those by a
+    plain MID-L layer would change the model."""
+    cls = type(module)
+    return cls.forward is base.forward or f"{cls.__module__}.{cls.__qualname__}" in SAME_FORWARD
+
+
 def target_kind(module: nn.Module) -> str | None:
     """The target kind of a module, or None if MID-L does not apply to it."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) and _plain_forward(module, nn.Linear):
         return "linear"
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
         return "conv1d"
     if (
         isinstance(module, nn.Conv2d)
+        and _plain_forward(module, nn.Conv2d)
         and module.kernel_size == (1, 1)
         and module.groups == 1
         and module.padding_mode == "zeros"

@@ -295,9 +295,13 @@ def hf_example_inputs(model: nn.Module, tokenizer: Any = None, seq_len: int = 16
     if "input_features" in params:
         frames = 2 * getattr(config, "max_source_positions", 1500)
         inputs["input_features"] = torch.randn(1, getattr(config, "num_mel_bins", 80), frames)
+    if "input_values" in params:  # raw audio (wav2vec2, HuBERT): one second at 16 kHz
+        inputs["input_values"] = torch.randn(1, 16000)
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         start = getattr(config, "decoder_start_token_id", None) or 0
         inputs["decoder_input_ids"] = torch.full((1, 4), start, dtype=torch.long)
+    if inputs and "use_cache" in params:
+        inputs["use_cache"] = False  # a KV-cache object in the output stops torch.export
     if not inputs:
         raise MIDLError(f"cannot build example inputs for {type(model).__name__}; pass example_inputs yourself")
     return inputs

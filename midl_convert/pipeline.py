@@ -76,7 +76,8 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
         if device.type != "cpu":
             student.to(device)
             teacher.to(device)
-        result.distilled = distill(student, teacher, data, loaded.task, dcfg, checkpoint_dir=ckpt_dir, eval_batches=eval_batches)
+        result.distilled = distill(student, teacher, data, loaded.task, dcfg, checkpoint_dir=ckpt_dir, eval_batches=eval_batches,
+                                   device=device.type if recipe.device != "auto" else None)
     student.to(device).eval()
     teacher.to(device).eval()
     if recipe.report.enabled:

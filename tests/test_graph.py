@@ -84,3 +84,12 @@ def test_shared_module_listed_once_with_aliases():
     table = find_targets(model, torch.randn(1, 8))
     assert [t.path for t in table.targets] == ["0"]
     assert table.targets[0].aliases == ["2"] and table.targets[0].calls == 2
+
+
+def test_layers_that_transform_their_weight_are_not_targets():
+    from timm.layers import ScaledStdConv2d, StdConv2d
+    from timm.layers.linear import Linear as TimmLinear
+
+    model = nn.Sequential(StdConv2d(4, 8, 1), ScaledStdConv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Flatten(), TimmLinear(8 * 9, 3))
+    table = find_targets(model, torch.randn(1, 4, 3, 3))
+    assert [t.path for t in table.targets] == ["2", "4"]
