@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
     ap.add_argument("--jsonl", default=str(ROOT / "benchmarks" / "coverage_results.jsonl"),
                     help="per-model results, one JSON object a line (written as the sweep goes)")
+    ap.add_argument("--rerun-failed", action="store_true",
+                    help="check again only the models that failed or timed out in --jsonl (after a fix), then rebuild the report")
     ap.add_argument("--report-only", action="store_true",
                     help="no sweep: rebuild the report from --jsonl (same --sample/--seed) and re-time the 100M model")
     args = ap.parse_args(argv)
@@ -392,9 +394,20 @@ def main(argv: list[str] | None = None) -> None:
         results = [r for r in rows if "_wall" not in r]
         wall = next((r["_wall"] for r in rows if "_wall" in r), float("nan"))
         return finish(args, results, how, wall)
+    kept: list[dict] = []
+    if args.rerun_failed:  # the wall time reported is the first sweep's plus this one's
+        start -= next((json.loads(x)["_wall"] for x in Path(args.jsonl).read_text().splitlines() if '"_wall"' in x), 0.0)
+        rows = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
+        again = {r["name"] for r in rows if r.get("status") in ("fail", "timeout")}
+        kept = [r for r in rows if "_wall" not in r and r["name"] not in again]
+        tasks, total = [t for t in tasks if t["name"] in again], len(again)
+        how += f"; {total} earlier failures checked again after a fix"
     print(f"checking {total} models; {how}", flush=True)
     Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
     log = open(args.jsonl, "w")
+    for r in kept:
+        results.append(r)
+        log.write(json.dumps(r, default=str) + "\n")
 
     def on_result(r: dict) -> None:
         results.append(r)

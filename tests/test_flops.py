@@ -11,15 +11,6 @@ import midl_convert as mc
 from midl_convert.flops import count_flops, layer_calls, midl_flops_parts, model_flops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared CPU: worker threads only contend (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class MLP(nn.Module):
     def __init__(self, d_in: int = 32, hidden: int = 64, d_out: int = 16):
         super().__init__()

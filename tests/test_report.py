@@ -16,15 +16,6 @@ from midl_convert.flops import count_flops
 from midl_convert.report import FILES, PRINT_ROWS, REPORT_SCHEMA, Report, build_report
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared CPU: worker threads only contend (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Stack(nn.Module):
     """A 1x1 conv stem, then enough Linear layers (pixels as tokens) for the printed table to be trimmed."""
 

@@ -163,16 +163,6 @@ ZOO = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: these models are tiny, and on a small or shared machine extra threads
-    oversubscribe the cores (the SVDs of the conversion then run several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(source: str, name: str, kwargs: dict, size: int | None) -> tuple[nn.Module, Any]:
     """The model (random weights, eval mode) and example inputs for one case."""
     torch.manual_seed(0)
