@@ -38,10 +38,14 @@ class Batch:
     inputs: tuple | dict[str, torch.Tensor]
     labels: torch.Tensor | None = None
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        """The same batch with ``fn`` applied to every tensor (inputs and labels); other values kept."""
+        apply = lambda t: fn(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        inputs = {k: apply(v) for k, v in self.inputs.items()} if isinstance(self.inputs, dict) else tuple(map(apply, self.inputs))
+        return Batch(inputs, apply(self.labels))
+
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        inputs = {k: move(v) for k, v in self.inputs.items()} if isinstance(self.inputs, dict) else tuple(map(move, self.inputs))
-        return Batch(inputs, move(self.labels))
+        return self.map(lambda t: t.to(device))
 
     @property
     def size(self) -> int:

@@ -88,11 +88,7 @@ def _schedule(step: int, total: int, warmup: float) -> float:
 
 
 def _shard(batch: Batch, rank: int, world: int) -> Batch:
-    if world == 1:
-        return batch
-    cut = lambda t: t[rank::world] if isinstance(t, torch.Tensor) else t  # noqa: E731
-    inputs = {k: cut(v) for k, v in batch.inputs.items()} if isinstance(batch.inputs, dict) else tuple(map(cut, batch.inputs))
-    return Batch(inputs, cut(batch.labels))
+    return batch if world == 1 else batch.map(lambda t: t[rank::world])
 
 
 def _save_atomic(obj: dict, path: Path) -> None:

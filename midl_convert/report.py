@@ -547,13 +547,12 @@ def _tensors(inputs: Any) -> dict[str, torch.Tensor]:
 
 def _resize(batch: Batch, size: int) -> Batch:
     """The first ``size`` samples of ``batch``, repeated when it holds fewer."""
-    def fit(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+    def fit(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
             return t
         return t.repeat(math.ceil(size / t.shape[0]), *[1] * (t.dim() - 1))[:size] if t.shape[0] < size else t[:size]
 
-    inputs = {k: fit(v) for k, v in batch.inputs.items()} if isinstance(batch.inputs, dict) else tuple(fit(v) for v in batch.inputs)
-    return Batch(inputs, fit(batch.labels))
+    return batch.map(fit)
 
 
 def _count_params(model: nn.Module) -> int:
