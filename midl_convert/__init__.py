@@ -2,10 +2,12 @@
 
     import midl_convert as mc
     model, plan = mc.convert(model, mc.MIDLConfig(keep=0.5), example_inputs)
+    model, plan = mc.convert(model, mc.MIDLConfig(flops_ratio=1.3), example_inputs, batches)  # a FLOPs budget
     mc.calibrate(model, batches); mc.distill(model, teacher, data); mc.save(model, "out")
 
 Heavy libraries (timm, transformers, accelerate, matplotlib) load when first used.
 """
+from .budget import budget_plan
 from .calibrate import calibrate
 from .config import LayerOverride, MIDLConfig
 from .data import Batch, load_data
@@ -23,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch", "DistillConfig", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d", "MIDLError", "MIDLinear",
-    "Plan", "Report", "Target", "TargetTable", "apply_plan", "calibrate", "convert", "distill", "find_targets", "load",
+    "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "convert", "distill", "find_targets", "load",
     "load_data", "load_model", "merge_and_unload", "midl_layers", "plan_conversion", "report", "save",
 ]

@@ -76,12 +76,24 @@ def collect_groups(model: nn.Module, batches: Iterable[Batch], max_rows: int = 4
     return out
 
 
-def whitened_factors(weight: torch.Tensor, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U, V`` minimising ``||W x - U V x||`` over the rows of ``x`` (N, in)."""
+WhitenedSVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # P, S, Q^T of W L, and L
+
+
+def whitened_svd(weight: torch.Tensor, x: torch.Tensor) -> WhitenedSVD:
+    """The SVD of ``W L`` (``L L^T = E[x x^T]``): every rank's whitened factors truncate it, so the
+    layer budget computes it once per layer, not once per rank tried."""
     cov = x.T @ x / x.shape[0]
     cov += torch.eye(cov.shape[0]) * (1e-4 * cov.diagonal().mean().clamp_min(1e-8))
     chol = torch.linalg.cholesky(cov)
     p, s, qh = torch.linalg.svd(weight @ chol, full_matrices=False)
+    return p, s, qh, chol
+
+
+def whitened_factors(
+    weight: torch.Tensor, x: torch.Tensor, rank: int, svd: WhitenedSVD | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U, V`` minimising ``||W x - U V x||`` over the rows of ``x`` (N, in)."""
+    p, s, qh, chol = svd if svd is not None else whitened_svd(weight, x)
     root = s[:rank].sqrt()
     u = p[:, :rank] * root
     a = root[:, None] * qh[:rank]  # V L = a
@@ -106,8 +118,11 @@ def _left_energy(scores: torch.Tensor, err2: torch.Tensor, k: int) -> float:
 
 
 @torch.no_grad()
-def calibrate_layer(layer: MIDLBase, groups: torch.Tensor, whiten: bool = True, path: str = "") -> LayerCalibration:
-    """Fit one layer's light path and gate to its real input groups (G, n, in)."""
+def calibrate_layer(
+    layer: MIDLBase, groups: torch.Tensor, whiten: bool = True, path: str = "", svd: WhitenedSVD | None = None
+) -> LayerCalibration:
+    """Fit one layer's light path and gate to its real input groups (G, n, in); ``svd`` is
+    ``whitened_svd`` of this layer on these rows, when already computed."""
     w = layer.weight.float()
     x = groups.reshape(-1, layer.in_features)
     exact = x @ w.T
@@ -122,7 +137,7 @@ def calibrate_layer(layer: MIDLBase, groups: torch.Tensor, whiten: bool = True, 
     if layer.rank == 0 or layer.keep >= 1.0:
         return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (before / total) ** 0.5, "none")
     if whiten:
-        u, v = whitened_factors(w, x, layer.rank)
+        u, v = whitened_factors(w, x, layer.rank, svd)
         layer.light_up.copy_(u)
         layer.light_down.copy_(v)
     u, v = layer.light_up.float(), layer.light_down.float()

@@ -26,6 +26,7 @@ out = Console(width=None if Console().is_terminal else 150)  # files and pipes g
 # CLI option -> recipe key path (the one place the two vocabularies meet)
 OPTION_KEYS = {
     "keep": ("midl", "keep"), "rank": ("midl", "rank"), "granularity": ("midl", "granularity"),
+    "flops_ratio": ("midl", "flops_ratio"),
     "include": ("targets", "include"), "exclude": ("targets", "exclude"),
     "steps": ("distill", "steps"), "lr": ("distill", "lr"), "data": ("distill", "data"),
     "batch_size": ("distill", "batch_size"),
@@ -95,14 +96,17 @@ def build_recipe(target: str | None, recipe_file: Path | None, options: dict[str
 
 
 def plan_table(plan, title: str = "plan") -> Table:
-    table = Table(title=title)
-    for col in ("layer", "kind", "in -> out", "FLOPs share", "keep", "rank", "granularity", "decision"):
-        table.add_column(col, justify="right" if col in ("FLOPs share", "keep", "rank") else "left")
+    budget = plan.budget is not None
+    cols = ("layer", "kind", "in -> out", "FLOPs share", "keep", "rank", "granularity", *(("damage",) if budget else ()), "decision")
+    table = Table(title=title, caption=plan.notes[-1] if budget else None)
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("FLOPs share", "keep", "rank", "damage") else "left")
     total = sum(lp.flops for lp in plan.layers) or 1
     for lp in plan.layers:
+        damage = ("" if lp.predicted_damage is None else f"{lp.predicted_damage:.2e}",) if budget else ()
         table.add_row(lp.path, lp.kind, f"{lp.in_features} -> {lp.out_features}", f"{lp.flops / total:.1%}",
                       "" if lp.keep is None else f"{lp.keep:g}", "" if lp.rank is None else str(lp.rank),
-                      lp.granularity or "", "convert" if lp.convert else f"dense: {lp.reason}")
+                      lp.granularity or "", *damage, "convert" if lp.convert else f"dense: {lp.reason}")
     return table
 
 
@@ -129,6 +133,8 @@ def convert(
     target: Optional[str] = typer.Argument(None, help="timm name, Hugging Face id or folder, or a recipe .yaml"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe file; other options override it"),
     keep: Optional[float] = typer.Option(None, help="share of neurons on the exact path, in (0, 1]"),
+    flops_ratio: Optional[float] = typer.Option(None, "--flops-ratio", help="whole-model FLOPs target, e.g. 1.3: "
+                                                "each layer's keep and rank (or dense) chosen from measured damage"),
     rank: Optional[str] = typer.Option(None, help="light-path rank: an int, or a fraction of min(in, out)"),
     granularity: Optional[str] = typer.Option(None, help="token | sequence (Linear), pixel | sample (1x1 conv)"),
     include: list[str] = typer.Option([], help="pattern of layers to convert (repeatable; 'all-linear')"),
@@ -146,7 +152,7 @@ def convert(
     no_distill: bool = typer.Option(False, "--no-distill", help="calibrate only"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
-    options = {"keep": keep, "rank": rank, "granularity": granularity, "include": include, "exclude": exclude,
+    options = {"keep": keep, "flops_ratio": flops_ratio, "rank": rank, "granularity": granularity, "include": include, "exclude": exclude,
                "steps": steps, "lr": lr, "batch_size": batch_size, "data": data, "weights": weights,
                "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed}
 

@@ -10,6 +10,22 @@ from .layers import check_keep
 # Per position (a mask per token / pixel) or per sample (one mask per sequence / image).
 Granularity = Literal["token", "sequence", "pixel", "sample"]
 PER_SAMPLE = {"sequence", "sample"}
+# The layer budget's grid: 3 keeps x 3 ranks that scale with the layer (1/32, 1/16, 1/8 of min(in, out);
+# 12 / 24 / 48 on a 384-wide encoder), each measured on every candidate layer.
+BUDGET_KEEPS = (0.25, 0.5, 0.75)
+BUDGET_RANKS = (1 / 32, 1 / 16, 1 / 8)
+
+
+def check_keep_list(values: list[float]) -> list[float]:
+    if not values:
+        raise ValueError("budget_keeps needs at least one keep, e.g. [0.25, 0.5, 0.75]")
+    return [check_keep(k) for k in values]
+
+
+def check_rank_list(values: list[Union[int, float]]) -> list[Union[int, float]]:
+    if not values:
+        raise ValueError("budget_ranks needs at least one rank, e.g. [16, 32] or [0.0625, 0.125]")
+    return [check_rank_setting(r) for r in values]
 
 
 def check_rank_setting(value: Union[int, float, None]) -> Union[int, float, None]:
@@ -54,9 +70,19 @@ class MIDLConfig(BaseModel):
     overrides: list[LayerOverride] = Field(default_factory=list)
     min_size: int = Field(0, ge=0, description="skip layers with fewer than this many weights (in*out)")
     skip_head: bool = True
+    flops_ratio: float | None = Field(
+        None, gt=1.0, description="whole-model FLOPs target (dense / converted, e.g. 1.5): each layer's keep and rank "
+                                  "(or dense) are chosen from measured damage; keep and rank are then ignored")
+    budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS),
+                                      description="keeps the layer budget tries on each layer")
+    budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS),
+                                                  description="ranks the layer budget tries (ints, or shares of min(in, out))")
+    budget_batches: int = Field(1, ge=1, description="calibration batches the layer budget measures each option on")
 
     _keep = field_validator("keep")(lambda v: check_keep(v))
     _rank = field_validator("rank")(check_rank_setting)
+    _budget_keeps = field_validator("budget_keeps")(check_keep_list)
+    _budget_ranks = field_validator("budget_ranks")(check_rank_list)
 
 
 def resolve_rank(rank: Union[int, float], in_features: int, out_features: int) -> int:

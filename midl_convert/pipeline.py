@@ -19,6 +19,7 @@ from .data import default_data, load_data
 from .distill import DistillConfig, DistillResult, distill
 from .graph import TargetTable
 from .models import LoadedModel, load_model
+from .quality import OUTPUT_KIND
 from .recipe import Recipe
 from .saving import save
 from .surgery import Plan, apply_plan, plan_conversion
@@ -39,6 +40,12 @@ class RunResult:
     out_dir: Path | None = None
 
 
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in inputs)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +60,18 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
     loaded = load_model(m.spec, weights=m.weights, random_init=m.random_init, **m.kwargs)
     for note in loaded.notes:
         console.print(f"[dim]{note}[/]")
-    plan, table = plan_conversion(loaded.model, recipe.midl_config(), loaded.example_inputs)
+    config = recipe.midl_config()
+    spec = recipe.distill.data or default_data(loaded)
+    dcfg = DistillConfig(**recipe.distill.model_dump(exclude={"data", "enabled"}))
+    bs = dcfg.batch_size
+    data = load_data(spec, loaded, seed=recipe.seed) if config.flops_ratio is not None or not dry_run else None
+    budget_batches = None
+    if config.flops_ratio is not None:
+        console.print(f"layer budget: measuring each layer's damage on {config.budget_batches} batch(es) of {spec} "
+                      f"for a {config.flops_ratio:g}x FLOPs target")
+        budget_batches = [data.train_batch(CALIBRATION_OFFSET + i, bs) for i in range(config.budget_batches)]
+    plan, table = plan_conversion(loaded.model, config, loaded.example_inputs, budget_batches, OUTPUT_KIND[loaded.task],
+                                  progress=lambda line: console.print(f"[dim]{line}[/]"))
     result = RunResult(loaded, plan, table)
     if dry_run:
         return result
@@ -61,10 +79,6 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
     teacher = copy.deepcopy(loaded.model).eval()
     student = apply_plan(loaded.model, plan).eval()
     result.student, result.teacher = student, teacher
-    spec = recipe.distill.data or default_data(loaded)
-    data = load_data(spec, loaded, seed=recipe.seed)
-    dcfg = DistillConfig(**recipe.distill.model_dump(exclude={"data", "enabled"}))
-    bs = dcfg.batch_size
     if dcfg.calibration_batches:
         console.print(f"calibrating {len(plan.converted)} layers on {dcfg.calibration_batches} batches of {spec}")
         result.calibration = calibrate(student, [data.train_batch(CALIBRATION_OFFSET + i, bs) for i in range(dcfg.calibration_batches)])
@@ -86,7 +100,8 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
         settings = {"model": m.model_dump(), "recipe": recipe.model_dump(), "data": spec, "seed": recipe.seed,
                     "device": str(device), "notes": loaded.notes}
         result.report = build_report(student, teacher, [b.to(device) for b in eval_batches], loaded.task, plan=plan,
-                                     settings=settings, latency_batch_sizes=tuple(recipe.report.latency_batch_sizes))
+                                     settings=settings, latency_batch_sizes=tuple(recipe.report.latency_batch_sizes),
+                                     example_inputs=_to(loaded.example_inputs, device))
     result.out_dir = save(student, out, build=loaded.build, recipe=recipe.model_dump(), tokenizer=loaded.tokenizer,
                           extra=result.report.save if result.report is not None else None)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is saved: its checkpoints are spent

@@ -18,6 +18,20 @@ def run(model: nn.Module, batch: Batch) -> object:
     return model(**batch.inputs) if isinstance(batch.inputs, dict) else model(*batch.inputs)
 
 
+@torch.no_grad()
+def output_kind(model: nn.Module, batch: Batch) -> str:
+    """What to compare when the task is not known: ``logits`` for a classifier-like output, else ``hidden``."""
+    was = model.training
+    model.eval()
+    try:
+        out = run(model, batch)
+    finally:
+        model.train(was)
+    if getattr(out, "logits", None) is not None or (isinstance(out, torch.Tensor) and out.dim() == 2):
+        return "logits"
+    return "hidden"
+
+
 def _mask(batch: Batch) -> torch.Tensor | None:
     return batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
 

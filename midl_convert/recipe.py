@@ -8,7 +8,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import Granularity, LayerOverride, MIDLConfig, check_rank_setting
+from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, check_keep_list, check_rank_list,
+                     check_rank_setting)
 from .layers import check_keep
 from .distill import DistillConfig
 from .errors import MIDLError
@@ -37,9 +38,15 @@ class MidlSection(_Strict):
     keep: float = 0.5
     rank: Union[int, float] = 32
     granularity: Granularity = "token"
+    flops_ratio: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["flops_ratio"].description)
+    budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
+    budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS))
+    budget_batches: int = Field(1, ge=1, description=MIDLConfig.model_fields["budget_batches"].description)
 
     _keep = field_validator("keep")(lambda v: check_keep(v))
     _rank = field_validator("rank")(check_rank_setting)
+    _budget_keeps = field_validator("budget_keeps")(check_keep_list)
+    _budget_ranks = field_validator("budget_ranks")(check_rank_list)
 
 
 class DistillSection(DistillConfig):

@@ -81,6 +81,8 @@ REPORT_SCHEMA: dict[str, Any] = {
             "required": ["input_shapes", "counter", "dense", "midl", "ratio", "converted_dense", "converted_midl", "converted_ratio"],
             "properties": {
                 "input_shapes": {"type": "object", "additionalProperties": {"type": "array", "items": _INT}},
+                "input": {"type": "string", "description": "which input the FLOPs were counted on"},
+                "budget": {"type": ["object", "null"], "description": "the layer budget's target and prediction, when one planned the run"},
                 "counter": {"type": "string"},
                 "dense": _INT, "midl": _INT, "ratio": _NUM,
                 "converted_dense": _INT, "converted_midl": _INT, "converted_ratio": _NUM,
@@ -227,10 +229,12 @@ class Report:
         """The headline numbers as (label, value) pairs, shared by the terminal and markdown."""
         f, p, q = self.flops, self.parameters, self.quality
         rows = [
-            ("FLOPs dense (1 sample)", _si(f["dense"])),
-            ("FLOPs MID-L (1 sample)", _si(f["midl"])),
+            (f"FLOPs dense ({f.get('input', '1 sample')})", _si(f["dense"])),
+            (f"FLOPs MID-L ({f.get('input', '1 sample')})", _si(f["midl"])),
             ("FLOPs ratio, whole model (dense / MID-L)", _fmt(f["ratio"])),
             ("FLOPs ratio, converted layers", _fmt(f["converted_ratio"])),
+            *([("Layer budget: target / predicted ratio", f"{_fmt(f['budget']['target'])} / {_fmt(f['budget']['predicted_ratio'])}")]
+              if f.get("budget") else []),
             ("Converted layers", str(len(self.layers))),
             ("Parameters original / converted", f"{p['original']:,} / {p['converted']:,}"),
             (f"Quality: {q['headline']}", _fmt(q["value"])),
@@ -322,10 +326,12 @@ def build_report(
     settings: dict[str, Any] | None = None,
     latency_batch_sizes: Sequence[int] = (1,),
     repeats: int = 20,
+    example_inputs: Any = None,
 ) -> Report:
     """Measure a converted ``student`` against its original ``teacher`` on held-out ``batches``.
 
-    ``task`` is a ``LoadedModel.task``; FLOPs use one sample of the first batch, latency and
+    ``task`` is a ``LoadedModel.task``; FLOPs are counted on ``example_inputs`` when given (the
+    input a layer budget was planned on), else on one sample of the first batch; latency and
     memory run on the device the student's weights are on.
     """
     if task not in OUTPUT_KIND:
@@ -346,7 +352,8 @@ def build_report(
     try:
         batches = [b.to(device) for b in batches]
         one = _resize(batches[0], 1)
-        counted = model_flops(student, teacher, one.inputs)
+        flops_inputs = example_inputs if example_inputs is not None else one.inputs
+        counted = model_flops(student, teacher, flops_inputs)
         quality, active = _quality_and_activity(layers, student, teacher, batches, task)
         latency, memory = _runtime(student, teacher, batches[0], latency_batch_sizes, repeats, device)
     finally:
@@ -359,7 +366,9 @@ def build_report(
     return Report(
         settings={**_jsonable(settings or {}), "task": task, "device": _device_name(device), "versions": versions()},
         flops={
-            "input_shapes": {k: list(v.shape) for k, v in _tensors(one.inputs).items()},
+            "input_shapes": {k: list(v.shape) for k, v in _tensors(flops_inputs).items()},
+            "input": "example input" if example_inputs is not None else "one held-out sample",
+            "budget": plan.budget if plan is not None else None,
             "counter": "torch.utils.flop_counter.FlopCounterMode (original); midl_convert.flops formulas (converted layers)",
             "dense": counted.dense, "midl": counted.midl, "ratio": counted.ratio,
             "converted_dense": counted.converted_dense, "converted_midl": counted.converted_midl,
@@ -372,7 +381,7 @@ def build_report(
         layers=layer_reports,
         skipped=[{"path": lp.path, "reason": lp.reason} for lp in plan.layers if not lp.convert] if plan is not None else [],
         notes=[
-            "FLOPs: one sample of the first held-out batch; 2 per multiply-add, 1 per elementwise op or top-k element; "
+            f"FLOPs: {'the example input' if example_inputs is not None else 'one sample of the first held-out batch'}; 2 per multiply-add, 1 per elementwise op or top-k element; "
             "attention counted on SDPA's math backend.",
             "Active fraction: mean share of neurons on the exact path over the held-out batches (layer stats).",
             *(["Layers at keep 1.0 run the original matmul and no gate: their ratio is exactly 1."]

@@ -6,16 +6,18 @@ The model keeps its class, ``forward`` and config; only the chosen submodules ch
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .config import MIDLConfig, granularity_for, resolve_rank
+from .data import Batch
 from .errors import MIDLError
 from .graph import Target, TargetTable, find_targets
 from .layers import MIDLBase, MIDLConv2d, MIDLinear
 from .matching import ALL_LINEAR, closest, matches, matches_any
+from .quality import output_kind
 
 
 @dataclass
@@ -34,6 +36,7 @@ class LayerPlan:
     reason: str | None = None  # why it stays dense
     role: str | None = None
     aliases: list[str] = field(default_factory=list)
+    predicted_damage: float | None = None  # set by the layer budget: output loss with this layer alone converted
 
 
 @dataclass
@@ -43,17 +46,19 @@ class Plan:
     layers: list[LayerPlan]
     method: str
     notes: list[str] = field(default_factory=list)
+    budget: dict[str, Any] | None = None  # the layer budget's target, prediction and cost, when one chose the settings
 
     @property
     def converted(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.convert]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "notes": self.notes, "layers": [asdict(layer) for layer in self.layers]}
+        return {"method": self.method, "notes": self.notes, "budget": self.budget, "layers": [asdict(layer) for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        return cls(layers=[LayerPlan(**d) for d in data["layers"]], method=data["method"], notes=list(data.get("notes", [])))
+        return cls(layers=[LayerPlan(**d) for d in data["layers"]], method=data["method"], notes=list(data.get("notes", [])),
+                   budget=data.get("budget"))
 
 
 def _check_patterns(patterns: list[str], paths: list[str], what: str) -> None:
@@ -153,20 +158,40 @@ def apply_plan(model: nn.Module, plan: Plan, init: bool = True) -> nn.Module:
 
 
 def plan_conversion(
-    model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None
+    model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None,
+    batches: Sequence[Batch] | None = None, output: str | None = None, progress: Callable[[str], None] | None = None,
 ) -> tuple[Plan, TargetTable]:
-    """The dry run: the graph pass and the plan, with the model untouched."""
+    """The dry run: the graph pass and the plan, with the model untouched.
+
+    With ``config.flops_ratio`` the layer budget (``budget.py``) measures each layer on
+    ``batches`` and picks its keep and rank; ``output`` is what to compare (``logits``,
+    ``embedding`` or ``hidden``), read off the model's output when not given.
+    """
+    config = config or MIDLConfig()
     table = find_targets(model, example_inputs)
     if not table.targets:
         raise MIDLError(f"{type(model).__name__} has no nn.Linear, HF Conv1D or 1x1 nn.Conv2d to convert")
-    return make_plan(table, config or MIDLConfig()), table
+    plan = make_plan(table, config)
+    if config.flops_ratio is not None:
+        if not batches or example_inputs is None:
+            raise MIDLError("flops_ratio needs example_inputs and a few calibration batches to measure each layer's damage: "
+                            "convert(model, config, example_inputs, batches=[Batch(...), ...])")
+        from .budget import budget_plan
+
+        plan = budget_plan(model, plan, config, batches, output or output_kind(model, batches[0]), example_inputs,
+                           progress=progress)
+    return plan, table
 
 
 def convert(
-    model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None
+    model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None,
+    batches: Sequence[Batch] | None = None, output: str | None = None,
 ) -> tuple[nn.Module, Plan]:
-    """Replace the planned layers of ``model`` in place by MID-L layers; returns ``(model, plan)``."""
-    plan, _ = plan_conversion(model, config, example_inputs)
+    """Replace the planned layers of ``model`` in place by MID-L layers; returns ``(model, plan)``.
+
+    ``batches`` (and ``output``) are needed only for a FLOPs budget (``config.flops_ratio``).
+    """
+    plan, _ = plan_conversion(model, config, example_inputs, batches, output)
     return apply_plan(model, plan), plan
 
 

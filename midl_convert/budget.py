@@ -1,0 +1,430 @@
+"""The layer budget: each layer's keep and rank (or dense), chosen from measured damage so the whole
+model reaches a FLOPs ratio (``MIDLConfig(flops_ratio=1.5)``, ``--flops-ratio 1.5``).
+
+Measure. Every candidate layer alone, at each (keep, rank) of a small grid, is swapped in, fitted
+to its real inputs (``calibrate_layer``: input-whitened light path, least-squares gate), and the
+model's output on a few calibration batches is compared with the original's by the distillation
+loss (KL on logits, 1 - cosine on embeddings and hidden states). Damage is measured at the output
+because a layer's own error does not predict it: a MiniLM MLP's second layer has the smallest
+own error and does some of the most damage. Damages are taken as additive across layers.
+
+Allocate. A multiple-choice knapsack solved by Lagrangian relaxation: at a price ``lam`` per FLOP
+saved each layer independently takes the option minimising ``damage - lam * saved`` (dense is the
+option with both at zero); bisection on ``lam`` finds the least-damage point of the lower convex
+hull that saves enough, then a greedy pass gives back savings the target does not need, where
+that removes the most damage.
+
+FLOPs are counted as the report counts them (``flops.midl_flops_parts`` on the example input's
+calls, the rest of the model by ``FlopCounterMode``), gate and light path included. Measurements
+are cached on disk, keyed by the weights, the calibration data and the settings, so a second run
+with another target costs seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .calibrate import calibrate_layer, collect_groups, whitened_svd
+from .config import MIDLConfig, resolve_rank
+from .data import Batch
+from .errors import MIDLError
+from .flops import count_flops, midl_flops_parts
+from .layers import MIDLBase, linalg_threads
+from .matching import matches
+from .quality import distill_loss, model_output
+from .surgery import LayerPlan, Plan, _midl_layer, _set_module
+
+CACHE_VERSION = 1
+TOO_SENSITIVE = "too sensitive: the budget is met with less damage elsewhere"
+NO_GAIN = "no FLOPs to gain: at every keep and rank tried, the gate and light path cost as much as the rows skipped"
+
+
+@dataclass
+class Option:
+    """One (keep, rank) setting of one layer: its MID-L FLOPs on the example input and measured damage."""
+
+    keep: float
+    rank: int
+    flops: int
+    damage: float
+
+
+@dataclass
+class LayerCost:
+    """What converting one layer costs and saves, per option."""
+
+    path: str
+    dense_flops: int
+    options: list[Option]
+
+    def saved(self, option: Option | None) -> int:
+        return 0 if option is None else self.dense_flops - option.flops
+
+
+@dataclass
+class Measurements:
+    """The budget's input: the dense model's FLOPs and every candidate layer's options."""
+
+    dense_total: int
+    layers: dict[str, LayerCost]
+    fixed_saved: int  # FLOPs saved by layers the user pinned with an override (not chosen by the budget)
+    seconds: float
+    key: str
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense_total": self.dense_total, "fixed_saved": self.fixed_saved, "seconds": self.seconds, "key": self.key,
+                "layers": {p: {"dense_flops": c.dense_flops, "options": [asdict(o) for o in c.options]} for p, c in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Measurements":
+        layers = {p: LayerCost(p, c["dense_flops"], [Option(**o) for o in c["options"]]) for p, c in d["layers"].items()}
+        return cls(d["dense_total"], layers, d["fixed_saved"], d["seconds"], d["key"], cached=True)
+
+
+# ----- FLOPs of a plan on the example input ---------------------------------------------------
+def _shell(module: nn.Module, lp: LayerPlan) -> MIDLBase:
+    """A MID-L layer of ``lp``'s settings on the meta device: its ``groups_of`` and ``k``, no memory."""
+    return _midl_layer(_MetaView(module), lp, init=False)  # type: ignore[arg-type]
+
+
+class _MetaView:
+    """What ``_midl_layer(init=False)`` reads from a module (weight device/dtype, bias, conv geometry), on meta."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.weight = torch.empty(0, device="meta", dtype=module.weight.dtype)
+        self.bias = None if module.bias is None else self.weight
+        self.stride, self.padding = getattr(module, "stride", (1, 1)), getattr(module, "padding", (0, 0))
+
+
+def input_shapes(model: nn.Module, paths: Iterable[str], example_inputs: Any) -> dict[str, list[tuple[int, ...]]]:
+    """The input shape of every call of each module in ``paths`` on the example input."""
+    from .flops import _forward
+
+    shapes: dict[str, list[tuple[int, ...]]] = {p: [] for p in paths}
+    handles = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: shapes[p].append(tuple(a[0].shape)))
+               for p in shapes]
+    try:
+        with torch.no_grad():
+            _forward(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def option_flops(module: nn.Module, lp: LayerPlan, shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
+    """(dense, MID-L) FLOPs of ``module`` converted as ``lp`` over calls with these input shapes."""
+    shell = _shell(module, lp)
+    dense = midl = 0
+    for shape in shapes:
+        grouped = shell.groups_of(torch.empty(shape, device="meta"))
+        rows, groups = grouped.shape[0] * grouped.shape[1], grouped.shape[0]
+        dense += 2 * lp.in_features * lp.out_features * rows
+        midl += sum(midl_flops_parts(lp.in_features, lp.out_features, lp.keep, lp.rank, rows, groups, shell.k).values())
+    return dense, midl
+
+
+# ----- measurement -----------------------------------------------------------------------------
+def _pinned(lp: LayerPlan, config: MIDLConfig) -> bool:
+    """An override that sets ``keep`` fixes the layer: per-pattern settings win over the budget."""
+    return any(o.keep is not None and any(matches(o.match, n) for n in [lp.path, *lp.aliases]) for o in config.overrides)
+
+
+def _override_rank(lp: LayerPlan, config: MIDLConfig) -> bool:
+    return any(o.rank is not None and any(matches(o.match, n) for n in [lp.path, *lp.aliases]) for o in config.overrides)
+
+
+def grid(lp: LayerPlan, config: MIDLConfig) -> list[tuple[float, int]]:
+    """The (keep, rank) settings tried on one layer; an override's rank replaces the rank grid."""
+    ranks = [lp.rank] if _override_rank(lp, config) else [resolve_rank(r, lp.in_features, lp.out_features) for r in config.budget_ranks]
+    return [(k, r) for k in sorted(set(config.budget_keeps)) if k < 1.0 for r in sorted(set(ranks))]
+
+
+def _digest(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj) for t in _tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def cache_key(model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Sequence[Batch], kind: str,
+              example_inputs: Any, whiten: bool, fixed: Sequence[LayerPlan]) -> str:
+    """Hash of what the measurements depend on: the candidates' weights, the grid, the data, the settings."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{type(model).__qualname__}|{kind}|{whiten}|{torch.__version__}".encode())
+    for path, options in todo.items():
+        module = model.get_submodule(path)
+        h.update(json.dumps([asdict(lp) for lp in options], sort_keys=True).encode())
+        _digest(h, module.weight)
+        if module.bias is not None:
+            _digest(h, module.bias)
+    h.update(json.dumps([asdict(lp) for lp in fixed], sort_keys=True).encode())
+    h.update(str([tuple(t.shape) for t in _tensors(example_inputs)]).encode())  # FLOPs depend on its shapes only
+    for t in [t for b in batches for t in _tensors(b.inputs)]:
+        _digest(h, t)
+    return h.hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    """Where measurements are kept: ``$MIDL_CACHE_DIR``, else ``$XDG_CACHE_HOME/midl_convert`` (``~/.cache``)."""
+    root = os.environ.get("MIDL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "midl_convert"
+    return Path(root) / "budget"
+
+
+@torch.no_grad()
+def measure_damage(
+    model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Sequence[Batch], kind: str, whiten: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Output loss against the unchanged model with each layer alone converted at each of its options.
+
+    The model is restored before returning; converted layers share the original's weight tensors,
+    so nothing large is copied.
+    """
+    originals = {p: model.get_submodule(p) for p in todo}
+    aliases = {p: [p, *options[0].aliases] for p, options in todo.items()}
+    was_training = model.training
+    model.eval()
+    targets = [model_output(model, b, kind) for b in batches]
+    damage: dict[str, list[float]] = {}
+    try:
+        # Every candidate as a dense MID-L shell (keep 1 runs the original matmul), to collect its input groups.
+        for p, options in todo.items():
+            _install(model, aliases[p], _sharing(originals[p], replace(options[0], keep=1.0, rank=0)))
+        groups = collect_groups(model, batches)
+        for p, options in todo.items():
+            for a in aliases[p]:
+                _set_module(model, a, originals[p])
+        for i, (p, options) in enumerate(todo.items()):
+            x = groups[p].reshape(-1, options[0].in_features)
+            w = _dense_weight(originals[p]).float()
+            with linalg_threads(w.numel()):
+                svd = whitened_svd(w, x) if whiten and any(o.rank for o in options) else None
+            damage[p] = []
+            for lp in options:
+                layer = _sharing(originals[p], lp)
+                with linalg_threads(w.numel()):
+                    calibrate_layer(layer, groups[p], whiten, p, svd)
+                _install(model, aliases[p], layer)
+                loss = sum(distill_loss(model_output(model, b, kind), t, kind, b, temperature=1.0).item()
+                           for b, t in zip(batches, targets))
+                damage[p].append(loss / len(batches))
+            _install(model, aliases[p], originals[p])
+            if progress is not None:
+                progress(f"measured {i + 1}/{len(todo)} layers: {p}")
+    finally:
+        for p in todo:
+            _install(model, aliases[p], originals[p])
+        model.train(was_training)
+    return damage
+
+
+def _install(model: nn.Module, paths: list[str], module: nn.Module) -> None:
+    for a in paths:
+        _set_module(model, a, module)
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) view of a Linear, HF Conv1D or 1x1 conv weight, without copying."""
+    w = module.weight
+    if type(module).__name__ == "Conv1D" and not isinstance(module, nn.Linear):
+        return w.T
+    return w.reshape(w.shape[0], -1)
+
+
+def _sharing(module: nn.Module, lp: LayerPlan) -> MIDLBase:
+    """A MID-L layer with ``lp``'s settings whose ``W, b`` are the module's own tensors (no copy)."""
+    layer = _midl_layer(module, lp, init=False)
+    layer.weight = nn.Parameter(_dense_weight(module).detach(), requires_grad=False)
+    if module.bias is not None:
+        layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    layer.eval()
+    return layer
+
+
+def measure(
+    model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
+    whiten: bool = True, use_cache: bool = True, progress: Callable[[str], None] | None = None,
+) -> Measurements:
+    """FLOPs and damage of every candidate option (from the cache when the same inputs were measured)."""
+    if not batches:
+        raise MIDLError("the layer budget needs calibration batches to measure damage; pass a few batches of real data")
+    start = time.perf_counter()
+    converted = plan.converted
+    fixed = [lp for lp in converted if _pinned(lp, config)]
+    candidates = [lp for lp in converted if not _pinned(lp, config)]
+    shapes = input_shapes(model, [lp.path for lp in converted], example_inputs)
+    todo: dict[str, list[LayerPlan]] = {}
+    costs: dict[str, LayerCost] = {}
+    for lp in candidates:
+        module = model.get_submodule(lp.path)
+        options = []
+        dense, _ = option_flops(module, replace(lp, keep=1.0), shapes[lp.path])
+        for keep, rank in grid(lp, config):
+            trial = replace(lp, keep=keep, rank=rank)
+            _, midl = option_flops(module, trial, shapes[lp.path])
+            if midl < dense:
+                options.append((trial, midl))
+        costs[lp.path] = LayerCost(lp.path, dense, [Option(o.keep, o.rank, f, 0.0) for o, f in options])
+        if options:
+            todo[lp.path] = [o for o, _ in options]
+    fixed_saved = 0
+    for lp in fixed:
+        dense, midl = option_flops(model.get_submodule(lp.path), lp, shapes[lp.path])
+        fixed_saved += dense - midl
+    key = cache_key(model, todo, batches, kind, example_inputs, whiten, fixed)
+    path = cache_dir() / f"{key}.json"
+    if use_cache and path.is_file():
+        try:
+            return Measurements.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged cache file is measured again and rewritten
+    damage = measure_damage(model, todo, batches, kind, whiten, progress)
+    for p, values in damage.items():
+        for option, value in zip(costs[p].options, values):
+            option.damage = value
+    result = Measurements(count_flops(model, example_inputs), costs, fixed_saved, time.perf_counter() - start, key)
+    if use_cache:
+        _write_atomic(path, json.dumps(result.to_dict()))
+    return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next run its measurements
+
+
+# ----- allocation ------------------------------------------------------------------------------
+def max_ratio(m: Measurements) -> float:
+    """The highest whole-model ratio these options can reach (every layer at its cheapest option)."""
+    best = m.fixed_saved + sum(max((c.saved(o) for o in c.options), default=0) for c in m.layers.values())
+    return m.dense_total / max(1, m.dense_total - best)
+
+
+def allocate(m: Measurements, target: float) -> dict[str, Option | None]:
+    """Per layer, the option (``None`` = dense) that reaches ``target`` at the least summed damage."""
+    need = m.dense_total * (1 - 1 / target) - m.fixed_saved
+    if need <= 0:
+        return {p: None for p in m.layers}
+    reachable = max_ratio(m)
+    if reachable < target:
+        raise MIDLError(
+            f"flops_ratio {target:g} cannot be reached: the highest whole-model ratio with these layers and settings is "
+            f"{reachable:.3f}x; ask for at most that, or convert more layers (include, skip_head) or try lower keeps "
+            f"(budget_keeps)"
+        )
+
+    def pick(lam: float) -> dict[str, Option | None]:
+        out: dict[str, Option | None] = {}
+        for p, c in m.layers.items():
+            best, score = None, 0.0
+            for o in c.options:
+                s = o.damage - lam * c.saved(o)
+                if s < score:
+                    best, score = o, s
+            out[p] = best
+        return out
+
+    def saved(choice: dict[str, Option | None]) -> int:
+        return sum(m.layers[p].saved(o) for p, o in choice.items())
+
+    lo, hi = 0.0, 1e-12
+    while saved(pick(hi)) < need:
+        hi *= 4
+        if hi > 1e12:  # damages so small every option is free: take the cheapest everywhere
+            break
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if saved(pick(mid)) < need else (lo, mid)
+    choice = pick(hi)
+    if saved(choice) < need:  # pragma: no cover - guarded by max_ratio above
+        choice = {p: max(c.options, key=c.saved, default=None) for p, c in m.layers.items()}
+    return _give_back(m, choice, need)
+
+
+def _give_back(m: Measurements, choice: dict[str, Option | None], need: float) -> dict[str, Option | None]:
+    """Move layers to less damaging options while the savings still meet the need (greedy, best gain first)."""
+    total = sum(m.layers[p].saved(o) for p, o in choice.items())
+    while True:
+        best = None
+        for p, cur in choice.items():
+            c = m.layers[p]
+            cur_damage = cur.damage if cur else 0.0
+            for alt in [None, *c.options]:
+                gain = cur_damage - (alt.damage if alt else 0.0)
+                if gain > 1e-12 and total - c.saved(cur) + c.saved(alt) >= need and (best is None or gain > best[0]):
+                    best = (gain, p, alt)
+        if best is None:
+            return choice
+        _, p, alt = best
+        total += m.layers[p].saved(alt) - m.layers[p].saved(choice[p])
+        choice[p] = alt
+
+
+def predicted_ratio(m: Measurements, choice: dict[str, Option | None]) -> float:
+    saved = m.fixed_saved + sum(m.layers[p].saved(o) for p, o in choice.items())
+    return m.dense_total / max(1, m.dense_total - saved)
+
+
+def budget_plan(
+    model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
+    whiten: bool = True, use_cache: bool = True, progress: Callable[[str], None] | None = None,
+) -> Plan:
+    """``plan`` with each candidate's keep and rank chosen for ``config.flops_ratio`` (or dense, and why)."""
+    if config.flops_ratio is None:
+        raise MIDLError("budget_plan needs MIDLConfig(flops_ratio=...), e.g. flops_ratio=1.5")
+    m = measure(model, plan, config, batches, kind, example_inputs, whiten, use_cache, progress)
+    choice = allocate(m, config.flops_ratio)
+    layers = []
+    for lp in plan.layers:
+        if lp.path not in m.layers:
+            layers.append(lp)
+            continue
+        o = choice.get(lp.path)
+        if o is None:
+            reason = NO_GAIN if not m.layers[lp.path].options else TOO_SENSITIVE
+            layers.append(replace(lp, convert=False, keep=None, rank=None, granularity=None, reason=reason))
+        else:
+            layers.append(replace(lp, keep=o.keep, rank=o.rank, predicted_damage=o.damage))
+    damage = sum(o.damage for o in choice.values() if o is not None)
+    ratio = predicted_ratio(m, choice)
+    summary = {
+        "target": config.flops_ratio, "predicted_ratio": ratio, "predicted_damage": damage,
+        "reachable": max_ratio(m), "dense_flops": m.dense_total, "measured_layers": len(m.layers),
+        "options": sum(len(c.options) for c in m.layers.values()), "seconds": m.seconds, "cached": m.cached,
+        "damage_metric": "KL (T=1)" if kind == "logits" else "1 - cosine", "method": "lagrangian-knapsack+greedy",
+    }
+    note = (f"layer budget: target {config.flops_ratio:g}x, predicted {ratio:.3f}x on the example input (highest "
+            f"reachable {summary['reachable']:.3f}x), predicted damage {damage:.4g} ({summary['damage_metric']}, summed over "
+            f"layers); {summary['options']} options on {len(m.layers)} layers measured in {m.seconds:.0f}s"
+            f"{' (cached)' if m.cached else ''}")
+    new = Plan(layers=layers, method=plan.method, notes=[*plan.notes, note], budget=summary)
+    if not new.converted:
+        raise MIDLError("the layer budget left every layer dense; raise flops_ratio or convert more layers")
+    return new
+
+
+__all__ = ["LayerCost", "Measurements", "Option", "allocate", "budget_plan", "cache_dir", "grid", "max_ratio", "measure",
+           "measure_damage", "option_flops", "predicted_ratio"]

@@ -1,0 +1,170 @@
+"""The layer budget: measured damage steers keep and rank, the target is met on the example input,
+unreachable targets fail with the reachable figure, and measurements come from the cache."""
+import copy
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from midl_convert import MIDLConfig, MIDLError, apply_plan, plan_conversion
+from midl_convert import budget
+from midl_convert.budget import LayerCost, Measurements, Option, allocate, predicted_ratio
+from midl_convert.data import Batch
+from midl_convert.flops import model_flops
+
+
+class Stack(nn.Module):
+    """Four equal residual MLP blocks; block ``loud`` writes its output 30x louder into the stream."""
+
+    def __init__(self, width: int = 32, blocks: int = 4, loud: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.gain = [30.0 if i == loud else 1.0 for i in range(blocks)]
+        self.head = nn.Linear(width, 8)
+
+    def forward(self, x):
+        for block, gain in zip(self.blocks, self.gain):
+            x = x + gain * torch.tanh(block(x)) / len(self.blocks)
+        return self.head(x)
+
+
+def batches(n: int = 2, width: int = 32, seed: int = 0) -> list[Batch]:
+    gen = torch.Generator().manual_seed(seed)
+    return [Batch((torch.randn(64, width, generator=gen),)) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIDL_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def plan_for(model, ratio, **cfg):
+    config = MIDLConfig(flops_ratio=ratio, budget_keeps=[0.25, 0.5, 0.75], budget_ranks=[2, 4], **cfg)
+    return plan_conversion(model, config, (torch.randn(1, 32),), batches())[0]
+
+
+def test_sensitive_layer_gets_more_keep_or_stays_dense():
+    torch.manual_seed(0)
+    model = Stack()
+    plan = plan_for(model, 1.3)
+    by_path = {lp.path: lp for lp in plan.layers}
+    loud = by_path["blocks.2"]
+    quiet = [by_path[f"blocks.{i}"] for i in (0, 1, 3)]
+    assert not loud.convert and loud.reason == budget.TOO_SENSITIVE, [(lp.path, lp.keep) for lp in plan.layers]
+    assert any(q.convert for q in quiet)
+    # with a target that needs every block, the loud one keeps the most exact rows
+    plan = plan_for(model, 1.9)
+    keeps = {lp.path: lp.keep for lp in plan.layers if lp.convert}
+    assert keeps["blocks.2"] >= max(keeps[f"blocks.{i}"] for i in (0, 1, 3)), keeps
+
+
+def test_measured_damage_is_larger_for_the_loud_block():
+    torch.manual_seed(0)
+    model = Stack()
+    plan, _ = plan_conversion(model, MIDLConfig(), (torch.randn(1, 32),))
+    todo = {lp.path: [budget.replace(lp, keep=0.5, rank=4)] for lp in plan.converted}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    damage = budget.measure_damage(model, todo, batches(), "logits")
+    assert damage["blocks.2"][0] > 10 * max(damage[f"blocks.{i}"][0] for i in (0, 1, 3))
+    # the model is handed back untouched: same modules, same weights
+    assert all(type(m) is nn.Linear for m in model.blocks)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("ratio", [1.1, 1.3, 1.6])
+def test_achieved_ratio_meets_the_target_on_the_example_input(ratio):
+    torch.manual_seed(1)
+    model = Stack(loud=0)
+    example = (torch.randn(1, 32),)
+    teacher = copy.deepcopy(model)
+    plan = plan_for(model, ratio)
+    student = apply_plan(model, plan)
+    achieved = model_flops(student, teacher, example).ratio
+    assert achieved >= ratio
+    assert plan.budget["predicted_ratio"] == pytest.approx(achieved, rel=1e-9)
+    assert plan.budget["target"] == ratio and any("layer budget" in n for n in plan.notes)
+
+
+def test_unreachable_target_names_the_highest_reachable_ratio():
+    with pytest.raises(MIDLError, match=r"flops_ratio 9 cannot be reached: the highest whole-model ratio .* is \d+\.\d+x"):
+        plan_for(Stack(), 9.0)
+
+
+def test_second_run_reads_the_cache(cache, monkeypatch):
+    model = Stack()
+    calls = []
+    real = budget.measure_damage
+    monkeypatch.setattr(budget, "measure_damage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = plan_for(model, 1.2)
+    assert calls == [1] and not first.budget["cached"]
+    files = list(cache.glob("budget/*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["layers"]
+    second = plan_for(model, 1.4)
+    assert calls == [1] and second.budget["cached"]
+    with torch.no_grad():  # other weights: measured again
+        model.blocks[0].weight.mul_(2)
+    plan_for(model, 1.2)
+    assert calls == [1, 1]
+
+
+def test_override_with_keep_wins_over_the_budget():
+    from midl_convert import LayerOverride
+
+    plan = plan_for(Stack(), 1.2, overrides=[LayerOverride(match="blocks.1", keep=0.75, rank=3)])
+    pinned = next(lp for lp in plan.layers if lp.path == "blocks.1")
+    assert (pinned.convert, pinned.keep, pinned.rank) == (True, 0.75, 3)
+
+
+def test_budget_needs_batches():
+    with pytest.raises(MIDLError, match="needs example_inputs and a few calibration batches"):
+        plan_conversion(Stack(), MIDLConfig(flops_ratio=1.5), (torch.randn(1, 32),))
+
+
+def random_measurements(rng: random.Random, layers: int) -> Measurements:
+    costs = {}
+    for i in range(layers):
+        dense = rng.randint(50, 200)
+        options = [Option(0.5, 4, rng.randint(5, dense - 1), rng.random()) for _ in range(rng.randint(0, 3))]
+        costs[f"l{i}"] = LayerCost(f"l{i}", dense, options)
+    total = sum(c.dense_flops for c in costs.values()) + 100
+    return Measurements(total, costs, 0, 0.0, "k")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_allocation_is_close_to_the_brute_force_optimum(seed):
+    rng = random.Random(seed)
+    m = random_measurements(rng, 5)
+    target = 1 + rng.random() * (budget.max_ratio(m) - 1)
+    choice = allocate(m, target)
+    assert predicted_ratio(m, choice) >= target - 1e-9
+    damage = sum(o.damage for o in choice.values() if o)
+    best = min(
+        sum(o.damage for o in combo if o)
+        for combo in itertools.product(*[[None, *c.options] for c in m.layers.values()])
+        if predicted_ratio(m, dict(zip(m.layers, combo))) >= target - 1e-9
+    )
+    # Lagrangian + give-back is exact on the convex hull; off it, within the largest single option's damage
+    assert damage <= best + max((o.damage for c in m.layers.values() for o in c.options), default=0) + 1e-9
+
+
+def test_cli_dry_run_prints_the_budget(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from midl_convert import models
+    from midl_convert.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.hub_reachable.cache_clear()
+    res = CliRunner().invoke(app, ["convert", "test_vit", "--random-init", "--flops-ratio", "1.1", "--dry-run",
+                                   "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    assert "damage" in res.output and "layer budget: target 1.1x, predicted" in res.output
+    res = CliRunner().invoke(app, ["convert", "test_vit", "--random-init", "--flops-ratio", "50", "--dry-run",
+                                   "--batch-size", "2"])
+    assert res.exit_code == 2 and "cannot be reached" in res.output
+    res = CliRunner().invoke(app, ["convert", "test_vit", "--random-init", "--flops-ratio", "0.5", "--dry-run"])
+    assert res.exit_code == 2 and "--flops-ratio" in res.output
