@@ -83,8 +83,16 @@ def whitened_svd(weight: torch.Tensor, x: torch.Tensor) -> WhitenedSVD:
     """The SVD of ``W L`` (``L L^T = E[x x^T]``): every rank's whitened factors truncate it, so the
     layer budget computes it once per layer, not once per rank tried."""
     cov = x.T @ x / x.shape[0]
-    cov += torch.eye(cov.shape[0]) * (1e-4 * cov.diagonal().mean().clamp_min(1e-8))
-    chol = torch.linalg.cholesky(cov)
+    scale = cov.diagonal().mean().clamp_min(1e-8)
+    eye = torch.eye(cov.shape[0])
+    # Fewer rows than features (a few images at 7x7) or dead ReLU channels leave C singular: raise
+    # the ridge until it factors; plain SVD (L = identity) is the last resort.
+    chol = eye * scale.sqrt()
+    for ridge in (1e-4, 1e-3, 1e-2, 1e-1):
+        factor, info = torch.linalg.cholesky_ex(cov + eye * ridge * scale)
+        if int(info) == 0:
+            chol = factor
+            break
     p, s, qh = torch.linalg.svd(weight @ chol, full_matrices=False)
     return p, s, qh, chol
 

@@ -37,6 +37,21 @@ def test_calibration_reduces_error_before_any_step():
     assert after["agreement"] >= before["agreement"]
 
 
+def test_whitened_light_path_survives_fewer_rows_than_features():
+    from midl_convert.calibrate import whitened_factors
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    x = torch.relu(torch.randn(20, 64))  # 20 rows for 64 features: a singular covariance
+    x[:, :10] = 0  # and dead channels
+    u, v = whitened_factors(w, x, 8)
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+    fitted, plain = (x @ (u @ v).T - x @ w.T).norm(), None
+    pu, ps, pvh = torch.linalg.svd(w)
+    plain = (x @ (pu[:, :8] * ps[:8] @ pvh[:8]).T - x @ w.T).norm()
+    assert fitted < plain  # still fitted to the rows it saw, not to the weights
+
+
 def test_distillation_lowers_loss_and_trains_only_midl_params():
     teacher, student, data = converted_pair(seed=1)
     w_before = student.fc1.weight.clone()
