@@ -21,8 +21,11 @@ import torch
 from .errors import MIDLError
 from .models import LoadedModel
 
-TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-                "camera", "coins", "brick", "grass", "gravel", "moon")
+# Photos that ship inside installed wheels: scikit-image's, scikit-learn's two samples, matplotlib's
+# Grace Hopper. The natural ones matter most: an ImageNet model calibrated on textures alone was
+# measured to fail on cats and coffee cups (top-1 agreement 0.19 vs 0.97 with natural crops).
+TRAIN_PHOTOS = ("astronaut", "rocket", "sklearn:china", "sklearn:flower", "matplotlib:grace_hopper", "camera",
+                "clock", "coins", "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel", "moon")
 HELDOUT_PHOTOS = ("chelsea", "coffee")  # ImageNet-like subjects, never seen in training
 TEXT_SUFFIXES = (".txt",)
 TABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
@@ -144,11 +147,24 @@ def _text_collate(loaded: LoadedModel, max_length: int = 64):
 
 # ----- the built-ins ---------------------------------------------------------------------------
 def _photo(name: str):
+    """A photo by name: ``skimage.data``'s, or ``sklearn:china`` / ``sklearn:flower`` / ``matplotlib:grace_hopper``."""
     import numpy as np
-    import skimage.data
     from PIL import Image
 
-    arr = getattr(skimage.data, name)()
+    source, _, key = name.rpartition(":")
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        arr = load_sample_image(f"{key}.jpg")
+    elif source == "matplotlib":
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data(f"{key}.jpg") as f:
+            return Image.open(f).convert("RGB")
+    else:
+        import skimage.data
+
+        arr = getattr(skimage.data, key)()
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, -1)
     return Image.fromarray(arr[..., :3])

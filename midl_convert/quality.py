@@ -52,7 +52,7 @@ def model_output(model: nn.Module, batch: Batch, kind: str) -> torch.Tensor:
     return hidden
 
 
-def _positions(t: torch.Tensor, batch: Batch) -> torch.Tensor:
+def positions(t: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Rows of (..., C) outputs that count: every sample, or every real token of a sequence."""
     mask = _mask(batch)
     if t.dim() == 3 and mask is not None and mask.shape == t.shape[:2]:
@@ -62,7 +62,7 @@ def _positions(t: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, batch: Batch, temperature: float = 2.0) -> torch.Tensor:
     """KL with temperature on logits; 1 - cosine on embeddings and hidden states."""
-    s, t = _positions(student, batch), _positions(teacher, batch)
+    s, t = positions(student, batch), positions(teacher, batch)
     if kind == "logits":
         log_p = F.log_softmax(t.float() / temperature, -1)
         log_q = F.log_softmax(s.float() / temperature, -1)
@@ -76,8 +76,8 @@ def compare(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], ki
     s_all, t_all, labels, sure = [], [], [], []
     for batch in batches:
         s, t = model_output(student, batch, kind), model_output(teacher, batch, kind)
-        s_all.append(_positions(s, batch) if kind != "embedding" else s)
-        t_all.append(_positions(t, batch) if kind != "embedding" else t)
+        s_all.append(positions(s, batch) if kind != "embedding" else s)
+        t_all.append(positions(t, batch) if kind != "embedding" else t)
         if batch.labels is not None and kind == "logits":
             labels.append(batch.labels)
     s, t = torch.cat(s_all).float(), torch.cat(t_all).float()
