@@ -9,12 +9,14 @@ gate and light path, on the example input, as the report does.
     python benchmarks/budget.py                                  # MiniLM, 1.2 1.3 1.5 1.7, calibration only
     python benchmarks/budget.py --ratios 1.3 --steps 300         # with distillation
     python benchmarks/budget.py --model effnet --ratios 1.2 1.5  # EfficientNet-Lite0 (real ImageNet weights)
+    python benchmarks/budget.py --model resnet50 --time-only     # allocation time (random weights)
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import tempfile
 import time
 from dataclasses import replace
 
@@ -29,7 +31,9 @@ from midl_convert.surgery import Plan, plan_conversion
 MODELS = {
     "minilm": ("sentence-transformers/all-MiniLM-L6-v2", "builtin:text", ["pooler.dense"], ["cosine", "top10_overlap"]),
     "effnet": ("tf_efficientnet_lite0", "builtin:images", [], ["agreement", "agreement_sure", "kl"]),
+    "resnet50": ("resnet50", "builtin:images", [], ["agreement", "kl"]),  # random weights: allocation time only
 }
+RANDOM_INIT = {"resnet50"}
 
 
 def global_plan(model, plan: Plan, example, target: float, rank: int | float) -> Plan:
@@ -89,10 +93,11 @@ def main() -> None:
     p.add_argument("--eval", type=int, default=256, help="held-out samples")
     p.add_argument("--methods", nargs="+", default=["global", "budget"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--time-only", action="store_true", help="time the allocation (empty cache, then cached) and stop")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     spec, data_spec, exclude, keys = MODELS[args.model]
-    loaded = mc.load_model(spec)
+    loaded = mc.load_model(spec, random_init=args.model in RANDOM_INIT)
     for note in loaded.notes:
         print(note)
     kind = OUTPUT_KIND[loaded.task]
@@ -102,6 +107,15 @@ def main() -> None:
     rank = int(args.global_rank) if args.global_rank >= 1 else args.global_rank
     print(f"{spec}: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; held-out {len(held)} batches "
           f"of {data_spec}; granularity {args.granularity}")
+    if args.time_only or args.model in RANDOM_INIT:
+        os.environ["MIDL_CACHE_DIR"] = tempfile.mkdtemp()  # an empty cache: the first measurement is what is timed
+        cfg = mc.MIDLConfig(exclude=exclude, granularity=args.granularity, flops_ratio=args.ratios[0])
+        for attempt in ("measured", "cached"):
+            t = time.perf_counter()
+            bplan, _ = plan_conversion(loaded.model, cfg, loaded.example_inputs, calib_batches, kind)
+            b = bplan.budget
+            print(f"| {spec} | {attempt} | {b['measured_layers']} | {b['options']} | {time.perf_counter() - t:.1f} s |", flush=True)
+        return
     rows: list = []
     for target in args.ratios:
         print(f"target {target}x")
