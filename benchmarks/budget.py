@@ -103,7 +103,7 @@ def main() -> None:
     kind = OUTPUT_KIND[loaded.task]
     data = mc.load_data(data_spec, loaded, seed=0)
     held = data.heldout_batches(32, limit=args.eval)
-    calib_batches = [data.train_batch(1_000_000, args.batch_size)]
+    calib_batches = [data.train_batch(1_000_000, mc.MIDLConfig().budget_batch_size)]  # what a CLI run measures on
     rank = int(args.global_rank) if args.global_rank >= 1 else args.global_rank
     print(f"{spec}: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; held-out {len(held)} batches "
           f"of {data_spec}; granularity {args.granularity}")
@@ -122,8 +122,8 @@ def main() -> None:
         base = mc.MIDLConfig(exclude=exclude, granularity=args.granularity)
         plan, _ = plan_conversion(loaded.model, base, loaded.example_inputs)
         if "global" in args.methods:
-            evaluate(f"global keep, rank {rank:g}", global_plan(loaded.model, plan, loaded.example_inputs, target, rank),
-                     loaded, data, held, kind, args, rows)
+            gplan = global_plan(loaded.model, plan, loaded.example_inputs, target, rank)
+            evaluate(gplan.notes[0], gplan, loaded, data, held, kind, args, rows)
         if "budget" in args.methods:
             t = time.perf_counter()
             cfg = base.model_copy(update={"flops_ratio": target})

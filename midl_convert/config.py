@@ -78,6 +78,7 @@ class MIDLConfig(BaseModel):
     budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS),
                                                   description="ranks the layer budget tries (ints, or shares of min(in, out))")
     budget_batches: int = Field(1, ge=1, description="calibration batches the layer budget measures each option on")
+    budget_batch_size: int = Field(8, ge=1, description="samples per budget batch (each option costs one forward of them)")
 
     _keep = field_validator("keep")(lambda v: check_keep(v))
     _rank = field_validator("rank")(check_rank_setting)
