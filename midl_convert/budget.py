@@ -36,7 +36,7 @@ from .calibrate import calibrate_layer, collect_groups, whitened_svd
 from .config import MIDLConfig, resolve_rank
 from .data import Batch
 from .errors import MIDLError
-from .flops import count_flops, midl_flops_parts
+from .flops import count_flops, dense_flops, midl_flops_parts
 from .layers import MIDLBase, linalg_threads
 from .matching import matches
 from .quality import positions, distill_loss, model_output
@@ -128,7 +128,7 @@ def option_flops(module: nn.Module, lp: LayerPlan, shapes: Sequence[tuple[int, .
     for shape in shapes:
         grouped = shell.groups_of(torch.empty(shape, device="meta"))
         rows, groups = grouped.shape[0] * grouped.shape[1], grouped.shape[0]
-        dense += 2 * lp.in_features * lp.out_features * rows
+        dense += dense_flops(lp.in_features, lp.out_features, rows)
         midl += sum(midl_flops_parts(lp.in_features, lp.out_features, lp.keep, lp.rank, rows, groups, shell.k).values())
     return dense, midl
 
