@@ -104,7 +104,7 @@ def digits(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = timm.create_model("test_vit", img_size=32, patch_size=4, num_classes=10)
     loaded = LoadedModel(model, "test_vit", "timm", "classifier", (torch.randn(1, 3, 32, 32),),
-                         data_config=timm.data.resolve_data_config({}, model=model))
+                         data_config=timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=model))
     data = load_data("builtin:digits", loaded, seed=args.seed)
     held = data.heldout_batches(120)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
