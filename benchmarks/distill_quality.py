@@ -36,6 +36,18 @@ def stage(rows: list, name: str, student, teacher, held, kind: str, seconds: flo
     print(f"  {name:<28} {shown}  ({seconds:.1f}s)", flush=True)
 
 
+def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list, task: str, kind: str,
+                          args: argparse.Namespace) -> None:
+    """The two recovery stages every row shares: closed-form calibration, then ``args.steps`` of distillation."""
+    t = time.perf_counter()
+    mc.calibrate(student, calib, whiten=not args.no_whiten)
+    stage(rows, "after calibration", student, teacher, held, kind, time.perf_counter() - t)
+    if args.steps:
+        res = mc.distill(student, teacher, data, task, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                         layer_weight=args.layer_weight, train=args.train, eval_batches=held, log_every=50)
+        stage(rows, f"after {args.steps} steps", student, teacher, held, kind, res.seconds)
+
+
 def minilm(args: argparse.Namespace) -> None:
     loaded = mc.load_model("sentence-transformers/all-MiniLM-L6-v2")
     teacher, student = loaded.model, copy.deepcopy(loaded.model)
@@ -50,13 +62,8 @@ def minilm(args: argparse.Namespace) -> None:
           f"(gate and light path counted)")
     rows: list = []
     stage(rows, "after conversion (SVD gate)", student, teacher, held, "embedding", time.perf_counter() - t)
-    t = time.perf_counter()
-    mc.calibrate(student, [data.train_batch(1_000_000 + i, 32) for i in range(args.calib_batches)], whiten=not args.no_whiten)
-    stage(rows, "after calibration", student, teacher, held, "embedding", time.perf_counter() - t)
-    if args.steps:
-        res = mc.distill(student, teacher, data, "embedding", steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         layer_weight=args.layer_weight, train=args.train, eval_batches=held, log_every=50)
-        stage(rows, f"after {args.steps} steps", student, teacher, held, "embedding", res.seconds)
+    calibrate_and_distill(rows, student, teacher, data, held, [data.train_batch(1_000_000 + i, 32) for i in range(args.calib_batches)],
+                          "embedding", "embedding", args)
     table(rows, ["cosine", "top10_overlap"], {"cosine": 0.95, "top10_overlap": 0.8})
 
 
@@ -84,13 +91,7 @@ def effnet(args: argparse.Namespace) -> None:
           f"counted); held-out crops {sum(b.size for b in held)} from photos training never draws")
     rows: list = []
     stage(rows, "after conversion", student, teacher, held, "logits", time.perf_counter() - t)
-    t = time.perf_counter()
-    mc.calibrate(student, calib, whiten=not args.no_whiten)
-    stage(rows, "after calibration", student, teacher, held, "logits", time.perf_counter() - t)
-    if args.steps:
-        res = mc.distill(student, teacher, data, "classifier", steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         layer_weight=args.layer_weight, train=args.train, eval_batches=held, log_every=50)
-        stage(rows, f"after {args.steps} steps", student, teacher, held, "logits", res.seconds)
+    calibrate_and_distill(rows, student, teacher, data, held, calib, "classifier", "logits", args)
     target = {1.2: 0.85, 1.5: 0.7}.get(args.flops_ratio or 0.0)
     table(rows, ["agreement", "agreement_sure", "kl"], {"agreement_sure": target} if target else {})
 

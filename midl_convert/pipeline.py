@@ -15,7 +15,7 @@ from rich.console import Console
 from torch import nn
 
 from .calibrate import LayerCalibration, calibrate
-from .data import default_data, load_data
+from .data import Batch, default_data, load_data
 from .distill import DistillConfig, DistillResult, distill
 from .graph import TargetTable
 from .models import LoadedModel, load_model
@@ -38,12 +38,6 @@ class RunResult:
     distilled: DistillResult | None = None
     report: Any = None
     out_dir: Path | None = None
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, dict):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in inputs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,7 +95,7 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
                     "device": str(device), "notes": loaded.notes}
         result.report = build_report(student, teacher, [b.to(device) for b in eval_batches], loaded.task, plan=plan,
                                      settings=settings, latency_batch_sizes=tuple(recipe.report.latency_batch_sizes),
-                                     example_inputs=_to(loaded.example_inputs, device))
+                                     example_inputs=Batch(loaded.example_inputs).to(device).inputs)
     result.out_dir = save(student, out, build=loaded.build, recipe=recipe.model_dump(), tokenizer=loaded.tokenizer,
                           extra=result.report.save if result.report is not None else None)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is saved: its checkpoints are spent
