@@ -77,8 +77,11 @@ class MIDLConfig(BaseModel):
                                       description="keeps the layer budget tries on each layer")
     budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS),
                                                   description="ranks the layer budget tries (ints, or shares of min(in, out))")
-    budget_batches: int = Field(1, ge=1, description="calibration batches the layer budget measures each option on")
-    budget_batch_size: int = Field(8, ge=1, description="samples per budget batch (each option costs one forward of them)")
+    budget_batches: int = Field(1, ge=1, description="batches the layer budget measures each option's damage on "
+                                                      "(each option costs one forward of them)")
+    budget_fit_batches: int = Field(4, ge=0, description="other batches each option's light path and gate are fitted on "
+                                                         "first (0: fit on the measured batches, which flatters every option)")
+    budget_batch_size: int = Field(8, ge=1, description="samples per budget batch")
 
     _keep = field_validator("keep")(lambda v: check_keep(v))
     _rank = field_validator("rank")(check_rank_setting)

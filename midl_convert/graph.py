@@ -7,6 +7,7 @@ hidden.
 """
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .downstream import follow
 from .flops import dense_flops
 
 # Ordered (regex on the module path, role); first match wins. Data, not branches.
@@ -51,6 +53,8 @@ class Target:
     role: str | None = None
     is_head: bool = False
     aliases: list[str] = field(default_factory=list)  # other paths of the same shared module
+    norm: str | None = None  # eval BatchNorm applied right after (export graph only; downstream.py)
+    activation: str | None = None  # elementwise activation applied right after, e.g. "gelu"
 
     @property
     def weights(self) -> int:
@@ -160,24 +164,39 @@ def _rows(kind: str, shape: tuple[int, ...], module: nn.Module) -> int:
     return rows
 
 
-def _shapes_by_export(model: nn.Module, args: tuple, kwargs: dict, paths: set[str]) -> dict[str, list[tuple]]:
-    """Input shape of every call of each candidate path, read off a non-strict ``torch.export`` graph."""
+def _call_path(node: torch.fx.Node) -> tuple[str, str] | None:
+    """(module path, call key) of the innermost module a graph node runs in."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    key, (path, _) = list(stack.items())[-1]
+    return path.removeprefix("L['self']."), key
+
+
+def _shapes_by_export(model: nn.Module, args: tuple, kwargs: dict, paths: set[str],
+                      downstream: dict[str, tuple[str | None, str | None]] | None = None) -> dict[str, list[tuple]]:
+    """Input shape of every call of each candidate path, read off a non-strict ``torch.export`` graph;
+    ``downstream`` is filled with what each path's first call output goes through next."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(model, args, kwargs, strict=False)
     seen: dict[str, dict[str, tuple]] = {}
+    last: dict[str, dict[str, torch.fx.Node]] = {}
     for node in ep.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if node.op != "call_function" or not stack:
+        where = _call_path(node) if node.op == "call_function" else None
+        if where is None or where[0] not in paths:
             continue
-        key, (path, _) = list(stack.items())[-1]
-        path = path.removeprefix("L['self'].")
-        if path not in paths or key in seen.get(path, {}):
+        path, key = where
+        last.setdefault(path, {})[key] = node
+        if key in seen.get(path, {}):
             continue
         arg = node.args[0] if node.args else None
         val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
         if isinstance(val, torch.Tensor):  # first op of this call: its input is the layer's input
             seen.setdefault(path, {})[key] = tuple(int(d) for d in val.shape)
+    if downstream is not None:
+        for path, calls in last.items():
+            downstream[path] = follow(next(iter(calls.values())), lambda n: (_call_path(n) or (None,))[0])
     return {p: list(calls.values()) for p, calls in seen.items()}
 
 
@@ -235,9 +254,11 @@ def find_targets(
     args, kwargs = _split_inputs(example_inputs)
     notes: list[str] = []
     shapes: dict[str, list[tuple]] = {}
+    downstream: dict[str, tuple[str | None, str | None]] = {}
     used = "walk"
     if example_inputs is not None:
-        tracers = {"export": _shapes_by_export, "fx": _shapes_by_fx, "walk": _shapes_by_hooks}
+        tracers = {"export": functools.partial(_shapes_by_export, downstream=downstream), "fx": _shapes_by_fx,
+                   "walk": _shapes_by_hooks}
         order = list(tracers) if method == "auto" else [method]
         was_training = model.training
         model.eval()
@@ -271,6 +292,7 @@ def find_targets(
             path=path, kind=kind, in_features=fin, out_features=fout,
             input_shape=calls[0] if calls else None, rows=rows, flops=dense_flops(fin, fout, rows),
             calls=max(1, len(calls)), role=role_of(path, is_head), is_head=is_head, aliases=all_paths[1:],
+            norm=downstream.get(path, (None, None))[0], activation=downstream.get(path, (None, None))[1],
         ))
     return TargetTable(targets=targets, method=used, notes=notes)
 

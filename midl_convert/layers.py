@@ -149,6 +149,9 @@ class MIDLBase(nn.Module):
         self.gate_weight = nn.Parameter(torch.zeros(out_features, rank, **factory))  # G
         self.gate_bias = nn.Parameter(torch.zeros(out_features, **factory))  # c
         self.track_stats = False
+        # (BatchNorm path, activation) applied to this layer's output in the model: calibration
+        # fits the gate to the error that survives them (downstream.py); set from the plan.
+        self.downstream: tuple[str | None, str | None] = (None, None)
         self.reset_stats()
 
     # ----- set-up -------------------------------------------------------------------------

@@ -61,9 +61,11 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
     data = load_data(spec, loaded, seed=recipe.seed) if config.flops_ratio is not None or not dry_run else None
     budget_batches = None
     if config.flops_ratio is not None:
-        console.print(f"layer budget: measuring each layer's damage on {config.budget_batches} batch(es) of "
-                      f"{config.budget_batch_size} from {spec} for a {config.flops_ratio:g}x FLOPs target")
-        budget_batches = [data.train_batch(CALIBRATION_OFFSET + i, config.budget_batch_size) for i in range(config.budget_batches)]
+        console.print(f"layer budget: fitting each option on {config.budget_fit_batches} batch(es) and measuring its damage "
+                      f"on {config.budget_batches} other batch(es) of {config.budget_batch_size} from {spec} for a "
+                      f"{config.flops_ratio:g}x FLOPs target")
+        count = config.budget_batches + config.budget_fit_batches
+        budget_batches = [data.train_batch(CALIBRATION_OFFSET + i, config.budget_batch_size) for i in range(count)]
     plan, table = plan_conversion(loaded.model, config, loaded.example_inputs, budget_batches, OUTPUT_KIND[loaded.task],
                                   progress=lambda line: console.print(f"[dim]{line}[/]"))
     result = RunResult(loaded, plan, table)

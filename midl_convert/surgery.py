@@ -37,6 +37,8 @@ class LayerPlan:
     role: str | None = None
     aliases: list[str] = field(default_factory=list)
     predicted_damage: float | None = None  # set by the layer budget: output loss with this layer alone converted
+    norm: str | None = None  # BatchNorm right after the layer, and the activation after that: calibration fits
+    activation: str | None = None  # the gate to the error that survives them (downstream.py)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
             convert=reason is None, keep=keep if reason is None else None,
             rank=resolve_rank(rank, t.in_features, t.out_features) if reason is None else None,
             granularity=granularity_for(t.kind, gran) if reason is None else None,
-            reason=reason, role=t.role, aliases=t.aliases,
+            reason=reason, role=t.role, aliases=t.aliases, norm=t.norm, activation=t.activation,
         ))
     plan = Plan(layers=layers, method=table.method, notes=list(table.notes))
     if not plan.converted:
@@ -116,6 +118,12 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
 
 
 def _midl_layer(module: nn.Module, lp: LayerPlan, init: bool) -> MIDLBase:
+    layer = _new_layer(module, lp, init)
+    layer.downstream = (lp.norm, lp.activation)
+    return layer
+
+
+def _new_layer(module: nn.Module, lp: LayerPlan, init: bool) -> MIDLBase:
     if init:
         if lp.kind == "conv2d":
             return MIDLConv2d.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
