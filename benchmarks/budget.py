@@ -26,6 +26,7 @@ import midl_convert as mc
 from midl_convert.budget import option_flops, input_shapes
 from midl_convert.flops import count_flops, model_flops
 from midl_convert.quality import OUTPUT_KIND, compare
+from midl_convert.pipeline import budget_data
 from midl_convert.surgery import Plan, plan_conversion
 
 MODELS = {
@@ -103,7 +104,7 @@ def main() -> None:
     kind = OUTPUT_KIND[loaded.task]
     data = mc.load_data(data_spec, loaded, seed=0)
     held = data.heldout_batches(32, limit=args.eval)
-    calib_batches = [data.train_batch(1_000_000, mc.MIDLConfig().budget_batch_size)]  # what a CLI run measures on
+    calib_batches = budget_data(data, mc.MIDLConfig())  # what a CLI run measures and fits on
     rank = int(args.global_rank) if args.global_rank >= 1 else args.global_rank
     print(f"{spec}: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads; held-out {len(held)} batches "
           f"of {data_spec}; granularity {args.granularity}")

@@ -26,6 +26,7 @@ import torch
 import midl_convert as mc
 from midl_convert.data import builtin_images
 from midl_convert.flops import model_flops
+from midl_convert.pipeline import budget_data
 from midl_convert.quality import compare
 
 
@@ -80,7 +81,7 @@ def effnet(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     if args.flops_ratio:
         cfg = mc.MIDLConfig(flops_ratio=args.flops_ratio, granularity=gran)
-        _, plan = mc.convert(student, cfg, loaded.example_inputs, batches=calib[:1], output="logits")
+        _, plan = mc.convert(student, cfg, loaded.example_inputs, batches=budget_data(data, cfg), output="logits")
         what = f"budget {args.flops_ratio}x ({plan.budget['seconds']:.0f}s to measure{', cached' if plan.budget['cached'] else ''})"
     else:
         _, plan = mc.convert(student, mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=gran), loaded.example_inputs)

@@ -15,6 +15,7 @@ from rich.console import Console
 from torch import nn
 
 from .calibrate import LayerCalibration, calibrate
+from .config import MIDLConfig
 from .data import Batch, default_data, load_data
 from .distill import DistillConfig, DistillResult, distill
 from .graph import TargetTable
@@ -38,6 +39,13 @@ class RunResult:
     distilled: DistillResult | None = None
     report: Any = None
     out_dir: Path | None = None
+
+
+def budget_data(data: Any, config: MIDLConfig) -> list[Batch]:
+    """The batches a run's layer budget measures on (first ``budget_batches``) and fits on (the rest),
+    from the part of the data stream training never draws."""
+    count = config.budget_batches + config.budget_fit_batches
+    return [data.train_batch(CALIBRATION_OFFSET + i, config.budget_batch_size) for i in range(count)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,8 +72,7 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
         console.print(f"layer budget: fitting each option on {config.budget_fit_batches} batch(es) and measuring its damage "
                       f"on {config.budget_batches} other batch(es) of {config.budget_batch_size} from {spec} for a "
                       f"{config.flops_ratio:g}x FLOPs target")
-        count = config.budget_batches + config.budget_fit_batches
-        budget_batches = [data.train_batch(CALIBRATION_OFFSET + i, config.budget_batch_size) for i in range(count)]
+        budget_batches = budget_data(data, config)
     plan, table = plan_conversion(loaded.model, config, loaded.example_inputs, budget_batches, OUTPUT_KIND[loaded.task],
                                   progress=lambda line: console.print(f"[dim]{line}[/]"))
     result = RunResult(loaded, plan, table)
