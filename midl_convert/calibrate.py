@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data import Batch
@@ -58,11 +59,19 @@ def collect_groups(model: nn.Module, batches: Iterable[Batch], max_rows: int = 4
     """Each MID-L layer's input in the dense model, as mask groups (G, n, in), capped at ``max_rows`` rows."""
     layers = {p: m for p, m in model.named_modules() if isinstance(m, MIDLBase)}
     seen: dict[str, list[torch.Tensor]] = {p: [] for p in layers}
-    handles = [m.register_forward_pre_hook(lambda mod, inp, p=p: seen[p].append(mod.groups_of(inp[0]).float()))
-               for p, m in layers.items()]
+    real: list[torch.Tensor | None] = [None]  # the current batch's attention mask
+
+    def hook(mod: MIDLBase, inp: tuple, p: str) -> None:
+        x, mask = inp[0], real[0]
+        if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2] and mod.granularity == "token":
+            x = x[mask.bool()]  # padding is not data: it would skew the light path and the thresholds
+        seen[p].append(mod.groups_of(x).float())
+
+    handles = [m.register_forward_pre_hook(lambda mod, inp, p=p: hook(mod, inp, p)) for p, m in layers.items()]
     try:
         with dense_mode(model):
             for batch in batches:
+                real[0] = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
                 run(model, batch)
     finally:
         for h in handles:
@@ -123,14 +132,26 @@ def _lstsq(h: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> tuple[
     return sol[:-1].T.contiguous(), sol[-1].contiguous()
 
 
-def _left_energy(scores: torch.Tensor, err2: torch.Tensor, k: int) -> float:
+def fit_threshold(scores: torch.Tensor, keep: float) -> float:
+    """The score above which ``keep`` of all neurons in ``scores`` (G, out) lie: adaptive masks then
+    keep that share on average, more where the scores say the light path is wrong."""
+    flat = scores.float().reshape(-1)
+    below = min(flat.numel(), max(1, round(flat.numel() * (1 - keep))))
+    return float(flat.kthvalue(below).values)
+
+
+def _left_energy(scores: torch.Tensor, err2: torch.Tensor, k: int, adaptive: bool = False) -> float:
     """Error energy of the neurons Top-k leaves on the light path; scores (G, out), err2 (G, n, out).
+    ``adaptive``: the neurons above the threshold that keeps ``k`` per mask on average.
 
     The layer budget calls this for every option it tries: the C++ selection (when built) took
     6 ms where ``torch.topk`` took 17 ms on 1000 x 1536 scores.
     """
-    kernel = fused_kernel()
     scores = scores.float().contiguous()
+    if adaptive:
+        kept = scores > fit_threshold(scores, k / scores.shape[-1])
+        return (err2 * ~kept[:, None, :]).sum().item()
+    kernel = fused_kernel()
     idx = kernel.top_k_rows(scores, k) if kernel is not None else scores.topk(k, dim=-1).indices
     kept = err2.gather(-1, idx[:, None, :].expand(-1, err2.shape[1], -1).long())
     return (err2.sum() - kept.sum()).item()
@@ -157,7 +178,8 @@ def calibrate_layer(
         return h, (exact - light).reshape(*groups.shape[:2], -1)  # signed light-path error
 
     h, err = errors(layer.light_up.float(), layer.light_down.float())
-    before = _left_energy(layer.scores(h.mean(1).to(layer.weight.dtype)).float(), err.pow(2), layer.k)
+    before = _left_energy(layer.scores(h.mean(1).to(layer.weight.dtype)).float(), err.pow(2), layer.k,
+                          layer.threshold is not None)
     if layer.rank == 0 or layer.keep >= 1.0:
         return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (before / total) ** 0.5, "none")
     if whiten:
@@ -180,14 +202,35 @@ def calibrate_layer(
     best, best_energy = "svd", float("inf")
     for name, (g, c, mode) in candidates.items():
         s = h_mean @ g.T + c
-        e = _left_energy(s.abs() if mode == "abs" else s, err2, layer.k)
+        e = _left_energy(s.abs() if mode == "abs" else s, err2, layer.k, layer.adaptive)
         if e < best_energy:
             best, best_energy = name, e
     g, c, mode = candidates[best]
     layer.gate_weight.copy_(g)
     layer.gate_bias.copy_(c)
     layer.gate_mode = mode
+    if layer.adaptive:
+        layer.threshold = fit_threshold(layer.scores(h_mean.to(layer.weight.dtype)), layer.keep)
     return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (best_energy / total) ** 0.5, best)
+
+
+@torch.no_grad()
+def fit_thresholds(model: nn.Module, batches: Iterable[Batch], max_rows: int = 4096) -> None:
+    """Refit every adaptive layer's threshold to its keep on ``batches`` (after training moved the
+    gates, so the layers keep on average the share of neurons their FLOPs were counted with)."""
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, MIDLBase) and m.adaptive and m.keep < 1.0}
+    if not layers:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        for p, g in collect_groups(model, batches, max_rows).items():
+            if p in layers:
+                m = layers[p]
+                h = F.linear(g, m.light_down).mean(1)
+                m.threshold = fit_threshold(m.scores(h), m.keep)
+    finally:
+        model.train(was_training)
 
 
 def calibrate(

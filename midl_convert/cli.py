@@ -26,7 +26,7 @@ out = Console(width=None if Console().is_terminal else 150)  # files and pipes g
 # CLI option -> recipe key path (the one place the two vocabularies meet)
 OPTION_KEYS = {
     "keep": ("midl", "keep"), "rank": ("midl", "rank"), "granularity": ("midl", "granularity"),
-    "flops_ratio": ("midl", "flops_ratio"),
+    "flops_ratio": ("midl", "flops_ratio"), "adaptive": ("midl", "adaptive"),
     "include": ("targets", "include"), "exclude": ("targets", "exclude"),
     "steps": ("distill", "steps"), "lr": ("distill", "lr"), "data": ("distill", "data"),
     "batch_size": ("distill", "batch_size"),
@@ -137,6 +137,8 @@ def convert(
                                                 "each layer's keep and rank (or dense) chosen from measured damage"),
     rank: Optional[str] = typer.Option(None, help="light-path rank: an int, or a fraction of min(in, out)"),
     granularity: Optional[str] = typer.Option(None, help="token | sequence (Linear), pixel | sample (1x1 conv)"),
+    adaptive: Optional[bool] = typer.Option(None, "--adaptive/--exact-k", help="masks whose size follows the input "
+                                            "(a calibrated threshold keeps `keep` of the neurons on average)"),
     include: list[str] = typer.Option([], help="pattern of layers to convert (repeatable; 'all-linear')"),
     exclude: list[str] = typer.Option([], help="pattern of layers to leave dense (repeatable)"),
     steps: Optional[int] = typer.Option(None, help="distillation steps"),
@@ -152,7 +154,7 @@ def convert(
     no_distill: bool = typer.Option(False, "--no-distill", help="calibrate only"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
-    options = {"keep": keep, "flops_ratio": flops_ratio, "rank": rank, "granularity": granularity, "include": include, "exclude": exclude,
+    options = {"keep": keep, "flops_ratio": flops_ratio, "rank": rank, "granularity": granularity, "adaptive": adaptive, "include": include, "exclude": exclude,
                "steps": steps, "lr": lr, "batch_size": batch_size, "data": data, "weights": weights,
                "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed}
 

@@ -65,6 +65,8 @@ class MIDLConfig(BaseModel):
     keep: float = 0.5
     rank: Union[int, float] = 32
     granularity: Granularity = "token"
+    adaptive: bool = Field(False, description="masks whose size follows the input: each layer keeps the neurons whose "
+                                              "score passes a threshold calibrated to keep `keep` of them on average")
     include: Union[list[str], Literal["all-linear"], None] = None
     exclude: list[str] = Field(default_factory=list)
     overrides: list[LayerOverride] = Field(default_factory=list)

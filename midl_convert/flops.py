@@ -25,7 +25,7 @@ def dense_flops(in_features: int, out_features: int, rows: int) -> int:
 
 
 def midl_flops_parts(
-    in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int, k: int
+    in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int, k: float
 ) -> dict[str, int]:
     """FLOPs of each step of a MID-L layer over ``rows`` input rows split into ``groups`` masks.
 
@@ -41,7 +41,7 @@ def midl_flops_parts(
         "gate": 2 * r * out * groups,  # scores from the (pooled) h, one per mask group
         "topk": out * groups,  # one pass over the scores per mask
         "light_up": 2 * r * out * rows,  # U h: computed on every row, selected neurons included
-        "exact": 2 * k * in_features * rows,  # the k selected rows of W
+        "exact": round(2 * k * in_features * rows),  # the k selected rows of W (k a mean, for adaptive masks)
         "blend": out * rows,  # bias on the light path (and the scatter of exact rows)
     }
 
@@ -61,11 +61,13 @@ class LayerFlops:
         return self.dense / self.midl if self.midl else float("nan")
 
 
-def layer_flops(layer: MIDLBase, calls: list[tuple[int, int]]) -> LayerFlops:
-    """FLOPs of ``layer`` over calls given as ``(rows, groups)`` (see ``layer_calls``)."""
+def layer_flops(layer: MIDLBase, calls: list[tuple[int, int]], picked: list[float] | None = None) -> LayerFlops:
+    """FLOPs of ``layer`` over calls given as ``(rows, groups)`` (see ``layer_calls``); ``picked``:
+    the mean exact neurons per mask of each call, measured (adaptive masks), else ``layer.k``."""
     parts: dict[str, int] = {}
-    for rows, groups in calls:
-        step = midl_flops_parts(layer.in_features, layer.out_features, layer.keep, layer.rank, rows, groups, layer.k)
+    for i, (rows, groups) in enumerate(calls):
+        k = picked[i] if picked is not None and picked[i] is not None else layer.k
+        step = midl_flops_parts(layer.in_features, layer.out_features, layer.keep, layer.rank, rows, groups, k)
         for name, value in step.items():
             parts[name] = parts.get(name, 0) + value
     dense = sum(dense_flops(layer.in_features, layer.out_features, rows) for rows, _ in calls)
@@ -92,8 +94,10 @@ def count_flops(model: nn.Module, inputs: Any) -> int:
 
 
 @torch.no_grad()
-def layer_calls(model: nn.Module, inputs: Any) -> dict[str, list[tuple[int, int]]]:
-    """``(rows, groups)`` of every call of every MID-L layer in one forward, read off ``groups_of``.
+def layer_calls(model: nn.Module, inputs: Any, picked: dict[str, list[float | None]] | None = None,
+                ) -> dict[str, list[tuple[int, int]]]:
+    """``(rows, groups)`` of every call of every MID-L layer in one forward, read off ``groups_of``;
+    ``picked`` (when given) is filled with each call's mean exact neurons per mask, as measured.
 
     Shared layers count once per call; the layers' statistics are left as they were.
     """
@@ -105,8 +109,15 @@ def layer_calls(model: nn.Module, inputs: Any) -> dict[str, list[tuple[int, int]
         def hook(mod: MIDLBase, args: tuple, _path: str = path) -> None:
             grouped = mod.groups_of(args[0])
             calls[_path].append((grouped.shape[0] * grouped.shape[1], grouped.shape[0]))
+            mod.last_active_fraction = None
+
+        def after(mod: MIDLBase, args: tuple, out: Any, _path: str = path) -> None:
+            frac = mod.last_active_fraction
+            if picked is not None:
+                picked.setdefault(_path, []).append(None if frac is None else frac * mod.out_features)
         handles.append(layer.register_forward_pre_hook(hook))
-        layer.track_stats = False
+        handles.append(layer.register_forward_hook(after))
+        layer.track_stats = True
     try:
         _forward(model, inputs)
     finally:
@@ -150,11 +161,12 @@ class ModelFlops:
 
 def model_flops(student: nn.Module, teacher: nn.Module, inputs: Any) -> ModelFlops:
     """FLOPs of ``teacher`` (dense, counted) and of its converted copy ``student`` (analytic) on ``inputs``."""
-    calls = layer_calls(student, inputs)
+    picked: dict[str, list[float | None]] = {}
+    calls = layer_calls(student, inputs, picked)
     layers = dict(student.named_modules())
     return ModelFlops(
         dense=count_flops(teacher, inputs),
-        layers={path: layer_flops(layers[path], c) for path, c in calls.items()},
+        layers={path: layer_flops(layers[path], c, picked.get(path)) for path, c in calls.items()},
     )
 
 

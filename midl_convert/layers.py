@@ -140,6 +140,12 @@ class MIDLBase(nn.Module):
         self.granularity = granularity
         # Gate form, kept in the state dict so a saved calibrated layer reloads as it was: 1 = abs, 0 = linear.
         self.register_buffer("gate_abs", torch.ones((), dtype=torch.uint8, device=device))
+        # Adaptive masks: neurons whose score passes this threshold take the exact path, so the mask's
+        # size follows the input (NaN: exactly k per mask). ``calibrate`` sets it where ``adaptive``.
+        self.register_buffer("gate_threshold", torch.full((), float("nan"), device=device))
+        self._threshold: float | None = None
+        self.adaptive = False
+        self.counts: torch.Tensor | None = None  # each mask's exact neurons in the last adaptive call
         self.path: ComputePath = "auto"
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -166,8 +172,24 @@ class MIDLBase(nn.Module):
         self.gate_abs.fill_(1 if mode == "abs" else 0)
 
     @property
+    def threshold(self) -> float | None:
+        """The calibrated score threshold of adaptive masks, or None for exactly ``k`` per mask."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self.gate_threshold.fill_(float("nan") if value is None else value)
+        self._threshold = value
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001 - torch's signature
+        state_dict.setdefault(prefix + "gate_threshold", torch.full((), float("nan")))  # saved before adaptive masks
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        value = float(self.gate_threshold)
+        self._threshold = None if math.isnan(value) else value
+
+    @property
     def k(self) -> int:
-        """Neurons per mask that take the exact path."""
+        """Neurons per mask that take the exact path (on average, with adaptive masks)."""
         return min(self.out_features, math.ceil(self.keep * self.out_features - 1e-9))
 
     @torch.no_grad()
@@ -221,13 +243,11 @@ class MIDLBase(nn.Module):
             return out + self.bias if self.bias is not None else out
         return F.linear(h, self.light_up, self.bias)
 
-    def _select(self, s: torch.Tensor) -> torch.Tensor:
-        """Indices (..., k) of the neurons on the exact path."""
-        return s.topk(self.k, dim=-1, sorted=False).indices
-
-    def _record(self, picked: int) -> None:
+    def _record(self, picked: int | torch.Tensor) -> None:
+        """Count the exact neurons of one call: ``k`` per mask, or each mask's count (adaptive)."""
         if self.track_stats:
-            frac = picked / self.out_features  # exact Top-k: k of out per mask
+            picked = picked.float().mean().item() if isinstance(picked, torch.Tensor) else picked
+            frac = picked / self.out_features
             self.last_active_fraction = frac
             self._active_sum += frac
             self._active_calls += 1
@@ -242,7 +262,7 @@ class MIDLBase(nn.Module):
         h = F.linear(x, self.light_down)
         s = self.scores(h.mean(dim=1, keepdim=True) if x.shape[1] > 1 else h)  # (G, 1, out)
         idx = self._pick(s)
-        self._record(idx.shape[-1])
+        self._record(self.counts if self.counts is not None else idx.shape[-1])
         if path == "sparse":
             return self._sparse(x, h, idx)
         return self._masked(x, h, idx) if path == "masked" else self._reference(x, h, s, idx)
@@ -293,20 +313,43 @@ class MIDLBase(nn.Module):
         p = self._parameters  # one lookup, not seven nn.Module.__getattr__ calls (4 µs of a 60 µs call)
         bias = p.get("bias")  # absent when the layer has no bias
         bias = _NO_BIAS if bias is None else bias
-        y = fused_kernel().midl_rows(
-            x.reshape(x.shape[0], self.in_features), p["weight"], bias, p["light_down"], p["light_up"],
-            p["gate_weight"], p["gate_bias"], self.gate_abs, self.k,
-        )
-        self._record(self.k)
+        rows = x.reshape(x.shape[0], self.in_features)
+        args = (p["weight"], bias, p["light_down"], p["light_up"], p["gate_weight"], p["gate_bias"], self.gate_abs)
+        if self._threshold is None:
+            y = fused_kernel().midl_rows(rows, *args, self.k)
+            self._record(self.k)
+            return y.unsqueeze(1)
+        # Adaptive: each row's count of scores above the threshold, then the kernel on that row
+        # with its own k (the gate runs twice; r * (in + out) more, small beside k * in).
+        counts = (self.scores(F.linear(rows, self.light_down)) > self._threshold).sum(-1).clamp_min(1)
+        self._record(counts)
+        y = torch.cat([fused_kernel().midl_rows(rows[i : i + 1], *args, int(c)) for i, c in enumerate(counts.tolist())])
         return y.unsqueeze(1)
 
     def _pick(self, s: torch.Tensor) -> torch.Tensor:
         """Indices (G, 1, k) of the exact neurons: the kernel's O(out) selection where it can run
-        (torch.topk took 1.0 ms on 32 x 3072 scores, the kernel 0.36 ms), else ``_select``.
-        Indices carry no gradient, so this holds in training too."""
+        (torch.topk took 1.0 ms on 32 x 3072 scores, the kernel 0.36 ms), else ``torch.topk``.
+        Indices carry no gradient, so this holds in training too.
+
+        Adaptive masks pick each group's ``k_g`` neurons above the threshold (at least one): the
+        indices are (G, 1, max k_g), a group's surplus slots repeating its best neuron, which every
+        path computes twice and writes once; ``self.counts`` keeps each ``k_g``."""
+        self.counts = None
+        if self._threshold is None:
+            return self._top(s, self.k)
+        counts = (s.detach() > self._threshold).sum(-1).clamp_min(1).reshape(-1)  # (G,)
+        idx = self._top(s, int(counts.max()))
+        ranked = torch.gather(s.detach(), -1, idx).argsort(dim=-1, descending=True, stable=True)
+        idx = torch.gather(idx, -1, ranked)  # best first
+        slot = torch.arange(idx.shape[-1], device=idx.device)
+        idx = torch.where(slot < counts[:, None, None], idx, idx[..., :1])
+        self.counts = counts
+        return idx
+
+    def _top(self, s: torch.Tensor, k: int) -> torch.Tensor:
         if kernel_applies(s) and not tracing() and fused_kernel() is not None:
-            return fused_kernel().top_k_rows(s.detach().reshape(s.shape[0], -1), self.k).unsqueeze(1)
-        return self._select(s)
+            return fused_kernel().top_k_rows(s.detach().reshape(s.shape[0], -1), k).unsqueeze(1)
+        return s.topk(k, dim=-1, sorted=False).indices
 
     def _masked(self, x: torch.Tensor, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Eval with a mask per row: the light output with the picked neurons' dense outputs written
@@ -330,7 +373,7 @@ class MIDLBase(nn.Module):
             return self._sparse_columns(x, h, idx)
         out = self._light(h)
         for g in range(x.shape[0]):  # per group: a plain GEMM on the k rows (1.2-2.8x faster than bmm)
-            sel = idx[g]
+            sel = idx[g] if self.counts is None else idx[g, : int(self.counts[g])]
             out[g].index_copy_(1, sel, F.linear(x[g], self.weight.index_select(0, sel), self._bias_at(sel)))
         return out
 
@@ -346,7 +389,7 @@ class MIDLBase(nn.Module):
         else:
             out = torch.baddbmm(bias, self.light_up.expand(groups, -1, -1), h_cols)  # (G, out, n)
         for g in range(groups):
-            sel = idx[g]
+            sel = idx[g] if self.counts is None else idx[g, : int(self.counts[g])]
             w = self.weight.index_select(0, sel)
             exact = w @ cols[g] if self.bias is None else torch.addmm(self._bias_at(sel)[:, None], w, cols[g])
             out[g].index_copy_(0, sel, exact)

@@ -38,6 +38,7 @@ class MidlSection(_Strict):
     keep: float = 0.5
     rank: Union[int, float] = 32
     granularity: Granularity = "token"
+    adaptive: bool = Field(False, description=MIDLConfig.model_fields["adaptive"].description)
     flops_ratio: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["flops_ratio"].description)
     budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
     budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS))

@@ -39,6 +39,7 @@ class LayerPlan:
     predicted_damage: float | None = None  # set by the layer budget: output loss with this layer alone converted
     norm: str | None = None  # BatchNorm right after the layer, and the activation after that: calibration fits
     activation: str | None = None  # the gate to the error that survives them (downstream.py)
+    adaptive: bool = False  # a calibrated score threshold instead of exactly k per mask
 
 
 @dataclass
@@ -107,6 +108,7 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
             rank=resolve_rank(rank, t.in_features, t.out_features) if reason is None else None,
             granularity=granularity_for(t.kind, gran) if reason is None else None,
             reason=reason, role=t.role, aliases=t.aliases, norm=t.norm, activation=t.activation,
+            adaptive=config.adaptive and reason is None,
         ))
     plan = Plan(layers=layers, method=table.method, notes=list(table.notes))
     if not plan.converted:
@@ -120,6 +122,7 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
 def _midl_layer(module: nn.Module, lp: LayerPlan, init: bool) -> MIDLBase:
     layer = _new_layer(module, lp, init)
     layer.downstream = (lp.norm, lp.activation)
+    layer.adaptive = lp.adaptive
     return layer
 
 

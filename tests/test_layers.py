@@ -174,7 +174,8 @@ def test_state_dict_round_trip_and_repr():
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(2, 5, 16)
     assert torch.equal(fresh(x), layer(x))
-    assert set(layer.state_dict()) == {"weight", "bias", "light_down", "light_up", "gate_weight", "gate_bias", "gate_abs"}
+    assert set(layer.state_dict()) == {"weight", "bias", "light_down", "light_up", "gate_weight", "gate_bias", "gate_abs",
+                                      "gate_threshold"}
     layer.gate_mode = "linear"
     fresh.load_state_dict(layer.state_dict())
     assert fresh.gate_mode == "linear" and torch.equal(fresh(x), layer(x))
