@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[1.2, 1.3, 1.5, 1.7])
     p.add_argument("--global-rank", type=float, default=1 / 16, help="rank of the global-keep baseline (int or share)")
     p.add_argument("--granularity", default="token")
+    p.add_argument("--adaptive", action="store_true", help="adaptive masks (a calibrated threshold, keep on average)")
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
@@ -110,7 +111,7 @@ def main() -> None:
           f"of {data_spec}; granularity {args.granularity}")
     if args.time_only or args.model in RANDOM_INIT:
         os.environ["MIDL_CACHE_DIR"] = tempfile.mkdtemp()  # an empty cache: the first measurement is what is timed
-        cfg = mc.MIDLConfig(exclude=exclude, granularity=args.granularity, flops_ratio=args.ratios[0])
+        cfg = mc.MIDLConfig(exclude=exclude, granularity=args.granularity, adaptive=args.adaptive, flops_ratio=args.ratios[0])
         for attempt in ("measured", "cached"):
             t = time.perf_counter()
             bplan, _ = plan_conversion(loaded.model, cfg, loaded.example_inputs, calib_batches, kind)
@@ -120,7 +121,7 @@ def main() -> None:
     rows: list = []
     for target in args.ratios:
         print(f"target {target}x")
-        base = mc.MIDLConfig(exclude=exclude, granularity=args.granularity)
+        base = mc.MIDLConfig(exclude=exclude, granularity=args.granularity, adaptive=args.adaptive)
         plan, _ = plan_conversion(loaded.model, base, loaded.example_inputs)
         if "global" in args.methods:
             gplan = global_plan(loaded.model, plan, loaded.example_inputs, target, rank)

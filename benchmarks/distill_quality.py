@@ -54,7 +54,8 @@ def minilm(args: argparse.Namespace) -> None:
     teacher, student = loaded.model, copy.deepcopy(loaded.model)
     data = mc.load_data("builtin:text", loaded, seed=args.seed)
     held = data.heldout_batches(64, limit=args.eval)
-    cfg = mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=args.granularity, exclude=["pooler.dense"])
+    cfg = mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=args.granularity, adaptive=args.adaptive,
+                        exclude=["pooler.dense"])
     t = time.perf_counter()
     _, plan = mc.convert(student, cfg, loaded.example_inputs)
     flops = model_flops(student, teacher, loaded.example_inputs)
@@ -80,11 +81,11 @@ def effnet(args: argparse.Namespace) -> None:
     calib = [data.train_batch(1_000_000 + i, args.batch_size) for i in range(args.calib_batches)]
     t = time.perf_counter()
     if args.flops_ratio:
-        cfg = mc.MIDLConfig(flops_ratio=args.flops_ratio, granularity=gran)
+        cfg = mc.MIDLConfig(flops_ratio=args.flops_ratio, granularity=gran, adaptive=args.adaptive)
         _, plan = mc.convert(student, cfg, loaded.example_inputs, batches=budget_data(data, cfg), output="logits")
         what = f"budget {args.flops_ratio}x ({plan.budget['seconds']:.0f}s to measure{', cached' if plan.budget['cached'] else ''})"
     else:
-        _, plan = mc.convert(student, mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=gran), loaded.example_inputs)
+        _, plan = mc.convert(student, mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=gran, adaptive=args.adaptive), loaded.example_inputs)
         what = f"keep {args.keep}, rank {args.rank}"
     flops = model_flops(student, teacher, loaded.example_inputs)
     print(f"EfficientNet-Lite0: {len(plan.converted)} of {len(plan.layers)} 1x1 convs / Linear converted, {what}, {gran} masks; "
@@ -158,6 +159,7 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--granularity", default="token")
+    p.add_argument("--adaptive", action="store_true", help="adaptive masks (a calibrated threshold, keep on average)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)

@@ -34,6 +34,9 @@ TEXT_COLUMNS = ("text", "sentence", "content", "question")
 LABEL_COLUMNS = ("label", "labels")
 
 
+CALIBRATION_OFFSET = 1_000_000  # calibration batches come from a part of the stream training never draws
+
+
 @dataclass
 class Batch:
     """Model inputs (positional tuple or keyword dict) and optional labels."""

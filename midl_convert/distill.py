@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .data import Batch, Data
+from .calibrate import fit_thresholds
+from .data import CALIBRATION_OFFSET, Batch, Data
 from .errors import MIDLError
 from .layers import MIDLBase
 from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output
@@ -223,6 +224,11 @@ def distill(
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
+    if any(m.adaptive for m in student.modules() if isinstance(m, MIDLBase)):
+        # Training moved the gates: refit the thresholds so each layer keeps the share its FLOPs count.
+        dev = next(student.parameters()).device
+        fit_thresholds(student, [data.train_batch(CALIBRATION_OFFSET + i, cfg.batch_size).to(dev)
+                                 for i in range(max(1, cfg.calibration_batches))])
     after = compare(student, teacher, eval_batches, kind)
     return DistillResult(cfg.steps, losses, before, after, time.perf_counter() - t0, resumed,
                          str(ckpt) if ckpt is not None and ckpt.is_file() else None)

@@ -14,9 +14,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .calibrate import LayerCalibration, calibrate, fit_thresholds
+from .calibrate import LayerCalibration, calibrate
 from .config import MIDLConfig
-from .data import Batch, default_data, load_data
+from .data import CALIBRATION_OFFSET, Batch, default_data, load_data
 from .distill import DistillConfig, DistillResult, distill
 from .graph import TargetTable
 from .models import LoadedModel, load_model
@@ -25,7 +25,6 @@ from .recipe import Recipe
 from .saving import save
 from .surgery import Plan, apply_plan, plan_conversion
 
-CALIBRATION_OFFSET = 1_000_000  # calibration batches come from a part of the stream training never draws
 
 
 @dataclass
@@ -95,8 +94,6 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
             teacher.to(device)
         result.distilled = distill(student, teacher, data, loaded.task, dcfg, checkpoint_dir=ckpt_dir, eval_batches=eval_batches,
                                    device=device.type if recipe.device != "auto" else None)
-        if any(lp.adaptive for lp in plan.converted):  # training moved the gates: keep the counted share again
-            fit_thresholds(student.cpu(), [data.train_batch(CALIBRATION_OFFSET + i, bs) for i in range(dcfg.calibration_batches)])
     student.to(device).eval()
     teacher.to(device).eval()
     if recipe.report.enabled:

@@ -126,3 +126,21 @@ def test_calibration_skips_padding_and_keeps_the_share_on_real_tokens():
     fit_thresholds(student, [batch])
     assert student.fc.threshold == pytest.approx(fit_threshold(
         student.fc.scores(real @ student.fc.light_down.T).detach(), 0.25))
+
+
+def test_distillation_refits_the_thresholds_to_the_keep():
+    from test_distill import TinyNet, tiny_data
+
+    torch.manual_seed(0)
+    teacher, data = TinyNet().eval(), tiny_data()
+    student = copy.deepcopy(teacher)
+    mc.convert(student, mc.MIDLConfig(keep=0.5, rank=4, adaptive=True), data.train_batch(0, 4).inputs)
+    mc.calibrate(student, [data.train_batch(i, 32) for i in range(2)])
+    fc1 = student.fc1
+    fc1.threshold = -1e6  # as if training had pushed every score past it: every neuron exact
+    mc.distill(student, teacher, data, "classifier", steps=3, lr=1e-3, batch_size=8)
+    assert fc1.threshold > -1e6
+    groups = collect_groups(student, [data.train_batch(1_000_000 + i, 8) for i in range(4)])["fc1"]  # what it refits on
+    with torch.no_grad():
+        share = (fc1.scores(groups @ fc1.light_down.T) > fc1.threshold).float().mean().item()
+    assert share == pytest.approx(0.5, abs=0.02)
