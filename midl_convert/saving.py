@@ -35,7 +35,8 @@ def plan_of(model: nn.Module) -> Plan:
             layers[id(mod)].aliases.append(path)
             continue
         kind = "conv2d" if isinstance(mod, MIDLConv2d) else ("conv1d" if getattr(mod, "transposed", False) else "linear")
-        layers[id(mod)] = LayerPlan(path, kind, mod.in_features, mod.out_features, 0, True, mod.keep, mod.rank, mod.granularity)
+        layers[id(mod)] = LayerPlan(path, kind, mod.in_features, mod.out_features, 0, True, mod.keep, mod.rank, mod.granularity,
+                                    norm=mod.downstream[0], activation=mod.downstream[1], adaptive=mod.adaptive)
     if not layers:
         raise MIDLError(f"{type(model).__name__} has no MID-L layers to save; convert it first (midl_convert.convert)")
     return Plan(list(layers.values()), method="saved")

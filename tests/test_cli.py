@@ -51,6 +51,16 @@ def test_full_run_writes_everything(tmp_path):
     assert mc.midl_layers(mc.load(out))
 
 
+def test_adaptive_run_saves_calibrated_thresholds(tmp_path):
+    res = invoke("convert", "--recipe", str(small_recipe(tmp_path)), "--adaptive", "--include", "all-linear")
+    assert res.exit_code == 0, res.output
+    import midl_convert as mc
+
+    layers = mc.midl_layers(mc.load(tmp_path / "out"))
+    assert layers and all(m.adaptive and m.threshold is not None for m in layers.values())
+    assert layers["blocks.0.mlp.fc1"].downstream == (None, "gelu")  # what calibration fits to, kept for a later refit
+
+
 def test_options_override_the_recipe(tmp_path):
     res = invoke("convert", "--recipe", str(small_recipe(tmp_path)), "--keep", "0.25", "--dry-run")
     assert res.exit_code == 0, res.output
