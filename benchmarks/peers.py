@@ -118,6 +118,10 @@ def main() -> None:
     flops = model_flops(midl, teacher, loaded.example_inputs)
     ratio = flops.converted_ratio
     mc.calibrate(midl, calib)
+    adaptive = copy.deepcopy(teacher)
+    mc.convert(adaptive, cfg.model_copy(update={"adaptive": True}), loaded.example_inputs)
+    mc.calibrate(adaptive, calib)
+    adaptive_ratio = model_flops(adaptive, teacher, loaded.example_inputs).converted_ratio
     paths = [lp.path for lp in plan.converted]
     static = copy.deepcopy(teacher)
     mc.convert(static, mc.MIDLConfig(keep=min(1.0, 1 / ratio), rank=0, exclude=["pooler.dense"]), loaded.example_inputs)
@@ -136,6 +140,9 @@ def main() -> None:
         key = {"static magnitude pruning": "static", "TEAL activation sparsity": "teal", "MID-L (calibrated)": "midl"}[name]
         print(f"| {name} | {m['cosine']:.3f} | {m['top10_overlap']:.3f} | {speed[key]:.0f} | {speed['dense'] / speed[key]:.2f}x |",
               flush=True)
+    m = compare(adaptive, teacher, held, "embedding")
+    print(f"| MID-L adaptive masks (calibrated; {adaptive_ratio:.3f}x on the example input) | {m['cosine']:.3f} | "
+          f"{m['top10_overlap']:.3f} | not timed | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -331,13 +331,18 @@ class MIDLBase(nn.Module):
         (torch.topk took 1.0 ms on 32 x 3072 scores, the kernel 0.36 ms), else ``torch.topk``.
         Indices carry no gradient, so this holds in training too.
 
-        Adaptive masks pick each group's ``k_g`` neurons above the threshold (at least one): the
+        Adaptive masks pick each group's ``k_g`` neurons above the threshold (at least one; in
+        training the batch's own ``1 - keep`` quantile, so the gates cannot learn to buy more): the
         indices are (G, 1, max k_g), a group's surplus slots repeating its best neuron, which every
         path computes twice and writes once; ``self.counts`` keeps each ``k_g``."""
         self.counts = None
         if self._threshold is None:
             return self._top(s, self.k)
-        counts = (s.detach() > self._threshold).sum(-1).clamp_min(1).reshape(-1)  # (G,)
+        threshold = self._threshold
+        if self.training:  # the batch's own quantile: training cannot buy exact neurons by raising every score
+            flat = s.detach().reshape(-1)
+            threshold = float(flat.kthvalue(min(flat.numel(), max(1, round(flat.numel() * (1 - self.keep))))).values)
+        counts = (s.detach() > threshold).sum(-1).clamp_min(1).reshape(-1)  # (G,)
         idx = self._top(s, int(counts.max()))
         ranked = torch.gather(s.detach(), -1, idx).argsort(dim=-1, descending=True, stable=True)
         idx = torch.gather(idx, -1, ranked)  # best first

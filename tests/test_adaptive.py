@@ -144,3 +144,18 @@ def test_distillation_refits_the_thresholds_to_the_keep():
     with torch.no_grad():
         share = (fc1.scores(groups @ fc1.light_down.T) > fc1.threshold).float().mean().item()
     assert share == pytest.approx(0.5, abs=0.02)
+
+
+def test_training_keeps_the_share_whatever_the_threshold():
+    layer = adaptive_layer()
+    layer.threshold = -1e6  # in eval every neuron would pass
+    layer.train()
+    layer.track_stats = True
+    layer(torch.randn(64, 24)).sum().backward()
+    assert layer.active_fraction == pytest.approx(0.5, abs=0.01)
+    assert layer.gate_weight.grad is not None and layer.gate_weight.grad.abs().sum() > 0  # straight-through
+    layer.eval()
+    layer.reset_stats()
+    with torch.no_grad():
+        layer(torch.randn(64, 24))
+    assert layer.active_fraction == 1.0
