@@ -37,16 +37,26 @@ def stage(rows: list, name: str, student, teacher, held, kind: str, seconds: flo
     print(f"  {name:<28} {shown}  ({seconds:.1f}s)", flush=True)
 
 
+def adaptive_flops(student, teacher, example) -> None:
+    """Adaptive masks pick what their thresholds let through: count the FLOPs again once they are fitted."""
+    if any(m.adaptive for m in mc.midl_layers(student).values()):
+        flops = model_flops(student, teacher, example)
+        print(f"  adaptive masks on the example input: converted layers {flops.converted_ratio:.3f}x, "
+              f"whole model {flops.ratio:.3f}x fewer FLOPs", flush=True)
+
+
 def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list, task: str, kind: str,
-                          args: argparse.Namespace) -> None:
+                          args: argparse.Namespace, example) -> None:
     """The two recovery stages every row shares: closed-form calibration, then ``args.steps`` of distillation."""
     t = time.perf_counter()
     mc.calibrate(student, calib, whiten=not args.no_whiten)
     stage(rows, "after calibration", student, teacher, held, kind, time.perf_counter() - t)
+    adaptive_flops(student, teacher, example)
     if args.steps:
         res = mc.distill(student, teacher, data, task, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          layer_weight=args.layer_weight, train=args.train, eval_batches=held, log_every=50)
         stage(rows, f"after {args.steps} steps", student, teacher, held, kind, res.seconds)
+        adaptive_flops(student, teacher, example)
 
 
 def minilm(args: argparse.Namespace) -> None:
@@ -65,7 +75,7 @@ def minilm(args: argparse.Namespace) -> None:
     rows: list = []
     stage(rows, "after conversion (SVD gate)", student, teacher, held, "embedding", time.perf_counter() - t)
     calibrate_and_distill(rows, student, teacher, data, held, [data.train_batch(1_000_000 + i, 32) for i in range(args.calib_batches)],
-                          "embedding", "embedding", args)
+                          "embedding", "embedding", args, loaded.example_inputs)
     table(rows, ["cosine", "top10_overlap"], {"cosine": 0.95, "top10_overlap": 0.8})
 
 
@@ -93,7 +103,7 @@ def effnet(args: argparse.Namespace) -> None:
           f"counted); held-out crops {sum(b.size for b in held)} from photos training never draws")
     rows: list = []
     stage(rows, "after conversion", student, teacher, held, "logits", time.perf_counter() - t)
-    calibrate_and_distill(rows, student, teacher, data, held, calib, "classifier", "logits", args)
+    calibrate_and_distill(rows, student, teacher, data, held, calib, "classifier", "logits", args, loaded.example_inputs)
     target = {1.2: 0.85, 1.5: 0.7}.get(args.flops_ratio or 0.0)
     table(rows, ["agreement", "agreement_sure", "kl"], {"agreement_sure": target} if target else {})
 
