@@ -37,12 +37,14 @@ def stage(rows: list, name: str, student, teacher, held, kind: str, seconds: flo
     print(f"  {name:<28} {shown}  ({seconds:.1f}s)", flush=True)
 
 
-def adaptive_flops(student, teacher, example) -> None:
-    """Adaptive masks pick what their thresholds let through: count the FLOPs again once they are fitted."""
+def adaptive_flops(student, teacher, example, held) -> None:
+    """Adaptive masks pick what their thresholds let through: count the FLOPs again once they are
+    fitted, on the example input and on the first held-out batch (a padded text batch counts its padding)."""
     if any(m.adaptive for m in mc.midl_layers(student).values()):
-        flops = model_flops(student, teacher, example)
-        print(f"  adaptive masks on the example input: converted layers {flops.converted_ratio:.3f}x, "
-              f"whole model {flops.ratio:.3f}x fewer FLOPs", flush=True)
+        for name, inputs in (("the example input", example), ("the first held-out batch", held[0].inputs)):
+            flops = model_flops(student, teacher, inputs)
+            print(f"  adaptive masks on {name}: converted layers {flops.converted_ratio:.3f}x, "
+                  f"whole model {flops.ratio:.3f}x fewer FLOPs", flush=True)
 
 
 def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list, task: str, kind: str,
@@ -51,12 +53,12 @@ def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list,
     t = time.perf_counter()
     mc.calibrate(student, calib, whiten=not args.no_whiten)
     stage(rows, "after calibration", student, teacher, held, kind, time.perf_counter() - t)
-    adaptive_flops(student, teacher, example)
+    adaptive_flops(student, teacher, example, held)
     if args.steps:
         res = mc.distill(student, teacher, data, task, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          layer_weight=args.layer_weight, train=args.train, eval_batches=held, log_every=50)
         stage(rows, f"after {args.steps} steps", student, teacher, held, kind, res.seconds)
-        adaptive_flops(student, teacher, example)
+        adaptive_flops(student, teacher, example, held)
 
 
 def minilm(args: argparse.Namespace) -> None:
