@@ -25,7 +25,7 @@ from torch import nn
 from .data import Batch
 from .downstream import Downstream, post_fn
 from .kernels import fused_kernel
-from .layers import MIDLBase, linalg_threads
+from .layers import MIDLBase, fit_threshold, linalg_threads
 from .quality import run
 
 
@@ -130,14 +130,6 @@ def _lstsq(h: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> tuple[
     gram += torch.eye(gram.shape[0]) * ridge * gram.diagonal().mean().clamp_min(1e-8)
     sol = torch.linalg.solve(gram, feats.T @ target)  # (r + 1, out)
     return sol[:-1].T.contiguous(), sol[-1].contiguous()
-
-
-def fit_threshold(scores: torch.Tensor, keep: float) -> float:
-    """The score above which ``keep`` of all neurons in ``scores`` (G, out) lie: adaptive masks then
-    keep that share on average, more where the scores say the light path is wrong."""
-    flat = scores.float().reshape(-1)
-    below = min(flat.numel(), max(1, round(flat.numel() * (1 - keep))))
-    return float(flat.kthvalue(below).values)
 
 
 def _left_energy(scores: torch.Tensor, err2: torch.Tensor, k: int, adaptive: bool = False) -> float:

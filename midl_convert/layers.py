@@ -113,6 +113,14 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return (u * root).to(weight.dtype), (root[:, None] * vh).to(weight.dtype)
 
 
+def fit_threshold(scores: torch.Tensor, keep: float) -> float:
+    """The score above which ``keep`` of all neurons in ``scores`` (..., out) lie: adaptive masks then
+    keep that share on average, more where the scores say the light path is wrong."""
+    flat = scores.float().reshape(-1)
+    below = min(flat.numel(), max(1, round(flat.numel() * (1 - keep))))
+    return float(flat.kthvalue(below).values)
+
+
 class MIDLBase(nn.Module):
     """Shared state and maths of MID-L layers; subclasses map their input to ``(..., in)`` rows."""
 
@@ -340,8 +348,7 @@ class MIDLBase(nn.Module):
             return self._top(s, self.k)
         threshold = self._threshold
         if self.training:  # the batch's own quantile: training cannot buy exact neurons by raising every score
-            flat = s.detach().reshape(-1)
-            threshold = float(flat.kthvalue(min(flat.numel(), max(1, round(flat.numel() * (1 - self.keep))))).values)
+            threshold = fit_threshold(s.detach(), self.keep)
         counts = (s.detach() > threshold).sum(-1).clamp_min(1).reshape(-1)  # (G,)
         idx = self._top(s, int(counts.max()))
         ranked = torch.gather(s.detach(), -1, idx).argsort(dim=-1, descending=True, stable=True)
