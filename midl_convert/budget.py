@@ -167,9 +167,11 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def cache_key(model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Sequence[Batch], kind: str,
-              example_inputs: Any, whiten: bool, fixed: Sequence[LayerPlan]) -> str:
-    """Hash of what the measurements depend on: the candidates' weights, the grid, the data, the settings."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{type(model).__qualname__}|{kind}|{whiten}|{torch.__version__}".encode())
+              example_inputs: Any, whiten: bool, fixed: Sequence[LayerPlan], judged: int) -> str:
+    """Hash of what the measurements depend on: the candidates' weights, the grid, the data (the
+    first ``judged`` batches measure damage, the rest fit), the settings."""
+    h = hashlib.sha256(
+        f"v{CACHE_VERSION}|{type(model).__qualname__}|{kind}|{whiten}|{judged}|{torch.__version__}".encode())
     for path, options in todo.items():
         module = model.get_submodule(path)
         h.update(json.dumps([asdict(lp) for lp in options], sort_keys=True).encode())
@@ -314,8 +316,7 @@ def measure(
     for lp in fixed:
         dense, midl = option_flops(model.get_submodule(lp.path), lp, shapes[lp.path])
         fixed_saved += dense - midl
-    key = cache_key(model, todo, [*batches, *fit_batches], f"{kind}|judged on {len(batches)}", example_inputs, whiten,
-                    fixed)
+    key = cache_key(model, todo, [*batches, *fit_batches], kind, example_inputs, whiten, fixed, len(batches))
     path = cache_dir() / f"{key}.json"
     if use_cache and path.is_file():
         try:

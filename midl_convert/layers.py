@@ -329,7 +329,7 @@ class MIDLBase(nn.Module):
             return y.unsqueeze(1)
         # Adaptive: each row's count of scores above the threshold, then the kernel on that row
         # with its own k (the gate runs twice; r * (in + out) more, small beside k * in).
-        counts = (self.scores(F.linear(rows, self.light_down)) > self._threshold).sum(-1).clamp_min(1)
+        counts = self._counts(self.scores(F.linear(rows, self.light_down)), self._threshold)
         self._record(counts)
         y = torch.cat([fused_kernel().midl_rows(rows[i : i + 1], *args, int(c)) for i, c in enumerate(counts.tolist())])
         return y.unsqueeze(1)
@@ -349,7 +349,7 @@ class MIDLBase(nn.Module):
         threshold = self._threshold
         if self.training:  # the batch's own quantile: training cannot buy exact neurons by raising every score
             threshold = fit_threshold(s.detach(), self.keep)
-        counts = (s.detach() > threshold).sum(-1).clamp_min(1).reshape(-1)  # (G,)
+        counts = self._counts(s.detach(), threshold).reshape(-1)  # (G,)
         idx = self._top(s, int(counts.max()))
         ranked = torch.gather(s.detach(), -1, idx).argsort(dim=-1, descending=True, stable=True)
         idx = torch.gather(idx, -1, ranked)  # best first
@@ -357,6 +357,11 @@ class MIDLBase(nn.Module):
         idx = torch.where(slot < counts[:, None, None], idx, idx[..., :1])
         self.counts = counts
         return idx
+
+    @staticmethod
+    def _counts(s: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Exact neurons of each adaptive mask: the scores above the threshold, at least one."""
+        return (s > threshold).sum(-1).clamp_min(1)
 
     def _top(self, s: torch.Tensor, k: int) -> torch.Tensor:
         if kernel_applies(s) and not tracing() and fused_kernel() is not None:
