@@ -56,7 +56,8 @@ def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list,
     adaptive_flops(student, teacher, example, held)
     if args.steps:
         res = mc.distill(student, teacher, data, task, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         layer_weight=args.layer_weight, train=args.train, eval_batches=held, log_every=50)
+                         layer_weight=args.layer_weight, train=args.train, base_lr=args.base_lr, eval_batches=held,
+                         log_every=50)
         stage(rows, f"after {args.steps} steps", student, teacher, held, kind, res.seconds)
         adaptive_flops(student, teacher, example, held)
 
@@ -177,6 +178,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--layer-weight", type=float, default=0.0)
     p.add_argument("--train", default="midl", choices=["midl", "gates", "all"])
+    p.add_argument("--base-lr", type=float, default=1e-5, help="learning rate of the original weights with --train all")
     p.add_argument("--no-whiten", action="store_true")
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--eval", type=int, default=512, help="held-out sentences")

@@ -25,9 +25,10 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -210,8 +211,19 @@ def measure_damage(
     aliases = {p: [p, *options[0].aliases] for p, options in todo.items()}
     was_training = model.training
     model.eval()
-    targets = [model_output(model, b, kind) for b in batches]
     damage: dict[str, list[float]] = {}
+    try:
+        with _channels_last(model):
+            _measure_options(model, todo, originals, aliases, batches, fit_batches, kind, whiten, progress, damage)
+    finally:
+        model.train(was_training)
+    return damage
+
+
+def _measure_options(model: nn.Module, todo: dict[str, list[LayerPlan]], originals: dict[str, nn.Module],
+                     aliases: dict[str, list[str]], batches: Sequence[Batch], fit_batches: Sequence[Batch], kind: str,
+                     whiten: bool, progress: Callable[[str], None] | None, damage: dict[str, list[float]]) -> None:
+    targets = [model_output(model, b, kind) for b in batches]
     try:
         # Every candidate as a dense MID-L shell (keep 1 runs the original matmul), to collect its input groups.
         for p, options in todo.items():
@@ -239,8 +251,27 @@ def measure_damage(
     finally:
         for p in todo:
             _install(model, aliases[p], originals[p])
-        model.train(was_training)
-    return damage
+
+
+@contextmanager
+def _channels_last(model: nn.Module) -> Iterator[None]:
+    """Run a CNN's convolutions in channels-last layout while measuring, then put its weights back.
+
+    Judging the options is one forward per option (most of the budget's time); on 2 CPU cores a
+    resnet50 forward is about 18% faster in this layout. Models without 4-d contiguous conv weights
+    are left as they are.
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.is_contiguous()]
+    if not convs:
+        yield
+        return
+    for m in convs:
+        m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in convs:
+            m.weight.data = m.weight.data.contiguous()
 
 
 def damage_of(student: torch.Tensor, teacher: torch.Tensor, kind: str, batch: Batch) -> float:

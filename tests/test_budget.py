@@ -1,5 +1,6 @@
 """The layer budget: measured damage steers keep and rank, the target is met on the example input,
 unreachable targets fail with the reachable figure, and measurements come from the cache."""
+import contextlib
 import copy
 import itertools
 import json
@@ -73,6 +74,46 @@ def test_measured_damage_is_larger_for_the_loud_block():
     # the model is handed back untouched: same modules, same weights
     assert all(type(m) is nn.Linear for m in model.blocks)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class Convs(nn.Module):
+    """A small CNN: a 3x3 stem, two 1x1 convs with a BatchNorm and ReLU between, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.expand = nn.Conv2d(16, 64, 1)
+        self.bn = nn.BatchNorm2d(64)
+        self.project = nn.Conv2d(64, 16, 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.project(torch.relu(self.bn(self.expand(torch.relu(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_conv_damage_is_measured_in_channels_last_and_the_layout_is_restored(monkeypatch):
+    torch.manual_seed(0)
+    model = Convs().eval()
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    example = (torch.randn(1, 3, 8, 8),)
+    plan, _ = plan_conversion(model, MIDLConfig(), example)
+    assert {lp.path for lp in plan.converted} == {"expand", "project"}
+    todo = {lp.path: [budget.replace(lp, keep=0.5, rank=4)] for lp in plan.converted}
+    data = [Batch((torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)),)) for i in range(3)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layouts = []
+    real = budget.damage_of
+    monkeypatch.setattr(budget, "damage_of", lambda *a: layouts.append(
+        model.stem.weight.is_contiguous(memory_format=torch.channels_last)) or real(*a))
+    damage = budget.measure_damage(model, todo, data[:1], "logits", fit_batches=data[1:])
+    assert layouts and all(layouts)  # judged in channels-last layout
+    monkeypatch.setattr(budget, "_channels_last", lambda m: contextlib.nullcontext())
+    reference = budget.measure_damage(model, todo, data[:1], "logits", fit_batches=data[1:])
+    for p in todo:
+        assert damage[p][0] > 0 and damage[p][0] == pytest.approx(reference[p][0], rel=1e-3)
+    for name, value in model.state_dict().items():  # handed back in the layout and values it came in
+        assert value.is_contiguous() and torch.equal(before[name], value), name
 
 
 @pytest.mark.parametrize("ratio", [1.1, 1.3, 1.6])
