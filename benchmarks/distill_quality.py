@@ -52,12 +52,16 @@ def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list,
     """The two recovery stages every row shares: closed-form calibration, then ``args.steps`` of distillation."""
     t = time.perf_counter()
     mc.calibrate(student, calib, whiten=not args.no_whiten)
+    if getattr(args, "flops_ratio", None):  # as a CLI budget run does: the example costs at most what was counted
+        mc.cap_thresholds(student, example)
     stage(rows, "after calibration", student, teacher, held, kind, time.perf_counter() - t)
     adaptive_flops(student, teacher, example, held)
     if args.steps:
         res = mc.distill(student, teacher, data, task, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          layer_weight=args.layer_weight, train=args.train, base_lr=args.base_lr, eval_batches=held,
                          log_every=50)
+        if getattr(args, "flops_ratio", None):
+            mc.cap_thresholds(student, example)
         stage(rows, f"after {args.steps} steps", student, teacher, held, kind, res.seconds)
         adaptive_flops(student, teacher, example, held)
 

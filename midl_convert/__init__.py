@@ -8,7 +8,7 @@
 Heavy libraries (timm, transformers, accelerate, matplotlib) load when first used.
 """
 from .budget import budget_plan
-from .calibrate import calibrate
+from .calibrate import calibrate, cap_thresholds
 from .config import LayerOverride, MIDLConfig
 from .data import Batch, load_data
 from .distill import DistillConfig, distill
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch", "DistillConfig", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d", "MIDLError", "MIDLinear",
-    "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "convert", "distill", "find_targets", "load",
+    "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "cap_thresholds", "convert", "distill", "find_targets", "load",
     "load_data", "load_model", "merge_and_unload", "midl_layers", "plan_conversion", "report", "save",
 ]

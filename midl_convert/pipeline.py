@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .calibrate import LayerCalibration, calibrate
+from .calibrate import LayerCalibration, calibrate, cap_thresholds
 from .config import MIDLConfig
 from .data import CALIBRATION_OFFSET, Batch, default_data, load_data
 from .distill import DistillConfig, DistillResult, distill
@@ -96,6 +96,11 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
                                    device=device.type if recipe.device != "auto" else None)
     student.to(device).eval()
     teacher.to(device).eval()
+    if config.flops_ratio is not None:
+        raised = cap_thresholds(student, Batch(loaded.example_inputs).to(device).inputs)
+        if raised:
+            console.print(f"[dim]adaptive thresholds raised on {len(raised)} layers so the example input meets the "
+                          f"{config.flops_ratio:g}x target (at most k exact neurons per mask there)[/]")
     if recipe.report.enabled:
         from .report import build_report
 

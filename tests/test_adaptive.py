@@ -159,3 +159,38 @@ def test_training_keeps_the_share_whatever_the_threshold():
     with torch.no_grad():
         layer(torch.randn(64, 24))
     assert layer.active_fraction == 1.0
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(24, 40), nn.Linear(40, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_capped_thresholds_keep_the_example_within_what_the_budget_counted():
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    calib = [Batch((torch.randn(64, 24),))]
+    example = (3 * torch.randn(16, 24),)  # louder than the calibration data: it draws more exact neurons
+    exact_k, _ = mc.convert(copy.deepcopy(model), mc.MIDLConfig(keep=0.25, rank=4), example)
+    student, _ = mc.convert(copy.deepcopy(model), mc.MIDLConfig(keep=0.25, rank=4, adaptive=True), example)
+    mc.calibrate(exact_k, calib)
+    mc.calibrate(student, calib)
+    budgeted = model_flops(exact_k, model, example).ratio
+    assert model_flops(student, model, example).ratio < budgeted  # uncapped: the example costs more than counted
+
+    before = {p: student.get_submodule(p).threshold for p in ("fc1", "fc2")}
+    assert mc.cap_thresholds(student, example) == ["fc1", "fc2"]
+    for p in ("fc1", "fc2"):
+        layer = student.get_submodule(p)
+        assert layer.threshold > before[p]
+    with torch.no_grad():
+        layer = student.fc1
+        counts = layer._counts(layer.scores(example[0] @ layer.light_down.T), layer.threshold)
+    assert counts.float().mean().item() <= layer.k
+    assert counts.float().mean().item() >= layer.k - 1  # raised no further than needed
+    assert model_flops(student, model, example).ratio >= budgeted - 1e-9
+    assert mc.cap_thresholds(student, example) == []  # already within: nothing moves

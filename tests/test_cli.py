@@ -61,6 +61,15 @@ def test_adaptive_run_saves_calibrated_thresholds(tmp_path):
     assert layers["blocks.0.mlp.fc1"].downstream == (None, "gelu")  # what calibration fits to, kept for a later refit
 
 
+def test_adaptive_budget_run_meets_the_target_on_the_example_input(tmp_path):
+    res = invoke("convert", "--recipe", str(small_recipe(tmp_path)), "--adaptive", "--include", "all-linear",
+                 "--flops-ratio", "1.3")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["flops"]["budget"]["target"] == 1.3
+    assert report["flops"]["ratio"] >= 1.3  # adaptive thresholds capped to what the budget counted
+
+
 def test_options_override_the_recipe(tmp_path):
     res = invoke("convert", "--recipe", str(small_recipe(tmp_path)), "--keep", "0.25", "--dry-run")
     assert res.exit_code == 0, res.output
