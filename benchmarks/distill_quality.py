@@ -110,9 +110,27 @@ def effnet(args: argparse.Namespace) -> None:
           f"counted); held-out crops {sum(b.size for b in held)} from photos training never draws")
     rows: list = []
     stage(rows, "after conversion", student, teacher, held, "logits", time.perf_counter() - t)
+    if args.alone:
+        each_alone(plan, teacher, held, calib)
     calibrate_and_distill(rows, student, teacher, data, held, calib, "classifier", "logits", args, loaded.example_inputs)
     target = {1.2: 0.85, 1.5: 0.7}.get(args.flops_ratio or 0.0)
     table(rows, ["agreement", "agreement_sure", "kl"], {"agreement_sure": target} if target else {})
+
+
+def each_alone(plan, teacher, held, calib) -> None:
+    """Each converted layer of ``plan`` alone, at its planned keep and rank, calibrated: which layers
+    do the damage, and whether it is theirs or the sum of many small ones."""
+    from dataclasses import replace
+
+    print("each converted layer alone, calibrated (agreement all / sure, KL):")
+    for lp in plan.converted:
+        alone = mc.Plan([layer if layer.path == lp.path else replace(layer, convert=False) for layer in plan.layers], plan.method)
+        student = mc.apply_plan(copy.deepcopy(teacher), alone)
+        mc.calibrate(student, calib)
+        m = compare(student.eval(), teacher, held, "logits")
+        predicted = f", budget's predicted damage {lp.predicted_damage:.4f}" if lp.predicted_damage is not None else ""
+        print(f"  {lp.path:<24} keep {lp.keep:<5} rank {lp.rank:<3} {m['agreement']:.2f} / {m['agreement_sure']:.2f}, "
+              f"KL {m['kl']:.3f}{predicted}", flush=True)
 
 
 def digits(args: argparse.Namespace) -> None:
@@ -187,6 +205,7 @@ def main() -> None:
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--eval", type=int, default=512, help="held-out sentences")
     p.add_argument("--eval-images", type=int, default=256, help="effnet: held-out crops")
+    p.add_argument("--alone", action="store_true", help="effnet: also each converted layer alone, calibrated")
     p.add_argument("--teacher-steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -3,7 +3,9 @@
     import midl_convert as mc
     model, plan = mc.convert(model, mc.MIDLConfig(keep=0.5), example_inputs)
     model, plan = mc.convert(model, mc.MIDLConfig(flops_ratio=1.3), example_inputs, batches)  # a FLOPs budget
-    mc.calibrate(model, batches); mc.distill(model, teacher, data); mc.save(model, "out")
+    mc.calibrate(model, batches); mc.distill(model, teacher, data)
+    mc.cap_thresholds(model, example_inputs)  # adaptive masks under a budget: the example costs at most what was counted
+    mc.save(model, "out")
 
 Heavy libraries (timm, transformers, accelerate, matplotlib) load when first used.
 """
