@@ -307,11 +307,14 @@ class Report:
         ax_f.set(yticks=y, xlabel="FLOPs per sample", title=f"FLOPs per layer (converted ratio {_fmt(self.flops['converted_ratio'])})")
         ax_f.set_yticklabels(names, fontsize=8)
         ax_f.invert_yaxis()
+        top = max([lr.dense_flops for lr in self.layers] + [lr.midl_flops for lr in self.layers] + [1])
+        ax_f.set_xlim(0, top * 1.3)  # headroom on the right: the legend covers no bar
         ax_f.legend(loc="lower right")
         active = [lr.active_fraction if lr.active_fraction is not None else math.nan for lr in self.layers] or [math.nan]
         ax_a.barh(y, active, 0.6, color="tab:green", label="measured")
         ax_a.scatter([lr.keep for lr in self.layers] or [math.nan], y, marker="|", s=120, color="black", label="keep", zorder=3)
-        ax_a.set(xlim=(0, 1.05), xlabel="share of neurons on the exact path", title="Active fraction (held-out data)")
+        ax_a.set(xlim=(0, 1.35), xticks=[0, 0.25, 0.5, 0.75, 1.0], xlabel="share of neurons on the exact path",
+                 title="Active fraction (held-out data)")
         ax_a.legend(loc="lower right")
         fig.savefig(f, format="png")
 
