@@ -212,45 +212,37 @@ def measure_damage(
     was_training = model.training
     model.eval()
     damage: dict[str, list[float]] = {}
-    try:
-        with _channels_last(model):
-            _measure_options(model, todo, originals, aliases, batches, fit_batches, kind, whiten, progress, damage)
-    finally:
-        model.train(was_training)
-    return damage
-
-
-def _measure_options(model: nn.Module, todo: dict[str, list[LayerPlan]], originals: dict[str, nn.Module],
-                     aliases: dict[str, list[str]], batches: Sequence[Batch], fit_batches: Sequence[Batch], kind: str,
-                     whiten: bool, progress: Callable[[str], None] | None, damage: dict[str, list[float]]) -> None:
-    targets = [model_output(model, b, kind) for b in batches]
-    try:
-        # Every candidate as a dense MID-L shell (keep 1 runs the original matmul), to collect its input groups.
-        for p, options in todo.items():
-            _install(model, aliases[p], _sharing(originals[p], replace(options[0], keep=1.0, rank=0)))
-        groups = collect_groups(model, fit_batches or batches)
-        for p, options in todo.items():
-            for a in aliases[p]:
-                _set_module(model, a, originals[p])
-        for i, (p, options) in enumerate(todo.items()):
-            x = groups[p].reshape(-1, options[0].in_features)
-            w = _dense_weight(originals[p]).float()
-            with linalg_threads(w.numel()):
-                svd = whitened_svd(w, x) if whiten and any(o.rank for o in options) else None
-            damage[p] = []
-            for lp in options:
-                layer = _sharing(originals[p], lp)
+    with _channels_last(model):
+        targets = [model_output(model, b, kind) for b in batches]
+        try:
+            # Every candidate as a dense MID-L shell (keep 1 runs the original matmul), to collect its input groups.
+            for p, options in todo.items():
+                _install(model, aliases[p], _sharing(originals[p], replace(options[0], keep=1.0, rank=0)))
+            groups = collect_groups(model, fit_batches or batches)
+            for p, options in todo.items():
+                for a in aliases[p]:
+                    _set_module(model, a, originals[p])
+            for i, (p, options) in enumerate(todo.items()):
+                x = groups[p].reshape(-1, options[0].in_features)
+                w = _dense_weight(originals[p]).float()
                 with linalg_threads(w.numel()):
-                    calibrate_layer(layer, groups[p], whiten, p, svd, post_fn(model, lp.norm, lp.activation))
-                _install(model, aliases[p], layer)
-                loss = sum(damage_of(model_output(model, b, kind), t, kind, b) for b, t in zip(batches, targets))
-                damage[p].append(loss / len(batches))
-            _install(model, aliases[p], originals[p])
-            if progress is not None:
-                progress(f"measured {i + 1}/{len(todo)} layers: {p}")
-    finally:
-        for p in todo:
-            _install(model, aliases[p], originals[p])
+                    svd = whitened_svd(w, x) if whiten and any(o.rank for o in options) else None
+                damage[p] = []
+                for lp in options:
+                    layer = _sharing(originals[p], lp)
+                    with linalg_threads(w.numel()):
+                        calibrate_layer(layer, groups[p], whiten, p, svd, post_fn(model, lp.norm, lp.activation))
+                    _install(model, aliases[p], layer)
+                    loss = sum(damage_of(model_output(model, b, kind), t, kind, b) for b, t in zip(batches, targets))
+                    damage[p].append(loss / len(batches))
+                _install(model, aliases[p], originals[p])
+                if progress is not None:
+                    progress(f"measured {i + 1}/{len(todo)} layers: {p}")
+        finally:
+            for p in todo:
+                _install(model, aliases[p], originals[p])
+            model.train(was_training)
+    return damage
 
 
 @contextmanager

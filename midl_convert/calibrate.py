@@ -237,8 +237,6 @@ def cap_thresholds(model: nn.Module, example_inputs: Any) -> list[str]:
     are capped in the order the forward calls them, each on the input it gets once the layers
     before it are capped.
     """
-    from .flops import _forward
-
     layers = {p: m for p, m in model.named_modules() if isinstance(m, MIDLBase) and m.adaptive and m.threshold is not None
               and m.keep < 1.0}
     order: list[str] = []
@@ -253,7 +251,7 @@ def cap_thresholds(model: nn.Module, example_inputs: Any) -> list[str]:
         seen.clear()
         handles = [layers[p].register_forward_pre_hook(lambda mod, inp, p=p: hook(mod, inp, p)) for p in paths]
         try:
-            _forward(model, example_inputs)
+            run(model, Batch((example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs))
         finally:
             for h in handles:
                 h.remove()
