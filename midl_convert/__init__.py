@@ -4,6 +4,7 @@
     model, plan = mc.convert(model, mc.MIDLConfig(keep=0.5), example_inputs)
     model, plan = mc.convert(model, mc.MIDLConfig(flops_ratio=1.3), example_inputs, batches)  # a FLOPs budget
     mc.calibrate(model, batches); mc.distill(model, teacher, data)
+    mc.calibrate(model, batches, kind="embedding")  # gates weigh each neuron's error by its reach to the output
     mc.cap_thresholds(model, example_inputs)  # adaptive masks under a budget: the example costs at most what was counted
     mc.save(model, "out")
 
@@ -21,6 +22,7 @@ from .models import LoadedModel, load_model
 from .report import Report
 from .report import build_report as report
 from .saving import load, save
+from .sensitivity import neuron_sensitivity
 from .surgery import LayerPlan, Plan, apply_plan, convert, merge_and_unload, midl_layers, plan_conversion
 
 __version__ = "0.1.0"
@@ -28,5 +30,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Batch", "DistillConfig", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d", "MIDLError", "MIDLinear",
     "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "cap_thresholds", "convert", "distill", "find_targets", "load",
-    "load_data", "load_model", "merge_and_unload", "midl_layers", "plan_conversion", "report", "save",
+    "load_data", "load_model", "merge_and_unload", "midl_layers", "neuron_sensitivity", "plan_conversion", "report", "save",
 ]

@@ -26,7 +26,8 @@ from .data import Batch
 from .downstream import Downstream, post_fn
 from .kernels import fused_kernel
 from .layers import MIDLBase, fit_threshold, linalg_threads
-from .quality import run
+from .quality import output_kind, run
+from .sensitivity import neuron_sensitivity
 
 
 @dataclass
@@ -152,11 +153,13 @@ def _left_energy(scores: torch.Tensor, err2: torch.Tensor, k: int, adaptive: boo
 @torch.no_grad()
 def calibrate_layer(
     layer: MIDLBase, groups: torch.Tensor, whiten: bool = True, path: str = "", svd: WhitenedSVD | None = None,
-    post: Downstream | None = None,
+    post: Downstream | None = None, weight: torch.Tensor | None = None,
 ) -> LayerCalibration:
     """Fit one layer's light path and gate to its real input groups (G, n, in); ``svd`` is
     ``whitened_svd`` of this layer on these rows, when already computed. With ``post`` (the
-    BatchNorm and activation after the layer) the gate predicts the error left after them."""
+    BatchNorm and activation after the layer) the gate predicts the error left after them; with
+    ``weight`` (out,) it predicts each neuron's error times its weight (``sensitivity.py``: the
+    share of the error that reaches the model's output)."""
     w = layer.weight.float()
     x = groups.reshape(-1, layer.in_features)
     bias = layer.bias.float() if post is not None and layer.bias is not None else torch.zeros(layer.out_features)
@@ -180,6 +183,9 @@ def calibrate_layer(
         layer.light_down.copy_(v)
     u = layer.light_up.float()
     h, err = errors(u, layer.light_down.float())
+    plain2 = err.pow(2)
+    if weight is not None:
+        err = err * weight.float()
     err2 = err.pow(2)
     h_mean = h.mean(1)
     candidates = {"svd": (u, torch.zeros(layer.out_features), "abs")}
@@ -203,6 +209,9 @@ def calibrate_layer(
     layer.gate_mode = mode
     if layer.adaptive:
         layer.threshold = fit_threshold(layer.scores(h_mean.to(layer.weight.dtype)), layer.keep)
+    if weight is not None:  # report the layer's own error, as without weights
+        best_energy = _left_energy(layer.scores(h_mean.to(layer.weight.dtype)).float(), plain2, layer.k, layer.adaptive)
+        best += ", weighted"
     return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (best_energy / total) ** 0.5, best)
 
 
@@ -280,18 +289,36 @@ def cap_thresholds(model: nn.Module, example_inputs: Any) -> list[str]:
 
 
 def calibrate(
-    model: nn.Module, batches: Iterable[Batch], whiten: bool = True, max_rows: int = 4096
+    model: nn.Module, batches: Iterable[Batch], whiten: bool = True, max_rows: int = 4096, kind: str | None = None,
 ) -> list[LayerCalibration]:
-    """Calibrate every MID-L layer of ``model`` in closed form on ``batches`` (no gradient steps)."""
+    """Calibrate every MID-L layer of ``model`` in closed form on ``batches`` (no gradient steps).
+
+    With ``kind`` (the output distillation compares: "logits", "embedding", "hidden"; "auto" asks
+    ``quality.output_kind``; None, the default: each layer's own error only) the gate of each
+    layer with nothing elementwise after it predicts its error weighted by how far that error
+    reaches the model's output (``sensitivity.py``). Layers followed by a norm or an activation
+    keep predicting the error left after it, which already says what passes on. On MiniLM this
+    lifts the calibrated model a lot and the distilled one hardly at all
+    (``benchmarks/distill_quality.py --sensitivity``), so it is not the default yet.
+    """
+    batches = list(batches)
     was_training = model.training
     model.eval()
     try:
         groups = collect_groups(model, batches, max_rows)
         layers = dict((p, m) for p, m in model.named_modules() if isinstance(m, MIDLBase))
+        weights: dict[str, torch.Tensor] = {}
+        plain = [p for p in groups if post_fn(model, *layers[p].downstream) is None and layers[p].rank > 0
+                 and layers[p].keep < 1.0]
+        if kind is not None and plain and batches:
+            with dense_mode(model):
+                kind = output_kind(model, batches[0]) if kind == "auto" else kind
+                weights = {p: s.sqrt() for p, s in neuron_sensitivity(model, plain, batches, kind, probes=2).items()}
         out = []
         for p, g in groups.items():
             with linalg_threads(layers[p].weight.numel()):
-                out.append(calibrate_layer(layers[p], g, whiten, p, post=post_fn(model, *layers[p].downstream)))
+                out.append(calibrate_layer(layers[p], g, whiten, p, post=post_fn(model, *layers[p].downstream),
+                                           weight=weights.get(p)))
         return out
     finally:
         model.train(was_training)
