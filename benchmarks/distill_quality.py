@@ -243,12 +243,12 @@ def main() -> None:
     p.add_argument("--base-lr", type=float, default=1e-5, help="learning rate of the original weights with --train all")
     p.add_argument("--no-whiten", action="store_true")
     p.add_argument("--sensitivity", action="store_true",
-                   help="gates fitted to each layer's error weighted by its reach to the output (calibrate(kind=...))")
+                   help="MiniLM, effnet: gates fitted to each layer's error weighted by its reach to the output (calibrate(kind=...))")
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--eval", type=int, default=512, help="held-out sentences")
     p.add_argument("--eval-images", type=int, default=256, help="effnet: held-out crops")
     p.add_argument("--oracle", action="store_true",
-                   help="also each stage with oracle gates (the true top-k of the light path's error): the gate's share of the loss")
+                   help="MiniLM, effnet: also each stage with oracle gates (the true top-k of the light path's error)")
     p.add_argument("--alone", action="store_true", help="effnet: also each converted layer alone, calibrated")
     p.add_argument("--teacher-steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)

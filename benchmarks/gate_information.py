@@ -7,6 +7,8 @@ path's error energy left on the unselected neurons, per layer type (mean of the 
 
 - static: the same neurons for every token (the largest error variance on the calibration rows);
 - gate: the gate MID-L computes from ``V x``;
+- gate on features of ``V x``: a least-squares gate on ``h, |h|, h^2`` (a nonlinear gate with
+  the same input), to show that the input, not the gate's form, is the limit;
 - gate reading rank R: a least-squares gate on a wider input projection (rank 64, 128) than the
   light path's, what a gate with its own projection would buy (it costs R * (in + out) more FLOPs);
 - oracle: the neurons where the error truly is largest;
@@ -50,8 +52,8 @@ def main() -> None:
     data = mc.load_data("builtin:text", loaded, seed=0)
     mc.convert(student, mc.MIDLConfig(keep=args.keep, rank=args.rank, exclude=["pooler.dense"]), loaded.example_inputs)
     calib = collect_groups(student, [data.train_batch(1_000_000 + i, 32) for i in range(4)])
-    held = collect_groups(student, [data.train_batch(2_000_000 + i, 32) for i in range(2)], seed=1)
-    cols = ["static", "gate", *[f"gate reading rank {r}" for r in args.wide], "oracle"]
+    held = collect_groups(student, data.heldout_batches(32, limit=64), seed=1)
+    cols = ["static", "gate", "gate on features of V x", *[f"gate reading rank {r}" for r in args.wide], "oracle"]
     left: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     with torch.no_grad():
         for path, layer in mc.midl_layers(student).items():
@@ -73,6 +75,12 @@ def main() -> None:
                 "gate": layer.scores(xh @ layer.light_down.T).float(),
                 "oracle": eh.abs(),
             }
+            def feats(rows: torch.Tensor) -> torch.Tensor:
+                h = rows @ layer.light_down.float().T
+                return torch.cat([h, h.abs(), h.pow(2)], dim=1)
+
+            g, c = _lstsq(feats(x), e.abs())  # the error's magnitude, from nonlinear features of the same input
+            scores["gate on features of V x"] = feats(xh) @ g.T + c
             for r in args.wide:
                 _, vg = whitened_factors(w, x, r)
                 g, c = _lstsq(x @ vg.T, e)  # the signed error, from the wider projection

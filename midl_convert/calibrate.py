@@ -185,6 +185,8 @@ def calibrate_layer(
     h, err = errors(u, layer.light_down.float())
     plain2 = err.pow(2)
     if weight is not None:
+        if weight.shape != (layer.out_features,):
+            raise ValueError(f"weight must have shape ({layer.out_features},), one per output neuron, got {tuple(weight.shape)}")
         err = err * weight.float()
     err2 = err.pow(2)
     h_mean = h.mean(1)

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from .data import Batch
+from .layers import MIDLConv2d
 from .quality import model_output, positions
 
 
-def _per_channel(grad: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Summed squared gradient per output channel: dim 1 of conv maps, the last dim otherwise."""
-    if grad.dim() == 4:  # (N, C, H, W)
-        return grad.float().pow(2).sum(dim=(0, 2, 3))
-    return positions(grad, batch).float().pow(2).sum(0)
+def _channel_last(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient with the module's output channels last: a conv's are at dim -3 ((N, C, H, W) or
+    (C, H, W)); a Linear's are last, whatever comes before (tokens, or a channels-last image)."""
+    return grad.movedim(-3, -1) if isinstance(module, (nn.Conv2d, MIDLConv2d)) else grad
 
 
 def neuron_sensitivity(
@@ -32,44 +32,47 @@ def neuron_sensitivity(
     """Each module's (at ``paths``) per-output-neuron sensitivity, normalised to mean 1 per layer.
 
     The model runs as it is (call it in ``calibrate.dense_mode`` for the dense model's
-    sensitivities); nothing in it is changed and gradients are left cleared.
+    sensitivities); its weights, their ``requires_grad`` flags and every module's train/eval
+    mode are left as they were. A module called several times per forward counts every call.
     """
     modules = {p: model.get_submodule(p) for p in paths}
-    outs: dict[str, torch.Tensor] = {}
     total: dict[str, torch.Tensor] = {}
     anchor = torch.zeros((), requires_grad=True)  # gives every tapped output a graph, with the weights frozen
+    current: list[Batch] = []
+
+    def add(p: str, grad: torch.Tensor) -> None:
+        g = _channel_last(modules[p], grad)
+        rows = positions(g, current[0]) if g.dim() == 3 else g.reshape(-1, g.shape[-1])
+        s = rows.float().pow(2).sum(0)
+        total[p] = total[p] + s if p in total else s
 
     def tap(p: str, out: torch.Tensor) -> torch.Tensor | None:
         if not isinstance(out, torch.Tensor):
             return None
         out = out + anchor.to(out.device, out.dtype)  # same values; gradients reach it through every later path
-        out.retain_grad()
-        outs[p] = out
+        out.register_hook(lambda grad: add(p, grad))  # the gradient of this value, before any in-place change
         return out
 
     handles = [m.register_forward_hook(lambda mod, inp, out, p=p: tap(p, out)) for p, m in modules.items()]
     gen = torch.Generator().manual_seed(seed)
     flags = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
+    modes = [m.training for m in model.modules()]
     model.eval()
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.enable_grad():
             for batch in batches:
+                current[:] = [batch]
                 for _ in range(probes):
-                    outs.clear()
                     out = positions(model_output(model, batch, kind), batch).float()
                     probe = torch.randn(out.shape, generator=gen).to(out.device)
                     (out * probe).sum().backward()
-                    for p, y in outs.items():
-                        if y.grad is not None:
-                            s = _per_channel(y.grad, batch)
-                            total[p] = total[p] + s if p in total else s
     finally:
         for h in handles:
             h.remove()
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
     return {p: (s / s.mean().clamp_min(1e-30)).cpu() for p, s in total.items()}

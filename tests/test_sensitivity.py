@@ -27,25 +27,49 @@ class Scaled(nn.Module):
 SCALE = torch.tensor([4.0, 0.5, 2.0, 1.0, 0.25, 3.0])
 
 
-@pytest.mark.parametrize("conv", [False, True])
-def test_sensitivity_is_the_squared_reach_of_each_neuron(conv):
+@pytest.mark.parametrize("layout", ["linear", "conv", "conv-unbatched", "linear-channels-last"])
+def test_sensitivity_is_the_squared_reach_of_each_neuron(layout):
     torch.manual_seed(0)
+    conv = layout.startswith("conv")
     layer = nn.Conv2d(5, 6, 1) if conv else nn.Linear(5, 6)
     model = Scaled(layer, SCALE, 1 if conv else -1)
-    x = torch.randn(16, 5, 3, 3) if conv else torch.randn(64, 5)
+    if layout == "conv-unbatched":
+        model.scale = model.scale[0]  # (C, 1, 1)
+    x = {"linear": torch.randn(64, 5), "conv": torch.randn(16, 5, 3, 3), "conv-unbatched": torch.randn(5, 4, 4),
+         "linear-channels-last": torch.randn(8, 3, 3, 5)}[layout]  # the last: a ConvNeXt-style MLP on (N, H, W, C)
+    model.train()
     before = [p.requires_grad for p in model.parameters()]
     sens = neuron_sensitivity(model, ["layer"], [Batch((x,))], "hidden", probes=40)["layer"]
     expected = SCALE**2 / (SCALE**2).mean()  # d <v, s * y> / d y_i = v_i s_i, and E v_i^2 = 1
     assert torch.allclose(sens, expected, rtol=0.15), (sens, expected)
     assert [p.requires_grad for p in model.parameters()] == before
     assert all(p.grad is None for p in model.parameters())  # no gradient left in the weights
+    assert model.training and model.layer.training
+
+
+def test_sensitivity_counts_every_call_before_in_place_changes():
+    """A module called twice per forward counts both calls; an in-place op after it does not hide its reach."""
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+
+        def forward(self, x):
+            first = self.layer(x)
+            first.mul_(torch.tensor([10.0, 1.0, 1.0]))  # neuron 0 of the first call reaches 10x harder
+            second = self.layer(x) * torch.tensor([1.0, 1.0, 10.0])  # neuron 2 of the second call
+            return first + second
+
+    sens = neuron_sensitivity(Twice(), ["layer"], [Batch((torch.randn(64, 4),))], "hidden", probes=40)["layer"]
+    expected = torch.tensor([101.0, 2.0, 101.0])  # sum over both calls of the squared reach
+    assert torch.allclose(sens, expected / expected.mean(), rtol=0.15), sens
 
 
 def test_sensitivity_counts_real_tokens_only():
-    """Padded positions are not data: how the output would feel them there must not count."""
+    """Padded positions are not data: neither the output there nor the layer's rows there count."""
     torch.manual_seed(0)
-    reach = torch.ones(5, 3)
-    reach[3:, 0] = 100.0  # neuron 0 reaches the output 100x harder, but only at the padded positions
 
     class Tokens(nn.Module):
         def __init__(self):
@@ -53,11 +77,32 @@ def test_sensitivity_counts_real_tokens_only():
             self.layer = nn.Linear(4, 3)
 
         def forward(self, x, attention_mask):
-            return self.layer(x) * reach
+            y = self.layer(x)
+            out = y.clone()
+            out[:, 3:, 0] = 100 * y[:, :1, 0]  # padded outputs read a real token's neuron 0, 100x
+            out[:, 0, 1] = out[:, 0, 1] + 100 * y[:, 3, 1]  # a real output reads a padded token's neuron 1
+            return out
 
     batch = Batch({"x": torch.randn(8, 5, 4), "attention_mask": torch.tensor([[1, 1, 1, 0, 0]] * 8)})
     sens = neuron_sensitivity(Tokens(), ["layer"], [batch], "hidden", probes=40)["layer"]
-    assert torch.allclose(sens, torch.ones(3), rtol=0.2), sens  # counted, neuron 0 would be ~10^4 x the others
+    assert torch.allclose(sens, torch.ones(3), rtol=0.2), sens  # counting either, neuron 0 or 1 would dominate
+
+
+def test_weighted_calibration_runs_on_a_channels_last_mlp():
+    """timm ConvNeXt's MLP Linears see (N, H, W, C) maps: one weight per output channel, not per row of the map."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+        def forward(self, x):  # (N, C, H, W) in and out, the MLP on channels-last
+            return self.fc2(self.fc1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+    student = convert(Block().eval(), MIDLConfig(keep=0.5, rank=2, skip_head=False), (torch.randn(1, 8, 5, 5),))[0]
+    results = calibrate(student, [Batch((torch.randn(4, 8, 5, 5),))], kind="hidden")
+    assert all(r.gate.endswith("weighted") for r in results)
 
 
 def test_weighted_calibration_spends_exact_neurons_where_the_output_feels_them():
