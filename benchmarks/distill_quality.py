@@ -47,15 +47,15 @@ def oracle_gates(model) -> Iterator[None]:
     reach with these light paths. Not a product mode: it computes every row of ``W``."""
     layers = mc.midl_layers(model)
 
-    def mix(layer, x):
-        post = post_fn(model, *layer.downstream) or (lambda y: y)
+    def mix(layer, post, x):
         dense, light = layer._dense(x), layer._light(torch.nn.functional.linear(x, layer.light_down))
         err = (post(dense) - post(light)).abs().mean(dim=1, keepdim=True)  # (G, 1, out): one mask per group
         idx = err.topk(layer.k, dim=-1).indices.expand(-1, x.shape[1], -1)
         return light.scatter(-1, idx, dense.gather(-1, idx))
 
     for layer in layers.values():
-        layer.mix_rows = lambda x, layer=layer: mix(layer, x)
+        post = post_fn(model, *layer.downstream) or (lambda y: y)
+        layer.mix_rows = lambda x, layer=layer, post=post: mix(layer, post, x)
     try:
         yield
     finally:
@@ -78,7 +78,7 @@ def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list,
     """The two recovery stages every row shares: closed-form calibration, then ``args.steps`` of distillation."""
     t = time.perf_counter()
     mc.calibrate(student, calib, whiten=not args.no_whiten, kind=kind if args.sensitivity else None)
-    if getattr(args, "flops_ratio", None):  # as a CLI budget run does: the example costs at most what was counted
+    if args.flops_ratio:  # as a CLI budget run does: the example costs at most what was counted
         mc.cap_thresholds(student, example)
     stage(rows, "after calibration", student, teacher, held, kind, time.perf_counter() - t)
     adaptive_flops(student, teacher, example, held)
@@ -89,7 +89,7 @@ def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list,
         res = mc.distill(student, teacher, data, task, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          layer_weight=args.layer_weight, train=args.train, base_lr=args.base_lr, eval_batches=held,
                          log_every=50)
-        if getattr(args, "flops_ratio", None):
+        if args.flops_ratio:
             mc.cap_thresholds(student, example)
         stage(rows, f"after {args.steps} steps", student, teacher, held, kind, res.seconds)
         adaptive_flops(student, teacher, example, held)

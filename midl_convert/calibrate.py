@@ -310,9 +310,9 @@ def calibrate(
     try:
         groups = collect_groups(model, batches, max_rows)
         layers = dict((p, m) for p, m in model.named_modules() if isinstance(m, MIDLBase))
+        posts = {p: post_fn(model, *layers[p].downstream) for p in groups}
         weights: dict[str, torch.Tensor] = {}
-        plain = [p for p in groups if post_fn(model, *layers[p].downstream) is None and layers[p].rank > 0
-                 and layers[p].keep < 1.0]
+        plain = [p for p in groups if posts[p] is None and layers[p].rank > 0 and layers[p].keep < 1.0]
         if kind is not None and plain and batches:
             with dense_mode(model):
                 kind = output_kind(model, batches[0]) if kind == "auto" else kind
@@ -320,8 +320,7 @@ def calibrate(
         out = []
         for p, g in groups.items():
             with linalg_threads(layers[p].weight.numel()):
-                out.append(calibrate_layer(layers[p], g, whiten, p, post=post_fn(model, *layers[p].downstream),
-                                           weight=weights.get(p)))
+                out.append(calibrate_layer(layers[p], g, whiten, p, post=posts[p], weight=weights.get(p)))
         return out
     finally:
         model.train(was_training)
