@@ -26,7 +26,7 @@ from .data import Batch
 from .downstream import Downstream, post_fn
 from .kernels import fused_kernel
 from .layers import MIDLBase, fit_threshold, linalg_threads
-from .quality import output_kind, run
+from .quality import OUTPUT_KIND, output_kind, run
 from .sensitivity import neuron_sensitivity
 
 
@@ -304,6 +304,9 @@ def calibrate(
     one only from 0.893 to 0.896 (``benchmarks/distill_quality.py --sensitivity``), so it is
     not the default.
     """
+    kinds = ("auto", *sorted(set(OUTPUT_KIND.values())))
+    if kind is not None and kind not in kinds:
+        raise ValueError(f"kind must be None or one of {', '.join(kinds)}, got {kind!r}; e.g. kind='logits' for a classifier")
     batches = list(batches)
     was_training = model.training
     model.eval()

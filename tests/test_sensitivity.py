@@ -132,3 +132,14 @@ def test_weighted_calibration_leaves_layers_followed_by_an_activation_alone():
     gates = {r.path: r.gate for r in calibrate(student, [Batch((calib,))], kind="hidden")}
     assert not gates["0"].endswith("weighted")  # GELU follows it: its gate already sees what passes on
     assert gates["2"].endswith("weighted")
+
+
+def test_calibrate_rejects_an_unknown_output_kind_before_touching_the_model():
+    torch.manual_seed(0)
+    teacher = Scaled(nn.Linear(8, 6), SCALE).eval()
+    student = convert(copy.deepcopy(teacher), MIDLConfig(keep=0.5, rank=2), (torch.randn(1, 8),))[0]
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match="kind must be None or one of auto, embedding, hidden, logits, got 'logit'"):
+        calibrate(student, [Batch((torch.randn(32, 8),))], kind="logit")
+    for k, v in before.items():  # the threshold buffer is NaN (exactly k), so compare NaN as equal
+        torch.testing.assert_close(student.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
