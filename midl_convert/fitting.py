@@ -139,7 +139,7 @@ def calibrate_output_layer(
 
     def errors(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = groups @ v.T  # (G, n, r)
-        light = after(h.reshape(-1, layer.rank) @ u.T + bias)
+        light = after(h.reshape(x.shape[0], layer.rank) @ u.T + bias)  # rank 0: the bias alone
         return h, (exact - light).reshape(*groups.shape[:2], -1)  # signed light-path error
 
     h, err = errors(layer.light_up.float(), layer.light_down.float())

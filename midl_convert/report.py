@@ -147,6 +147,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "active_fraction": {**_NUM, "description": "measured on the held-out data (layer stats); null if never recorded"},
                 "dense_flops": _INT, "midl_flops": _INT, "ratio": _NUM,
                 "flops_parts": {"type": "object", "additionalProperties": _INT},
+                "side": {"enum": ["output", "input"], "description": "output: the mask picks rows of W (MID-L); input: columns"},
             },
         }},
         "skipped": {"type": "array", "items": {

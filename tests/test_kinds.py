@@ -199,3 +199,13 @@ def test_input_side_saves_and_loads(tmp_path):
     mc.save(converted, tmp_path / "out")
     loaded = mc.load(tmp_path / "out", copy.deepcopy(model))
     assert isinstance(loaded[0], InputMIDLinear) and torch.equal(loaded(x), converted.eval()(x))
+
+
+@pytest.mark.parametrize("select", ["output", "input"])
+def test_rank_zero_layers_calibrate(select):
+    """Rank 0 (static rows on the output side, pure input sparsity on the input side) calibrates without error."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(16, 12))
+    converted, _ = mc.convert(model, mc.MIDLConfig(keep=0.5, rank=0, select=select, skip_head=False), (torch.randn(1, 16),))
+    (cal,) = mc.calibrate(converted, [mc.Batch((torch.randn(64, 16),))])
+    assert cal.rows == 64 and cal.error_after <= cal.error_before + 1e-6
