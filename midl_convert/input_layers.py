@@ -66,23 +66,23 @@ class InputMIDLBase(SparseLayer):
         size = groups.detach().abs().mean(1) if groups.shape[1] > 1 else groups.detach().abs()[:, 0]
         return size * (self.gate * self.column_norm)
 
-    def _pick(self, s: torch.Tensor) -> torch.Tensor:
-        """Indices (G, k_max) of each group's exact inputs; with adaptive masks a group's surplus slots
-        repeat its best input, whose value is then taken once (``_exact_inputs`` zeroes repeats)."""
-        self.counts = None
+    def _pick(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Indices (G, k_max) of each group's exact inputs, and each group's count with adaptive
+        masks (None: exactly k); a group's surplus slots repeat its best input (a mask sets it once)."""
         s = s.detach()
         if self._threshold is None:
-            return s.topk(self.k, dim=-1, sorted=False).indices
+            self.counts = None
+            return s.topk(self.k, dim=-1, sorted=False).indices, None
         threshold = fit_threshold(s, self.keep) if self.training else self._threshold
         counts = self._counts(s, threshold)
         idx = s.topk(int(counts.max()), dim=-1, sorted=True).indices  # best first
         slot = torch.arange(idx.shape[-1], device=idx.device)
-        self.counts = counts
-        return torch.where(slot < counts[:, None], idx, idx[:, :1])
+        self.counts = counts  # kept for inspection only: the last call's mask sizes
+        return torch.where(slot < counts[:, None], idx, idx[:, :1]), counts
 
     def selection(self, groups: torch.Tensor) -> torch.Tensor:
         """The hard mask (G, n, in) of the exact inputs, 1 where exact."""
-        idx = self._pick(self.mask_scores(groups))
+        idx, _ = self._pick(self.mask_scores(groups))
         mask = groups.new_zeros(groups.shape[0], self.in_features).scatter_(-1, idx, 1.0)
         return mask[:, None, :].expand_as(groups)
 
@@ -92,8 +92,8 @@ class InputMIDLBase(SparseLayer):
     def rows_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The layer by its definition: full-size masks, dense products (also the training path)."""
         s = self.mask_scores(x)
-        idx = self._pick(s)
-        self._record(self.counts if self.counts is not None else idx.shape[-1])
+        idx, counts = self._pick(s)
+        self._record(counts if counts is not None else idx.shape[-1])
         mask = torch.zeros_like(s).scatter_(-1, idx, 1.0)
         if self.training and torch.is_grad_enabled():
             kth = s.detach().gather(-1, idx).min(-1, keepdim=True).values.clamp_min(1e-12)
@@ -105,13 +105,12 @@ class InputMIDLBase(SparseLayer):
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         """A mask per group of many rows (sequence / sample): gather the k columns of x and the k
         contiguous rows of ``W^T``, one small GEMM per group, no scatter."""
-        s = self.mask_scores(x)
-        idx = self._pick(s)
-        self._record(self.counts if self.counts is not None else idx.shape[-1])
+        idx, counts = self._pick(self.mask_scores(x))
+        self._record(counts if counts is not None else idx.shape[-1])
         wt = self.weight.T
         outs = []
         for g in range(x.shape[0]):
-            sel = idx[g] if self.counts is None else idx[g, : int(self.counts[g])]
+            sel = idx[g] if counts is None else idx[g, : int(counts[g])]
             xs = x[g].index_select(-1, sel)  # (n, k)
             y = xs @ wt.index_select(0, sel)
             if self.bias is not None:
