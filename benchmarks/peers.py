@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import midl_convert as mc
+from midl_convert.calibrate import fit_thresholds
 from midl_convert.flops import model_flops
 from midl_convert.pipeline import budget_data
 from midl_convert.quality import compare
@@ -139,9 +140,10 @@ def main() -> None:
                 print(f"| {name} | unreachable | | |")
                 continue
             student, keep, ratio = found
-            tweak(student)
             if not name.startswith("R-Sparse"):  # R-Sparse keeps its plain SVD
                 mc.calibrate(student, calib)
+            tweak(student)
+            fit_thresholds(student, calib)  # adaptive masks keep their share with the tweak in place
             if "adaptive" in name or name.startswith("TEAL"):
                 mc.cap_thresholds(student, example)
                 ratio = model_flops(student, teacher, example).ratio

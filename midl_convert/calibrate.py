@@ -156,7 +156,7 @@ def calibrate(
         layers = dict((p, m) for p, m in model.named_modules() if isinstance(m, SparseLayer))
         posts = {p: post_fn(model, *layers[p].downstream) for p in groups}
         weights: dict[str, torch.Tensor] = {}
-        plain = [p for p in groups if posts[p] is None and layers[p].side == "output" and layers[p].rank > 0 and layers[p].keep < 1.0]
+        plain = [p for p in groups if layers[p].keep < 1.0 and (layers[p].side == "input" or (posts[p] is None and layers[p].rank > 0))]
         if kind is not None and plain and batches:
             with dense_mode(model):
                 kind = output_kind(model, batches[0]) if kind == "auto" else kind

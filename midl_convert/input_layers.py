@@ -53,11 +53,14 @@ class InputMIDLBase(SparseLayer):
         self.set_light_path(*svd_factors(self.weight, self.rank))
 
     @torch.no_grad()
-    def set_light_path(self, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Take ``U, V`` and rescale the selection by the columns of what the exact path adds beyond them."""
+    def set_light_path(self, u: torch.Tensor, v: torch.Tensor, out_scale: torch.Tensor | None = None) -> None:
+        """Take ``U, V`` and rescale the selection by the columns of what the exact path adds beyond them
+        (each output row weighted by ``out_scale``, when given: its reach to the model's output)."""
         self.light_up.copy_(u)
         self.light_down.copy_(v)
         rest = self.weight.float() - (u.float() @ v.float() if self.rank else 0.0)
+        if out_scale is not None:
+            rest = rest * out_scale.float()[:, None]
         self.column_norm.copy_(rest.norm(dim=0))
 
     # ----- maths on rows (G, n, in) --------------------------------------------------------

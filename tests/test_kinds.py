@@ -209,3 +209,30 @@ def test_rank_zero_layers_calibrate(select):
     converted, _ = mc.convert(model, mc.MIDLConfig(keep=0.5, rank=0, select=select, skip_head=False), (torch.randn(1, 16),))
     (cal,) = mc.calibrate(converted, [mc.Batch((torch.randn(64, 16),))])
     assert cal.rows == 64 and cal.error_after <= cal.error_before + 1e-6
+
+
+def test_input_side_weighted_calibration_counts_columns_by_their_reach():
+    """Outputs the model scales by 100 decide which columns matter: weighted, the input side picks the
+    columns that feed them and leaves less error at the model's output than unweighted."""
+    torch.manual_seed(8)
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 8, bias=False)
+            self.register_buffer("scale", torch.tensor([100.0, 100.0] + [0.01] * 6))
+
+        def forward(self, x):
+            return self.fc(x) * self.scale
+
+    dense = Scaled()
+    with torch.no_grad():
+        dense.fc.weight[2:, :8] *= 50  # big columns 0..7 feed only the outputs that do not matter
+    x = torch.randn(256, 16)
+    errs = {}
+    for kind in (None, "hidden"):
+        model = copy.deepcopy(dense)
+        mc.convert(model, mc.MIDLConfig(keep=0.5, rank=0, select="input", skip_head=False), (x[:1],))
+        mc.calibrate(model, [mc.Batch((x,))], kind=kind)
+        errs[kind] = (model(x) - dense(x)).pow(2).mean().item()
+    assert errs["hidden"] < 0.2 * errs[None], errs  # 56 vs 435 when written
