@@ -46,6 +46,18 @@ def midl_flops_parts(
     }
 
 
+def input_flops_parts(in_features: int, out_features: int, k: float, rank: int, rows: int) -> dict[str, int]:
+    """FLOPs of each step of input-side MID-L (``midl::input_rows``) over ``rows`` rows, each
+    with its own mask of ``k`` inputs (a mean, for adaptive masks)."""
+    return {
+        "scoring": 2 * in_features * rows,  # s_j = |x_j| * scale_j
+        "selection": in_features * rows,  # one pass over the scores per row
+        "light_down": 2 * rank * in_features * rows,  # V x_rest
+        "light_up": 2 * rank * out_features * rows,  # U (V x_rest)
+        "exact": round(2 * k * out_features * rows),  # the k selected columns of W
+    }
+
+
 @dataclass(frozen=True)
 class LayerFlops:
     """Dense and MID-L FLOPs of one converted layer, summed over its calls on one input."""
@@ -170,4 +182,4 @@ def model_flops(student: nn.Module, teacher: nn.Module, inputs: Any) -> ModelFlo
     )
 
 
-__all__ = ["LayerFlops", "ModelFlops", "count_flops", "dense_flops", "layer_calls", "layer_flops", "midl_flops_parts", "model_flops"]
+__all__ = ["LayerFlops", "ModelFlops", "count_flops", "dense_flops", "input_flops_parts", "layer_calls", "layer_flops", "midl_flops_parts", "model_flops"]

@@ -1,9 +1,12 @@
-// Fused MID-L eval forward for rows with their own masks (batch-1 decode, a few tokens).
+// Fused MID-L eval forwards for rows with their own masks (batch-1 decode, a few tokens), called
+// through the torch ops of kernels.py (midl::output_rows, midl::input_rows, midl::top_k_rows).
 //
-// Per row x: h = V x, s = G h + c (|s| when gate_abs) and the light output U h + b; the k largest
+// Output side, per row x: h = V x, s = G h + c (|s| when gate_abs) and the light output U h + b; the k largest
 // s by an O(out) branch-free selection; then y_i = W_i . x + b_i over the light output for those k.
 // Dense layers at batch 1 are bound by reading W, so reading only k of its rows is the saving;
 // stock torch (topk + index_select + GEMV) spends more on copies than it saves.
+// Input side, per row x: s_j = |x_j| scale_j, the k largest s, then y = b + sum_sel x_j Wt_j + U V x_rest,
+// with W stored transposed (Wt, (in, out)) so that each picked input's column is one contiguous row.
 // Only the headers used, not <torch/extension.h>: the build takes ~10 s instead of ~27 s.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -11,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <omp.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -123,7 +127,18 @@ struct Layer {
   const float *W, *b, *V, *U, *G, *c;  // b is null without a bias
   int64_t in, out, r, k;
   bool gate_abs;
+  float threshold;  // adaptive masks: the scores above it (NaN: exactly k per mask)
 };
+
+// Picks of one mask of n scores: k, or with a threshold the scores above it (at least one), as
+// the layer's torch paths count them (a NaN score is not above it).
+inline int64_t picks(const float* s, int64_t n, int64_t k, float threshold) {
+  if (std::isnan(threshold)) return k;
+  int64_t m = 0;
+#pragma omp simd reduction(+ : m)
+  for (int64_t i = 0; i < n; ++i) m += s[i] > threshold;
+  return std::max<int64_t>(m, 1);
+}
 
 // y[i] = W_i . x + b_i for the listed rows, four at a time.
 void exact_rows(const Layer& L, const float* x, const int64_t* rows, int64_t lo, int64_t hi, float* y) {
@@ -146,6 +161,7 @@ void one_row(const Layer& L, const float* x, float* y, int nt) {
   std::vector<float> h(L.r), s(L.out);
   std::vector<uint32_t> keys(L.out);
   std::vector<int64_t> picked(L.out);
+  int64_t k = L.k;
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
@@ -157,8 +173,11 @@ void one_row(const Layer& L, const float* x, float* y, int nt) {
       y[i] = (L.r ? short_dot(L.U + i * L.r, h.data(), L.r) : 0.f) + (L.b ? L.b[i] : 0.f);
     }
 #pragma omp single
-    top_k(s.data(), L.out, L.k, keys.data(), picked.data());
-    auto [lo, hi] = my_share(L.k);
+    {
+      k = picks(s.data(), L.out, L.k, L.threshold);
+      top_k(s.data(), L.out, k, keys.data(), picked.data());
+    }
+    auto [lo, hi] = my_share(k);
     exact_rows(L, x, picked.data(), lo, hi, y);
   }
 }
@@ -208,8 +227,9 @@ void few_rows(const Layer& L, const float* S, const float* X, int64_t B, float* 
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < B; ++row) {
       const int64_t o = row * L.out;
-      top_k(S + o, L.out, L.k, keys.data() + o, picked.data() + o);
-      for (int64_t t = 0; t < L.k; ++t) mask[o + picked[o + t]] = 1;
+      const int64_t k = picks(S + o, L.out, L.k, L.threshold);
+      top_k(S + o, L.out, k, keys.data() + o, picked.data() + o);
+      for (int64_t t = 0; t < k; ++t) mask[o + picked[o + t]] = 1;
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < L.out; ++i) {
@@ -223,7 +243,7 @@ void few_rows(const Layer& L, const float* S, const float* X, int64_t B, float* 
 
 // The kernel reads raw memory: float32 on the CPU, made contiguous here if it is not.
 at::Tensor checked(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "midl_rows: ", name,
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "midl kernel: ", name,
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
   return t.contiguous();
 }
@@ -231,21 +251,23 @@ at::Tensor checked(const at::Tensor& t, const char* name) {
 }  // namespace
 
 // x (B, in) with B <= 64, weight W (out, in), bias b (out) or empty, down V (r, in), up U (out, r),
-// gate G (out, r), gate_bias c (out): float32 on the CPU; gate_abs: the layer's uint8 flag.
-// Returns y (B, out).
-at::Tensor midl_rows(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
-                     const at::Tensor& down_in, const at::Tensor& up_in, const at::Tensor& gate_in,
-                     const at::Tensor& gate_bias_in, const at::Tensor& gate_abs, int64_t k) {
+// gate G (out, r), gate_bias c (out): float32 on the CPU; gate_abs: the layer's uint8 flag; k picks
+// per row, or with a threshold (not NaN) each row's scores above it. Returns y (B, out).
+at::Tensor output_rows(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
+                       const at::Tensor& down_in, const at::Tensor& up_in, const at::Tensor& gate_in,
+                       const at::Tensor& gate_bias_in, const at::Tensor& gate_abs, int64_t k, double threshold) {
+  // Float32 throughout: the small GEMMs below must not be recast by an enclosing autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto x = checked(x_in, "x"), weight = checked(weight_in, "weight"), bias = checked(bias_in, "bias");
   const auto down = checked(down_in, "light_down"), up = checked(up_in, "light_up");
   const auto gate = checked(gate_in, "gate_weight"), gate_bias = checked(gate_bias_in, "gate_bias");
   const int64_t B = x.size(0), in = x.size(1), out = weight.size(0), r = down.size(0);
-  TORCH_CHECK(k >= 1 && k <= out, "midl_rows: k must be in [1, ", out, "], got ", k);
-  TORCH_CHECK(B >= 1 && B <= kMaxRows, "midl_rows: 1 to ", kMaxRows, " rows per call, got ", B);
+  TORCH_CHECK(k >= 1 && k <= out, "output_rows: k must be in [1, ", out, "], got ", k);
+  TORCH_CHECK(B >= 1 && B <= kMaxRows, "output_rows: 1 to ", kMaxRows, " rows per call, got ", B);
   const Layer L{weight.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
                 down.data_ptr<float>(),   up.data_ptr<float>(),
                 gate.data_ptr<float>(),   gate_bias.data_ptr<float>(),
-                in, out, r, k, gate_abs.item<uint8_t>() != 0};
+                in, out, r, k, gate_abs.item<uint8_t>() != 0, static_cast<float>(threshold)};
   const int nt = B * k * in < kParallelWork ? 1 : std::max(1, at::get_num_threads());
   if (B == 1) {
     auto y = at::empty({1, out}, x.options());
@@ -278,7 +300,125 @@ at::Tensor top_k_rows(const at::Tensor& s_in, int64_t k) {
   return idx;
 }
 
+namespace {
+
+// Scratch of the calling thread, grown on demand and then reused: no allocation per call.
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+struct InputLayer {
+  const float *Wt, *b, *V, *U, *scale;  // b is null without a bias
+  int64_t in, out, r, k;
+  float threshold;  // adaptive masks: the scores above it (NaN: exactly k per row)
+};
+
+// y += a_q Wt_q over four picked inputs at once: one load and store of y per four rows of Wt.
+inline void axpy4(float* y, const float* const w[4], const float a[4], int64_t n) {
+  const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+#pragma omp simd
+  for (int64_t o = 0; o < n; ++o) y[o] += a0 * w0[o] + a1 * w1[o] + a2 * w2[o] + a3 * w3[o];
+}
+
+inline void axpy(float* y, const float* w, float a, int64_t n) {
+#pragma omp simd
+  for (int64_t o = 0; o < n; ++o) y[o] += a * w[o];
+}
+
+// The calling thread's share of n outputs in whole cache lines (16 floats): no line of y is
+// written by two threads.
+inline std::pair<int64_t, int64_t> my_columns(int64_t n) {
+  auto [lo, hi] = my_share((n + 15) / 16);
+  return {std::min(n, lo * 16), std::min(n, hi * 16)};
+}
+
+// Rows X (R, in) into Y (R, out). Each thread owns a slice of the outputs and reads only that
+// slice of each picked row of Wt, so the threads together read each picked row once per input row.
+void input_kernel(const InputLayer& L, const float* X, int64_t R, float* Y, int nt) {
+  thread_local std::vector<float> s_buf, rest_buf, h_buf;
+  thread_local std::vector<uint32_t> key_buf;
+  thread_local std::vector<int64_t> pick_buf, count_buf;
+  const int64_t in = L.in, out = L.out, r = L.r;
+  float* S = scratch(s_buf, R * in);
+  uint32_t* keys = scratch(key_buf, R * in);
+  int64_t* picked = scratch(pick_buf, R * in);
+  int64_t* counts = scratch(count_buf, R);
+  float* rest = r ? scratch(rest_buf, R * in) : nullptr;
+  float* H = r ? scratch(h_buf, R * r) : nullptr;
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < R; ++row) {  // scores, selection, and x with the picked inputs zeroed
+      const float* x = X + row * in;
+      float* s = S + row * in;
+#pragma omp simd
+      for (int64_t j = 0; j < in; ++j) s[j] = std::abs(x[j]) * L.scale[j];
+      const int64_t k = picks(s, in, L.k, L.threshold);
+      top_k(s, in, k, keys + row * in, picked + row * in);
+      counts[row] = k;
+      if (r) {
+        float* xr = rest + row * in;
+        std::copy(x, x + in, xr);
+        for (int64_t t = 0; t < k; ++t) xr[picked[row * in + t]] = 0.f;
+      }
+    }
+    if (r) {
+#pragma omp for schedule(static)
+      for (int64_t q = 0; q < R * r; ++q) H[q] = dot(L.V + (q % r) * in, rest + (q / r) * in, in);
+    }
+    const auto [lo, hi] = my_columns(out);
+    for (int64_t row = 0; row < R; ++row) {
+      float* y = Y + row * out;
+      const float* x = X + row * in;
+      const int64_t* p = picked + row * in;
+      const int64_t k = counts[row];
+      for (int64_t o = lo; o < hi; ++o)
+        y[o] = (L.b ? L.b[o] : 0.f) + (r ? short_dot(L.U + o * r, H + row * r, r) : 0.f);
+      int64_t t = 0;
+      for (; t + 4 <= k; t += 4) {
+        const float* w[4] = {L.Wt + p[t] * out + lo, L.Wt + p[t + 1] * out + lo, L.Wt + p[t + 2] * out + lo,
+                             L.Wt + p[t + 3] * out + lo};
+        const float a[4] = {x[p[t]], x[p[t + 1]], x[p[t + 2]], x[p[t + 3]]};
+        axpy4(y + lo, w, a, hi - lo);
+      }
+      for (; t < k; ++t) axpy(y + lo, L.Wt + p[t] * out + lo, x[p[t]], hi - lo);
+    }
+  }
+}
+
+}  // namespace
+
+// Input-side MID-L rows: x (R, in), wt = W^T (in, out), bias (out) or empty, v (r, in), u (out, r),
+// scale (in): float32 on the CPU. Per row, the k inputs with the largest |x_j| scale_j (or, with a
+// threshold that is not NaN, those above it, at least one) take the exact path:
+// y = b + sum_sel x_j wt_j + u (v x_rest). Returns y (R, out).
+at::Tensor input_rows(const at::Tensor& x_in, const at::Tensor& wt_in, const at::Tensor& bias_in,
+                      const at::Tensor& v_in, const at::Tensor& u_in, const at::Tensor& scale_in, int64_t k,
+                      double threshold) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto x = checked(x_in, "x"), wt = checked(wt_in, "wt"), bias = checked(bias_in, "bias");
+  const auto v = checked(v_in, "v"), u = checked(u_in, "u"), scale = checked(scale_in, "scale");
+  TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && wt.size(0) == x.size(1), "input_rows: x (R, in) and wt (in, out), got ",
+              x.sizes(), " and ", wt.sizes());
+  const int64_t R = x.size(0), in = x.size(1), out = wt.size(1), r = v.size(0);
+  TORCH_CHECK(scale.numel() == in && (bias.numel() == 0 || bias.numel() == out), "input_rows: scale (in,) and bias (out,) or empty");
+  TORCH_CHECK(v.dim() == 2 && u.dim() == 2 && u.size(1) == r && (r == 0 || (v.size(1) == in && u.size(0) == out)),
+              "input_rows: v (r, in) and u (out, r), got ", v.sizes(), " and ", u.sizes());
+  TORCH_CHECK(k >= 1 && k <= in, "input_rows: k must be in [1, ", in, "], got ", k);
+  auto y = at::empty({R, out}, x.options());
+  if (R == 0) return y;
+  const InputLayer L{wt.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr, v.data_ptr<float>(),
+                     u.data_ptr<float>(),  scale.data_ptr<float>(), in, out, r, k, static_cast<float>(threshold)};
+  const int nt = R * k * out < kParallelWork ? 1 : std::max(1, at::get_num_threads());
+  input_kernel(L, x.data_ptr<float>(), R, y.data_ptr<float>(), nt);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("midl_rows", &midl_rows, "Fused MID-L eval forward for up to 64 rows, each with its own top-k mask");
+  m.def("output_rows", &output_rows, "Output-side MID-L eval forward for up to 64 rows, each with its own mask");
+  m.def("input_rows", &input_rows, "Input-side MID-L eval forward for rows, each with its own mask");
   m.def("top_k_rows", &top_k_rows, "Ascending indices of the k largest scores of each row (O(n) selection)");
 }
