@@ -198,13 +198,9 @@ def top_k_rows_reference(s: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ----- the ops -------------------------------------------------------------------------------------
-def _kernel_for(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> ModuleType | None:
-    """The compiled kernels when they serve this call (1 to ``max_rows`` float32 CPU rows), else None."""
-    if not (0 < x.shape[0] <= max_rows and kernel_applies(x, weight)):
-        return None
-    return fused_kernel()
-
-
+# Their CPU kernels are C++, registered by loading the build (no Python per call); the pure-torch
+# implementations below serve every other case: before the first load (they trigger it), without
+# a build (no compiler, MIDL_NO_KERNEL=1), and on other devices.
 torch.library.define(
     "midl::output_rows",
     "(Tensor x, Tensor weight, Tensor bias, Tensor down, Tensor up, Tensor gate, Tensor gate_bias, "
@@ -217,24 +213,39 @@ torch.library.define(
 torch.library.define("midl::top_k_rows", "(Tensor scores, int k) -> Tensor")
 
 
-@torch.library.impl("midl::output_rows", "CompositeExplicitAutograd")
+def _compiled(name: str, x: torch.Tensor) -> bool:
+    """True when op ``name`` has its C++ CPU kernel for ``x``; loads the build on first use."""
+    return (x.device.type == "cpu" and fused_kernel() is not None
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"midl::{name}", "CPU"))
+
+
 def _output_rows(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold, kernel_rows):  # noqa: ANN001
-    kernel = _kernel_for(x, weight, min(kernel_rows, KERNEL_ROW_LIMIT))
-    args = (x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold)
-    return kernel.output_rows(*args) if kernel is not None else output_rows_reference(*args)
+    if _compiled("output_rows", x):
+        return torch.ops.midl.output_rows.default(x, weight, bias, down, up, gate, gate_bias, gate_abs, k,
+                                                  threshold, kernel_rows)
+    return output_rows_reference(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold)
 
 
-@torch.library.impl("midl::input_rows", "CompositeExplicitAutograd")
 def _input_rows(x, wt, bias, v, u, scale, k, threshold):  # noqa: ANN001
-    kernel = _kernel_for(x, wt, KERNEL_MAX_ROWS)
-    args = (x, wt, bias, v, u, scale, k, threshold)
-    return kernel.input_rows(*args) if kernel is not None else input_rows_reference(*args)
+    if _compiled("input_rows", x):
+        return torch.ops.midl.input_rows.default(x, wt, bias, v, u, scale, k, threshold)
+    return input_rows_reference(x, wt, bias, v, u, scale, k, threshold)
 
 
-@torch.library.impl("midl::top_k_rows", "CompositeExplicitAutograd")
 def _top_k_rows(scores, k):  # noqa: ANN001
-    kernel = fused_kernel() if kernel_applies(scores) else None
-    return kernel.top_k_rows(scores, k) if kernel is not None else top_k_rows_reference(scores, k)
+    if _compiled("top_k_rows", scores):
+        return torch.ops.midl.top_k_rows.default(scores, k)
+    return top_k_rows_reference(scores, k)
+
+
+for _name, _impl in (("output_rows", _output_rows), ("input_rows", _input_rows), ("top_k_rows", _top_k_rows)):
+    torch.library.impl(f"midl::{_name}", "CompositeExplicitAutograd", _impl)
+
+
+def _kernel_runs(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+    """Whether the C++ kernel (not the dense fallback) serves this call of op ``name``."""
+    return (0 < x.shape[0] <= max_rows and kernel_applies(x, weight)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"midl::{name}", "CPU"))
 
 
 @torch.library.register_fake("midl::output_rows")
@@ -270,7 +281,7 @@ def _output_rows_flops(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, 
     from .flops import midl_flops_parts
 
     (out_f, in_f), rows = weight.shape, x.shape[0]
-    if _kernel_for(x, weight, min(kernel_rows, KERNEL_ROW_LIMIT)) is None:
+    if not _kernel_runs("output_rows", x, weight, min(kernel_rows, KERNEL_ROW_LIMIT)):
         picked = out_f
     elif math.isnan(threshold):
         picked = k
@@ -286,7 +297,7 @@ def _input_rows_flops(x, wt, bias, v, u, scale, k, threshold, out_val=None) -> i
     from .flops import input_flops_parts
 
     (in_f, out_f), rows = wt.shape, x.shape[0]
-    if _kernel_for(x, wt, KERNEL_MAX_ROWS) is None:
+    if not _kernel_runs("input_rows", x, wt, KERNEL_MAX_ROWS):
         picked = in_f
     else:
         picked = _mean_picks(input_scores(x, scale), k, threshold)

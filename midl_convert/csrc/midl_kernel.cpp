@@ -7,16 +7,22 @@
 // stock torch (topk + index_select + GEMV) spends more on copies than it saves.
 // Input side, per row x: s_j = |x_j| scale_j, the k largest s, then y = b + sum_sel x_j Wt_j + U V x_rest,
 // with W stored transposed (Wt, (in, out)) so that each picked input's column is one contiguous row.
+// Loading the build registers these as the CPU kernels of the ops that kernels.py defines, so a
+// call from torch (eager, compiled or exported graphs) reaches them with no Python in between.
 // Only the headers used, not <torch/extension.h>: the build takes ~10 s instead of ~27 s.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <omp.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -417,8 +423,71 @@ at::Tensor input_rows(const at::Tensor& x_in, const at::Tensor& wt_in, const at:
   return y;
 }
 
+namespace {
+
+// Rows per call up to which midl::input_rows runs the kernel (KERNEL_MAX_ROWS in kernels.py);
+// more rows run one masked GEMM, which beats per-row axpys once rows share most of W's columns.
+constexpr int64_t kInputKernelRows = 8;
+
+bool all_float32(std::initializer_list<at::Tensor> ts) {
+  for (const auto& t : ts)
+    if (t.scalar_type() != at::kFloat || !t.device().is_cpu()) return false;
+  return true;
+}
+
+// Each row's k largest scores, or with a threshold (not NaN) its scores above it (at least one),
+// as a boolean mask: the selection of kernels.top_mask, for the dense fallbacks.
+at::Tensor top_mask(const at::Tensor& s, int64_t k, double threshold) {
+  auto mask = at::zeros_like(s, s.options().dtype(at::kBool));
+  if (s.size(0) == 0) return mask;
+  if (std::isnan(threshold)) return mask.scatter_(-1, std::get<1>(s.topk(k, -1, true, false)), true);
+  const auto counts = s.gt(threshold).sum(-1, true).clamp_min(1);
+  const auto top = std::get<1>(s.topk(counts.max().item<int64_t>(), -1, true, true));
+  return mask.scatter_(-1, top, at::arange(top.size(-1), counts.options()).lt(counts));
+}
+
+}  // namespace
+
+// midl::output_rows: the kernel for 1 to kernel_rows (at most 64) float32 rows; dense compute plus
+// masking for any other count, so a graph with a dynamic batch needs no branch on it.
+at::Tensor output_rows_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& down, const at::Tensor& up, const at::Tensor& gate,
+                          const at::Tensor& gate_bias, const at::Tensor& gate_abs, int64_t k, double threshold,
+                          int64_t kernel_rows) {
+  const int64_t B = x.size(0);
+  if (B >= 1 && B <= std::min(kernel_rows, kMaxRows) && all_float32({x, weight, gate_bias}))
+    return output_rows(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  auto [s, light] = gate_and_light(x, bias, down, up, gate, gate_bias, gate_abs.item<uint8_t>() != 0);
+  const auto dense = bias.numel() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+  return at::where(top_mask(s, k, threshold), dense, light);
+}
+
+// midl::input_rows: the kernel for 1 to 8 float32 rows, one masked GEMM otherwise.
+at::Tensor input_rows_op(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, const at::Tensor& v,
+                         const at::Tensor& u, const at::Tensor& scale, int64_t k, double threshold) {
+  const int64_t R = x.size(0);
+  if (R >= 1 && R <= kInputKernelRows && all_float32({x, wt, scale}))
+    return input_rows(x, wt, bias, v, u, scale, k, threshold);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto exact = at::where(top_mask(x.abs().mul(scale), k, threshold), x, 0.0);
+  auto y = bias.numel() ? at::addmm(bias, exact, wt) : at::mm(exact, wt);
+  if (v.size(0)) y = at::addmm(y, at::mm(x.sub(exact), v.t()), u.t());
+  return y;
+}
+
+// midl::top_k_rows: the O(n) selection on float32 scores, torch.topk (sorted ascending) otherwise.
+at::Tensor top_k_rows_op(const at::Tensor& s, int64_t k) {
+  if (all_float32({s})) return top_k_rows(s, k);
+  return std::get<0>(std::get<1>(s.topk(k, -1, true, false)).sort(-1));
+}
+
+TORCH_LIBRARY_IMPL(midl, CPU, m) {
+  m.impl("output_rows", &output_rows_op);
+  m.impl("input_rows", &input_rows_op);
+  m.impl("top_k_rows", &top_k_rows_op);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("output_rows", &output_rows, "Output-side MID-L eval forward for up to 64 rows, each with its own mask");
-  m.def("input_rows", &input_rows, "Input-side MID-L eval forward for rows, each with its own mask");
   m.def("top_k_rows", &top_k_rows, "Ascending indices of the k largest scores of each row (O(n) selection)");
 }
