@@ -191,7 +191,7 @@ def inspect(
     def go() -> None:
         from .config import MIDLConfig
         from .models import load_model
-        from .surgery import plan_conversion
+        from .conversion import plan_conversion
 
         loaded = load_model(model, weights=weights, random_init=random_init)
         cfg = MIDLConfig(include=("all-linear" if include == ["all-linear"] else include) or None, exclude=exclude)

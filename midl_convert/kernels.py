@@ -287,7 +287,7 @@ def _output_rows_flops(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, 
         picked = k
     else:
         picked = _mean_picks(output_scores(x, down, gate, gate_bias, gate_abs)[1], k, threshold)
-    # keep only decides "the layer is dense" (keep >= 1), which never reaches this op
+    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
     return sum(midl_flops_parts(in_f, out_f, 0.0, down.shape[0], rows, rows, picked).values())
 
 
@@ -301,7 +301,8 @@ def _input_rows_flops(x, wt, bias, v, u, scale, k, threshold, out_val=None) -> i
         picked = in_f
     else:
         picked = _mean_picks(input_scores(x, scale), k, threshold)
-    return sum(input_flops_parts(in_f, out_f, picked, v.shape[0], rows).values())
+    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
+    return sum(input_flops_parts(in_f, out_f, 0.0, v.shape[0], rows, rows, picked).values())
 
 
 @register_flop_formula(torch.ops.midl.top_k_rows)

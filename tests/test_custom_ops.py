@@ -241,7 +241,7 @@ def test_flop_counter_counts_what_the_input_op_runs(kernel, rows, is_adaptive):
         picks = in_f
     else:
         picks = (s > threshold).sum(-1).clamp_min(1).float().mean().item() if is_adaptive else k
-    expected = sum(input_flops_parts(in_f, out_f, picks, rank, rows).values())
+    expected = sum(input_flops_parts(in_f, out_f, 0.5, rank, rows, rows, picks).values())
     assert counted(lambda: torch.ops.midl.input_rows(x, wt, b, v, u, scale, k, threshold)) == expected
 
 
