@@ -7,7 +7,8 @@ instruction set, so importing the package stays light, installing it needs no co
 home directory shared between machines never loads a build this CPU cannot run. When the build
 fails (no compiler, no ninja) or ``MIDL_NO_KERNEL=1`` is set, ``fused_kernel()`` returns None, the
 layers run their pure-torch paths (with one debug log line saying why), and the ops run their
-pure-torch references, so exported and compiled graphs stay valid.
+pure-torch references, so exported and compiled graphs stay valid. Loading the build registers the
+ops' C++ CPU kernels for the rest of the process, so set ``MIDL_NO_KERNEL`` before the first call.
 
 The ops (``torch.ops.midl``), each with a fake implementation, an autocast rule (float32 inside)
 and a FLOP formula that counts what runs:
