@@ -218,16 +218,19 @@ def test_input_reference_is_the_formula():
     close(everything, x @ wt + b)
 
 
-def test_input_kernel_threads_split_the_outputs_the_same(kernel):
+@pytest.mark.parametrize("rows,is_adaptive", [(1, False), (3, False), (2, True)])
+def test_input_kernel_threads_split_the_work_the_same(kernel, rows, is_adaptive):
+    """Layers with enough work run on all torch threads: the split must not change a number."""
     wt, b, v, u, scale = input_layer(512, 1000, 16, True)
-    x = torch.randn(2, 512)
+    x = torch.randn(rows, 512)
+    threshold = float((x.abs() * scale).flatten().median()) if is_adaptive else NAN
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        fused = torch.ops.midl.input_rows(x, wt, b, v, u, scale, 256, NAN)
+        fused = torch.ops.midl.input_rows(x, wt, b, v, u, scale, 256, threshold)
     finally:
         torch.set_num_threads(before)
-    close(fused, kernels.input_rows_reference(x, wt, b, v, u, scale, 256, NAN))
+    close(fused, kernels.input_rows_reference(x, wt, b, v, u, scale, 256, threshold))
 
 
 @pytest.mark.parametrize("rows,is_adaptive", [(1, False), (4, True), (KERNEL_MAX_ROWS + 2, False)])

@@ -372,60 +372,61 @@ inline std::pair<int64_t, int64_t> my_columns(int64_t n) {
 // Rows X (R, in) into Y (R, out): the threads split each row's picked rows of Wt, each reads
 // whole rows (splitting the outputs instead, each thread reading a slice of every picked row,
 // measured 0.66 of the traffic limit on 3072x768 against 0.78 here: shorter runs for the prefetcher).
+// Every thread selects each row's inputs itself (a few µs, in parallel) rather than wait at a
+// barrier for one thread's: one barrier per call, where a sleeping OpenMP thread costs µs to wake.
 void input_kernel(const InputLayer& L, const float* X, int64_t R, float* Y, int nt) {
   thread_local std::vector<float> s_buf, rest_buf, h_buf, part_buf;
   thread_local std::vector<uint32_t> key_buf;
-  thread_local std::vector<int64_t> pick_buf, count_buf;
+  thread_local std::vector<int64_t> pick_buf;
   const int64_t in = L.in, out = L.out, r = L.r;
-  float* S = scratch(s_buf, R * in);
-  uint32_t* keys = scratch(key_buf, R * in);
-  int64_t* picked = scratch(pick_buf, R * in);
-  int64_t* counts = scratch(count_buf, R);
-  float* rest = r ? scratch(rest_buf, R * in) : nullptr;
-  float* H = r ? scratch(h_buf, R * r) : nullptr;
-  float* partial = scratch(part_buf, nt * out);
+  float* S_all = scratch(s_buf, nt * in);
+  uint32_t* keys_all = scratch(key_buf, nt * in);
+  int64_t* picked_all = scratch(pick_buf, nt * R * in);
+  float* rest_all = r ? scratch(rest_buf, nt * in) : nullptr;
+  float* H_all = r ? scratch(h_buf, nt * R * r) : nullptr;
+  float* partial = scratch(part_buf, nt * R * out);
 #pragma omp parallel num_threads(nt)
   {
-#pragma omp for schedule(static)
-    for (int64_t row = 0; row < R; ++row) {  // scores, selection, and x with the picked inputs zeroed
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    float* s = S_all + tid * in;
+    uint32_t* keys = keys_all + tid * in;
+    float* rest = r ? rest_all + tid * in : nullptr;
+    float* H = r ? H_all + tid * R * r : nullptr;
+    for (int64_t row = 0; row < R; ++row) {  // scores, selection, light path; then this thread's share
       const float* x = X + row * in;
-      float* s = S + row * in;
+      int64_t* p = picked_all + (tid * R + row) * in;
 #pragma omp simd
       for (int64_t j = 0; j < in; ++j) s[j] = std::abs(x[j]) * L.scale[j];
       const int64_t k = picks(s, in, L.k, L.threshold);
-      top_k(s, in, k, keys + row * in, picked + row * in);
-      counts[row] = k;
+      top_k(s, in, k, keys, p);
       if (r) {
-        float* xr = rest + row * in;
-        std::copy(x, x + in, xr);
-        for (int64_t t = 0; t < k; ++t) xr[picked[row * in + t]] = 0.f;
+        std::copy(x, x + in, rest);
+        for (int64_t t = 0; t < k; ++t) rest[p[t]] = 0.f;
+        const auto [jlo, jhi] = my_share(r);  // this thread's part of h = V x_rest; summed below
+        for (int64_t j = 0; j < r; ++j) H[row * r + j] = j >= jlo && j < jhi ? dot(L.V + j * in, rest, in) : 0.f;
       }
-    }
-    if (r) {
-#pragma omp for schedule(static)
-      for (int64_t q = 0; q < R * r; ++q) H[q] = dot(L.V + (q % r) * in, rest + (q / r) * in, in);
-    }
-    // Each thread sums its even share of the picked rows of Wt (whole rows: long sequential
-    // reads), then sums the team's partial outputs over its slice of the outputs.
-    const int team = omp_get_num_threads();
-    float* acc = partial + omp_get_thread_num() * out;
-    const auto [clo, chi] = my_columns(out);
-    for (int64_t row = 0; row < R; ++row) {
-      const float* x = X + row * in;
-      const int64_t* p = picked + row * in;
-      const auto [lo, hi] = my_share(counts[row]);
+      float* acc = partial + (tid * R + row) * out;
       std::fill(acc, acc + out, 0.f);
+      const auto [lo, hi] = my_share(k);
       int64_t t = lo;
       for (; t + 4 <= hi; t += 4) axpy_rows<4>(acc, L.Wt, out, p + t, x);
       for (; t < hi; ++t) axpy(acc, L.Wt + p[t] * out, x[p[t]], out);
+    }
 #pragma omp barrier
+    const auto [clo, chi] = my_columns(out);
+    thread_local std::vector<float> h_sum;
+    float* h = r ? scratch(h_sum, r) : nullptr;
+    for (int64_t row = 0; row < R; ++row) {
+      for (int64_t j = 0; j < r; ++j) {
+        h[j] = 0.f;
+        for (int q = 0; q < team; ++q) h[j] += H_all[(q * R + row) * r + j];
+      }
       float* y = Y + row * out;
       for (int64_t o = clo; o < chi; ++o) {
-        float v = (L.b ? L.b[o] : 0.f) + (r ? short_dot(L.U + o * r, H + row * r, r) : 0.f);
-        for (int q = 0; q < team; ++q) v += partial[q * out + o];
+        float v = (L.b ? L.b[o] : 0.f) + (r ? short_dot(L.U + o * r, h, r) : 0.f);
+        for (int q = 0; q < team; ++q) v += partial[(q * R + row) * out + o];
         y[o] = v;
       }
-#pragma omp barrier  // acc is reused by the next row
     }
   }
 }
