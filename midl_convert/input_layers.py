@@ -15,6 +15,7 @@ reads with no copy.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fitting import calibrate_input_layer, fit_threshold
+from .kernels import NO_BIAS  # importing kernels registers the midl ops
 from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_rank
 
 
@@ -124,17 +126,30 @@ class InputMIDLBase(SparseLayer):
             outs.append(y)
         return torch.stack(outs)
 
-    def _masked(self, x: torch.Tensor) -> torch.Tensor:
-        """A mask per row in eval: the masked input through dense products (what a CPU runs fastest
-        for many rows with their own masks; the fused kernel serves a few rows)."""
-        return self.rows_reference(x)
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A mask per row in eval, through ``midl::input_rows``: the fused kernel for a few rows (it
+        reads only the k picked rows of ``W^T``, no copy), one masked GEMM for many, and a graph
+        node that torch.compile and export keep whatever the row count."""
+        rows = x.reshape(x.shape[0], self.in_features)
+        scale = (self.gate * self.column_norm).float()
+        threshold = math.nan if self._threshold is None else self._threshold
+        bias = NO_BIAS if self.bias is None else self.bias
+        y = torch.ops.midl.input_rows.default(rows, self.weight.T, bias, self.light_down, self.light_up, scale,
+                                              self.k, threshold)
+        if self.track_stats:
+            self._record(self.k if self._threshold is None else self._counts(self.mask_scores(x), self._threshold))
+        return y.unsqueeze(1)
 
     def mix_rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:
             return F.linear(x, self.weight, self.bias)
-        if not self.training and x.shape[1] > 1:
+        if self.training and torch.is_grad_enabled():
+            return self.rows_reference(x)
+        if x.shape[1] > 1:
             return self._sparse(x)
-        return self._masked(x) if not self.training else self.rows_reference(x)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return self.rows_reference(x)  # the op has no autograd
+        return self._rows(x)
 
     # ----- the interface (sparse.py) -------------------------------------------------------
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:

@@ -51,6 +51,10 @@ KERNEL_ROW_LIMIT = 64
 KERNEL_MAX_ROWS = 8
 
 
+# Stands in for a missing bias in the ops' arguments.
+NO_BIAS = torch.empty(0)
+
+
 def kernel_disabled() -> bool:
     """True when the user opted out of the compiled kernel with ``MIDL_NO_KERNEL=1``."""
     return os.environ.get("MIDL_NO_KERNEL", "").strip().lower() in ("1", "true", "yes")

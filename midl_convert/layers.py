@@ -35,6 +35,7 @@ from torch import nn
 
 from .fitting import fit_threshold, linalg_threads
 from .kernels import KERNEL_MAX_ROWS, KERNEL_ROW_LIMIT, fused_kernel, kernel_applies, kernel_takes, tracing
+from .kernels import NO_BIAS as _NO_BIAS
 from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_keep, check_rank
 
 Granularity = Literal["token", "sequence", "pixel", "sample"]
@@ -50,8 +51,6 @@ def _channels_first(x: torch.Tensor) -> bool:
     return x.shape[1] > 1 and x.transpose(1, 2).is_contiguous()
 
 
-# Stands in for a missing bias in the kernel's arguments.
-_NO_BIAS = torch.empty(0)
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
