@@ -19,7 +19,7 @@ from .config import MIDLConfig
 from .data import CALIBRATION_OFFSET, Batch, default_data, load_data
 from .distill import DistillConfig, DistillResult, distill
 from .graph import TargetTable
-from .models import LoadedModel, load_model
+from .models import LoadedModel, check_remote_code, load_model
 from .quality import OUTPUT_KIND
 from .recipe import Recipe
 from .saving import save
@@ -53,12 +53,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -> RunResult:
-    """Run a recipe; with ``dry_run`` stop after the plan (the model is untouched)."""
+def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None, trust_remote_code: bool = False) -> RunResult:
+    """Run a recipe; with ``dry_run`` stop after the plan (the model is untouched). A recipe's
+    ``model.kwargs`` may ask for ``trust_remote_code`` only when ``trust_remote_code=True`` is passed."""
     console = console or Console(stderr=True)
     torch.manual_seed(recipe.seed)
     m = recipe.model
-    loaded = load_model(m.spec, weights=m.weights, random_init=m.random_init, **m.kwargs)
+    loaded = load_model(m.spec, weights=m.weights, random_init=m.random_init, trust_remote_code=trust_remote_code,
+                        **check_remote_code(m.kwargs, trust_remote_code))
     for note in loaded.notes:
         console.print(f"[dim]{note}[/]")
     config = recipe.midl_config()

@@ -16,6 +16,7 @@ from .data import Batch
 from .errors import MIDLError
 from .graph import Target, TargetTable, find_targets
 from .layers import MIDLBase, MIDLConv2d, MIDLinear
+from .marker import mark, unmark
 from .matching import ALL_LINEAR, closest, matches, matches_any
 from .quality import output_kind
 
@@ -164,7 +165,7 @@ def apply_plan(model: nn.Module, plan: Plan, init: bool = True) -> nn.Module:
             _set_module(model, path, new)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
-        config.midl_plan = plan.to_dict()
+        mark(config, plan.to_dict())
     return model
 
 
@@ -214,8 +215,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             dense = done.setdefault(id(mod), mod.merge_and_unload())
             _set_module(model, path, dense)
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "midl_plan"):
-        del config.midl_plan
+    if config is not None:
+        unmark(config)
     return model
 
 
