@@ -10,6 +10,9 @@ from .layers import check_keep
 # Per position (a mask per token / pixel) or per sample (one mask per sequence / image).
 Granularity = Literal["token", "sequence", "pixel", "sample"]
 PER_SAMPLE = {"sequence", "sample"}
+# Which neurons a mask picks: output (MID-L, the paper's), input (input-side MID-L), or per layer by the budget.
+Side = Literal["output", "input"]
+Select = Literal["output", "input", "auto"]
 # The layer budget's grid: 3 keeps x 3 ranks that scale with the layer (1/32, 1/16, 1/8 of min(in, out);
 # 12 / 24 / 48 on a 384-wide encoder), each measured on every candidate layer.
 BUDGET_KEEPS = (0.25, 0.5, 0.75)
@@ -65,6 +68,10 @@ class MIDLConfig(BaseModel):
     keep: float = 0.5
     rank: Union[int, float] = 32
     granularity: Granularity = "token"
+    select: Select | None = Field(
+        None, description="which neurons each mask picks: 'output' (MID-L: rows of W, gate on V x), 'input' (columns "
+                          "of W by |x| times column norm), or 'auto' (the budget measures both per layer); default: "
+                          "'auto' under flops_ratio, else 'output'")
     adaptive: bool = Field(False, description="masks whose size follows the input: each layer keeps the neurons whose "
                                               "score passes a threshold calibrated to keep `keep` of them on average")
     include: Union[list[str], Literal["all-linear"], None] = None

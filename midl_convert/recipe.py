@@ -8,7 +8,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, check_keep_list, check_rank_list,
+from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, Select, check_keep_list, check_rank_list,
                      check_rank_setting)
 from .layers import check_keep
 from .distill import DistillConfig
@@ -38,6 +38,7 @@ class MidlSection(_Strict):
     keep: float = 0.5
     rank: Union[int, float] = 32
     granularity: Granularity = "token"
+    select: Select | None = Field(None, description=MIDLConfig.model_fields["select"].description)
     adaptive: bool = Field(False, description=MIDLConfig.model_fields["adaptive"].description)
     flops_ratio: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["flops_ratio"].description)
     budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
