@@ -2,6 +2,7 @@
 import io
 import logging
 
+import pytest
 import torch
 from rich.console import Console
 
@@ -16,15 +17,31 @@ def _terminal(monkeypatch) -> io.StringIO:
     return buffer
 
 
-def test_progress_argument_turns_the_calibration_bar_off(monkeypatch):
-    model = TinyNet()
+def _budget(model, batches, progress):
+    mc.convert(model, mc.MIDLConfig(flops_ratio=1.2, rank=2, budget_ranks=[2], budget_keeps=[0.5], budget_fit_batches=0),
+               torch.randn(1, 16), batches, output="logits", progress=progress)
+
+
+def _calibrate(model, batches, progress):
     mc.convert(model, mc.MIDLConfig(keep=0.5, rank=2), torch.randn(1, 16))
+    mc.calibrate(model, batches, progress=progress)
+
+
+def _latency(model, batches, progress):
+    teacher = TinyNet()
+    mc.convert(model, mc.MIDLConfig(keep=0.5, rank=2), torch.randn(1, 16))
+    mc.report(model, teacher, batches, "classifier", repeats=3, progress=progress)
+
+
+@pytest.mark.parametrize("step,label", [(_budget, "layer budget"), (_calibrate, "calibrating"), (_latency, "latency")])
+def test_progress_argument_turns_each_long_steps_bar_off(monkeypatch, tmp_path, step, label):
+    monkeypatch.setenv("MIDL_CACHE_DIR", str(tmp_path))
     batches = [tiny_data().train_batch(0, 16)]
     shown = _terminal(monkeypatch)
-    mc.calibrate(model, batches, progress=False)
-    assert shown.getvalue() == ""
-    mc.calibrate(model, batches)
-    assert "calibrating" in shown.getvalue() and "2/2" in shown.getvalue()
+    step(TinyNet(), batches, progress=False)
+    assert label not in shown.getvalue()
+    step(TinyNet(), batches, progress=True)
+    assert label in shown.getvalue()
 
 
 def test_setup_routes_the_library_logger_through_rich(monkeypatch):

@@ -181,3 +181,31 @@ def test_trust_remote_code_needs_the_explicit_argument(tmp_path):
     with pytest.raises(mc.MIDLError, match=r"trust_remote_code.*--trust-remote-code"):
         load(folder)
     assert isinstance(load(folder, trust_remote_code=True), torch.nn.Module)
+
+
+@pytest.mark.slow
+def test_real_minilm_round_trip_in_a_fresh_process(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModel
+
+    from midl_convert import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.hub_reachable.cache_clear()
+    lm = mc.load_model("sentence-transformers/all-MiniLM-L6-v2")
+    mc.convert(lm.model, mc.MIDLConfig(keep=0.5, rank=16), lm.example_inputs)
+    ref = lm.model(**lm.example_inputs).last_hidden_state
+    folder = save(lm.model, tmp_path / "m", build=lm.build, tokenizer=lm.tokenizer)
+    with pytest.raises(ValueError, match="quantization config"):
+        AutoModel.from_pretrained(folder)
+    torch.save({"ids": lm.example_inputs["input_ids"], "ref": ref.detach()}, tmp_path / "ref.pt")
+    code = ("import sys, torch, midl_convert as mc; r = torch.load(sys.argv[2]); m = mc.load(sys.argv[1]); "
+            "torch.testing.assert_close(m(input_ids=r['ids']).last_hidden_state, r['ref']); print(len(mc.midl_layers(m)))")
+    res = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "ref.pt")], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout.split()[-1]) == len(mc.midl_layers(lm.model))
+    models.hub_reachable.cache_clear()
