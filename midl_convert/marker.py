@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import MIDLError
+
 PLAN_KEY = "midl_plan"
 MARKER_KEY = "midl_convert"
 MARKER = {MARKER_KEY: "this model has MID-L layers, not dense ones: load it with midl_convert.load(folder), "
@@ -21,7 +23,7 @@ def mark(config: Any, plan: dict[str, Any]) -> None:
     config.midl_plan = plan
     original = getattr(config, "quantization_config", None)
     if original is not None and not is_marked(config):
-        raise ValueError("this model is quantized (config.quantization_config); convert the unquantized model")
+        raise MIDLError("this model is quantized (config.quantization_config); convert the unquantized model")
     config.quantization_config = dict(MARKER)
 
 

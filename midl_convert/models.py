@@ -351,7 +351,7 @@ def check_remote_code(model_kwargs: dict[str, Any], trust_remote_code: bool) -> 
 def hub_folder(repo_id: str) -> Path:
     """A local copy of a Hugging Face repository: the cache, else a download; offline, one line at once."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
