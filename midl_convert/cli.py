@@ -11,13 +11,14 @@ import re
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .config import Granularity, Select
 from .errors import MIDLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
@@ -30,20 +31,9 @@ console = Console(stderr=True)
 out = Console(width=None if Console().is_terminal else 150)  # files and pipes get whole table rows
 
 
-# ----- choices: enums so --help lists them -------------------------------------------------------
-class GranularityChoice(str, Enum):
-    token = "token"
-    sequence = "sequence"
-    pixel = "pixel"
-    sample = "sample"
-
-
-class SelectChoice(str, Enum):
-    output = "output"
-    input = "input"
-    auto = "auto"
-
-
+# ----- choices: enums so --help lists them, built from the config's own vocabulary ---------------
+GranularityChoice = Enum("GranularityChoice", {v: v for v in get_args(Granularity)}, type=str)
+SelectChoice = Enum("SelectChoice", {v: v for v in get_args(Select)}, type=str)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -64,7 +54,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _program(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                           help="print the version and exit")) -> None:
-    """Swap a model's Linear and 1x1 conv layers for MID-L layers, distil briefly, report."""
+    """The program's own options; the app's help text stays the one shown."""
 
 
 QUIET = typer.Option(False, "--quiet", "-q", help="only warnings and errors; no progress bars")
@@ -85,6 +75,7 @@ def _logging(quiet: bool, verbose: bool) -> None:
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
 
 # CLI option -> recipe key path (the one place the two vocabularies meet)
 OPTION_KEYS = {

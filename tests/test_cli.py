@@ -208,7 +208,8 @@ def test_json_everywhere_and_the_run_names_its_folder_and_files(tmp_path, monkey
     assert plan["targets"] == len(plan["plan"]["layers"]) and plan["trace"] == "export"
 
 
-def test_quiet_hides_progress_lines_and_verbose_adds_debug(tmp_path):
+def test_quiet_hides_progress_lines_and_verbose_adds_debug(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIDL_CACHE_DIR", str(tmp_path / "cache"))  # measured here, not read from an earlier run's cache
     args = ["convert", "--recipe", str(small_recipe(tmp_path)), "--include", "all-linear", "--no-distill"]
     normal = invoke(*args)
     assert normal.exit_code == 0 and "calibrating" in normal.stderr
