@@ -286,7 +286,7 @@ def inspect(
     def go() -> None:
         from .config import MIDLConfig
         from .models import load_model
-        from .surgery import plan_conversion
+        from .conversion import plan_conversion
 
         _logging(quiet, verbose)
         loaded = load_model(model, weights=weights, random_init=random_init, trust_remote_code=trust_remote_code)

@@ -23,7 +23,8 @@ from .models import LoadedModel, check_remote_code, load_model
 from .quality import OUTPUT_KIND
 from .recipe import Recipe
 from .saving import save
-from .surgery import Plan, apply_plan, plan_conversion
+from .conversion import plan_conversion
+from .surgery import Plan, apply_plan
 
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, Select, check_keep_list, check_rank_list,
                      check_rank_setting)
@@ -51,6 +51,15 @@ class MidlSection(_Strict):
     _rank = field_validator("rank")(check_rank_setting)
     _budget_keeps = field_validator("budget_keeps")(check_keep_list)
     _budget_ranks = field_validator("budget_ranks")(check_rank_list)
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> "MidlSection":
+        """MIDLConfig's checks across fields (select='auto' needs flops_ratio) fail here, at the edge."""
+        try:
+            MIDLConfig(**self.model_dump())
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return self
 
 
 class DistillSection(DistillConfig):

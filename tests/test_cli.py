@@ -184,6 +184,8 @@ def test_select_and_device_reach_the_recipe():
 
     recipe = build_recipe("test_vit", None, {"select": SelectChoice.input, "device": "cuda:1"}, False)
     assert recipe.midl.select == "input" and recipe.midl_config().select == "input" and recipe.device == "cuda:1"
+    res = invoke("convert", "test_vit", "--random-init", "--select", "auto", "--dry-run")  # auto needs a budget
+    assert res.exit_code == 2 and "select='auto' chooses each layer's side" in " ".join(res.output.split())
 
 
 def test_json_everywhere_and_the_run_names_its_folder_and_files(tmp_path, monkeypatch):
