@@ -5,7 +5,7 @@ way: ``conversion`` -> ``budget`` -> ``surgery``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -20,7 +20,7 @@ from .surgery import Plan, apply_plan, make_plan
 
 def plan_conversion(
     model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None,
-    batches: Sequence[Batch] | None = None, output: str | None = None, progress: Callable[[str], None] | None = None,
+    batches: Sequence[Batch] | None = None, output: str | None = None, progress: bool = True,
 ) -> tuple[Plan, TargetTable]:
     """The dry run: the graph pass and the plan, with the model untouched.
 
@@ -44,13 +44,14 @@ def plan_conversion(
 
 def convert(
     model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None,
-    batches: Sequence[Batch] | None = None, output: str | None = None,
+    batches: Sequence[Batch] | None = None, output: str | None = None, progress: bool = True,
 ) -> tuple[nn.Module, Plan]:
     """Replace the planned layers of ``model`` in place by MID-L layers; returns ``(model, plan)``.
 
-    ``batches`` (and ``output``) are needed only for a FLOPs budget (``config.flops_ratio``).
+    ``batches`` (and ``output``) are needed only for a FLOPs budget (``config.flops_ratio``);
+    ``progress=False`` hides its measuring bar.
     """
-    plan, _ = plan_conversion(model, config, example_inputs, batches, output)
+    plan, _ = plan_conversion(model, config, example_inputs, batches, output, progress)
     return apply_plan(model, plan), plan
 
 

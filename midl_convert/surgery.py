@@ -16,6 +16,7 @@ from .errors import MIDLError
 from .graph import Target, TargetTable
 from .input_layers import InputMIDLConv2d, InputMIDLinear
 from .layers import MIDLConv2d, MIDLinear
+from .marker import mark, unmark
 from .sparse import SparseLayer, dense, sparse_layers
 from .matching import ALL_LINEAR, closest, matches, matches_any
 
@@ -177,7 +178,7 @@ def apply_plan(model: nn.Module, plan: Plan, init: bool = True) -> nn.Module:
             _set_module(model, path, new)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
-        config.midl_plan = plan.to_dict()
+        mark(config, plan.to_dict())
     return model
 
 
@@ -189,8 +190,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             original = done.setdefault(id(mod), mod.merge_and_unload())
             _set_module(model, path, original)
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "midl_plan"):
-        del config.midl_plan
+    if config is not None:
+        unmark(config)
     return model
 
 
