@@ -8,7 +8,7 @@ own layers with the settings that make them the published method:
 
 - static: output neurons by row norm, the same for every input (output side, rank 0);
 - TEAL: input entries above a magnitude threshold calibrated to the keep (input side, rank 0,
-  adaptive masks, column scale 1);
+  adaptive masks, column scale 1); adaptive rows count their FLOPs on the first held-out batch;
 - WINA: top-k inputs by |x_j| ||W_:,j|| (input side, rank 0);
 - R-Sparse: input top-k, the rest through a rank-r SVD of W (input side, plain SVD, not refitted);
 - MID-L output side (the paper's): gate on V x, whitened light path, calibrated gate;
@@ -144,9 +144,8 @@ def main() -> None:
                 mc.calibrate(student, calib)
             tweak(student)
             fit_thresholds(student, calib)  # adaptive masks keep their share with the tweak in place
-            if "adaptive" in name or name.startswith("TEAL"):
-                mc.cap_thresholds(student, example)
-                ratio = model_flops(student, teacher, example).ratio
+            if "adaptive" in name or name.startswith("TEAL"):  # masks follow the input: count on held-out data
+                ratio = model_flops(student, teacher, (held[0] if held else next(iter(photos.values()))[0]).inputs).ratio
             row(f"{name}, keep {keep:.3f}", ratio, judge(student, teacher, held, kind, photos), time.perf_counter() - t)
         if only and not any("budget".startswith(o) for o in only):
             continue
