@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, check_keep_list, check_rank_list,
                      check_rank_setting)
@@ -40,6 +40,7 @@ class MidlSection(_Strict):
     granularity: Granularity = "token"
     adaptive: bool = Field(False, description=MIDLConfig.model_fields["adaptive"].description)
     flops_ratio: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["flops_ratio"].description)
+    speedup: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["speedup"].description)
     budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
     budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS))
     budget_batches: int = Field(1, ge=1, description=MIDLConfig.model_fields["budget_batches"].description)
@@ -50,6 +51,13 @@ class MidlSection(_Strict):
     _rank = field_validator("rank")(check_rank_setting)
     _budget_keeps = field_validator("budget_keeps")(check_keep_list)
     _budget_ranks = field_validator("budget_ranks")(check_rank_list)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "MidlSection":
+        if self.flops_ratio is not None and self.speedup is not None:
+            raise ValueError("flops_ratio (--flops-ratio) and speedup (--speedup) both set the layer budget's target; "
+                             "pass one of them")
+        return self
 
 
 class DistillSection(DistillConfig):
