@@ -28,7 +28,7 @@ from torch import nn
 from .data import Batch
 from .errors import MIDLError
 from .flops import model_flops
-from .latency import layer_times, model_step
+from .latency import DECODE, is_causal_lm, layer_times, model_step
 from .ran import ran_flops
 from .sparse import SparseLayer
 from .quality import OUTPUT_KIND, compare, headline, run
@@ -357,8 +357,7 @@ class Report:
         midl = [lr.midl_ms if lr.midl_ms is not None else math.nan for lr in self.layers] or [math.nan]
         ax.barh([i - 0.2 for i in y], dense, 0.4, label="dense")
         ax.barh([i + 0.2 for i in y], midl, 0.4, label="MID-L")
-        call = (self.latency.get("call_shape") or {}).get("call", "the FLOPs input")
-        ax.set(xlabel="ms per call", title=f"Measured time per layer ({call})")
+        ax.set(xlabel=f"ms per call ({self.latency.get('layer_call', 'the FLOPs input')})", title="Measured time per layer")
         finite = [v for v in dense + midl if math.isfinite(v)]
         ax.set_xlim(0, (max(finite) if finite else 1.0) * 1.3)
         ax.legend(loc="lower right")
@@ -421,6 +420,7 @@ def build_report(
     if call_latency is not None:
         latency["call_shape"] = call_latency
     latency["slower"] = slower_reason(latency, layer_reports)
+    latency["layer_call"] = DECODE if is_causal_lm(student) else "the FLOPs input"
     n_orig, n_conv = _count_params(teacher), _count_params(student)
     key, value = headline(quality)
     return Report(
