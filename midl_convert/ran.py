@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -47,14 +47,16 @@ class RanFlops:
 
 
 @torch.no_grad()
-def ran_flops(model: nn.Module, inputs: Any) -> RanFlops:
-    """Run ``model`` on ``inputs`` under ``FlopCounterMode`` and class each sparse layer call by what ran."""
+def ran_flops(model: nn.Module, inputs: Any, step: Callable[[], Any] | None = None) -> RanFlops:
+    """Run ``model`` on ``inputs`` (or ``step()``, e.g. a decode step) under ``FlopCounterMode`` and class
+    each sparse layer call by what ran."""
+    step = step or (lambda: _forward(model, inputs))
     layers = sparse_layers(model)
     counter = FlopCounterMode(display=False)
     out = RanFlops(0, {p: 0 for p in layers}, {p: Counter() for p in layers}, {p: [] for p in layers})
     extra = 0
     before: dict[str, int] = {}
-    chosen = _chosen_paths(model, layers, inputs)
+    chosen = _chosen_paths(layers, step)
 
     def pre(p: str, m: SparseLayer, x: torch.Tensor) -> None:
         before[p] = counter.get_total_flops()
@@ -86,7 +88,7 @@ def ran_flops(model: nn.Module, inputs: Any) -> RanFlops:
         hooks.append(m.register_forward_hook(lambda m, a, y, p=p: post(p, m, a[0])))
     try:
         with sdpa_kernel(SDPBackend.MATH), counter:
-            _forward(model, inputs)
+            step()
     finally:
         for h in hooks:
             h.remove()
@@ -95,7 +97,7 @@ def ran_flops(model: nn.Module, inputs: Any) -> RanFlops:
 
 
 @torch.no_grad()
-def _chosen_paths(model: nn.Module, layers: dict[str, SparseLayer], inputs: Any) -> dict[str, list[str | None]]:
+def _chosen_paths(layers: dict[str, SparseLayer], step: Callable[[], Any]) -> dict[str, list[str | None]]:
     """Per layer, the path each call takes when nothing watches (layers that can say: ``compute_path``)."""
     chosen: dict[str, list[str | None]] = {p: [] for p in layers}
 
@@ -105,7 +107,7 @@ def _chosen_paths(model: nn.Module, layers: dict[str, SparseLayer], inputs: Any)
 
     hooks = [m.register_forward_pre_hook(lambda m, a, p=p: ask(p, m, a[0])) for p, m in layers.items()]
     try:
-        _forward(model, inputs)
+        step()
     finally:
         for h in hooks:
             h.remove()

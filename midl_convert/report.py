@@ -29,7 +29,7 @@ from .data import Batch
 from .errors import MIDLError
 from .flops import model_flops
 from .latency import DECODE, is_causal_lm, layer_times, model_step
-from .ran import ran_flops
+from .ran import RanFlops, ran_flops
 from .sparse import SparseLayer
 from .quality import OUTPUT_KIND, compare, headline, run
 from .surgery import Plan, midl_layers
@@ -408,6 +408,7 @@ def build_report(
         quality, active = _quality_and_activity(layers, student, teacher, batches, task)
         latency, memory = _runtime(student, teacher, batches[0], latency_batch_sizes, repeats, device)
         times = layer_times(student, model_step(student, flops_inputs)) if device.type == "cpu" else {}
+        at_call = ran_flops(student, None, model_step(student, flops_inputs)) if is_causal_lm(student) else ran
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
@@ -419,7 +420,7 @@ def build_report(
             lr.dense_ms, lr.midl_ms = (t * 1e3 for t in times[lr.path])
     if call_latency is not None:
         latency["call_shape"] = call_latency
-    latency["slower"] = slower_reason(latency, layer_reports)
+    latency["slower"] = slower_reason(latency, layer_reports, at_call)
     latency["layer_call"] = DECODE if is_causal_lm(student) else "the FLOPs input"
     n_orig, n_conv = _count_params(teacher), _count_params(student)
     key, value = headline(quality)
@@ -450,17 +451,20 @@ def build_report(
     )
 
 
-def slower_reason(latency: dict[str, Any], layers: Sequence[LayerReport]) -> str | None:
-    """"slower than dense: <why>" when any measured speed-up is below 1, else None."""
+def slower_reason(latency: dict[str, Any], layers: Sequence[LayerReport], ran: RanFlops | None = None) -> str | None:
+    """"slower than dense: <why>" when any measured speed-up is below 1, else None. The paths are
+    ``ran``'s (those of the timed call shape, e.g. batch-1 decode), else the layers' own."""
     call = latency.get("call_shape") or {}
     ratios = [r["speedup"] for r in latency["results"]] + [call.get("speedup"), call.get("tokens_per_s_speedup")]
     worst = min((r for r in ratios if r is not None), default=None)
     if worst is None or worst >= 1.0:
         return None
-    masked = [lr for lr in layers if lr.ran_path == "masked"]
+    path_of = ran.path_of if ran is not None else {lr.path: lr.ran_path for lr in layers}.get
+    masked = [lr for lr in layers if path_of(lr.path) == "masked"]
     slow = [lr for lr in layers if lr.dense_ms is not None and lr.midl_ms is not None and lr.midl_ms > lr.dense_ms]
     if masked:
-        rows = sorted({lr.rows // max(1, lr.calls) for lr in masked})
+        rows = sorted({r for lr in masked for r in ran.rows[lr.path]} if ran is not None
+                      else {lr.rows // max(1, lr.calls) for lr in masked})
         why = (f"per-{'token' if masked[0].granularity in ('token', 'pixel') else 'sample'} masks on "
                f"{'/'.join(map(str, rows))}-row calls run as dense compute plus masking ({len(masked)} of {len(layers)} "
                f"converted layers)")

@@ -192,3 +192,23 @@ def test_report_says_slower_with_the_reason(token_report):
     buf = io.StringIO()
     report.print(Console(file=buf, width=300))
     assert "slower than dense (0.800x)" in buf.getvalue()
+
+
+def test_kernel_calls_are_counted_by_formula_and_masked_calls_by_what_ran():
+    from midl_convert.flops import layer_flops
+    from midl_convert.kernels import fused_kernel
+    from midl_convert.ran import ran_flops
+
+    if fused_kernel() is None:
+        pytest.skip("the fused kernel is not built here")
+    torch.manual_seed(0)
+    one_row = (torch.randn(1, 1, 32),)
+    student, _ = mc.convert(Stack().eval(), MIDLConfig(keep=0.5, rank=2), one_row)
+    ran = ran_flops(student, one_row)
+    layers = mc.midl_layers(student)
+    assert len(layers) == 3
+    for path, layer in layers.items():
+        assert ran.path_of(path) == "kernel"
+        assert ran.layers[path] == layer_flops(layer, [(1, 1)]).midl
+    decode = ran_flops(student, None, lambda: student(torch.randn(1, 1, 32)))  # a step callable, as for decode
+    assert decode.total == ran.total and all(decode.path_of(p) == "kernel" for p in decode.layers)
