@@ -212,3 +212,26 @@ def test_kernel_calls_are_counted_by_formula_and_masked_calls_by_what_ran():
         assert ran.layers[path] == layer_flops(layer, [(1, 1)]).midl
     decode = ran_flops(student, None, lambda: student(torch.randn(1, 1, 32)))  # a step callable, as for decode
     assert decode.total == ran.total and all(decode.path_of(p) == "kernel" for p in decode.layers)
+
+
+@pytest.mark.slow  # a whole run on the random test ViT: about 16 s on 2 shared cores
+def test_cli_speedup_run_measures_prints_and_stores_the_speedup(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from midl_convert import models
+    from midl_convert.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.hub_reachable.cache_clear()
+    monkeypatch.setattr(latency, "time_options", lambda s, call, options, use_cache=True: (1e-3, [
+        (0.4e-3 if o.side == "input" else 2e-3) for o in options]))
+    monkeypatch.setattr(latency, "model_time", lambda m, i: 0.1)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["convert", "test_vit", "--random-init", "--speedup", "1.05", "--no-distill",
+                                   "--batch-size", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "measured speed-up at the call shape (example input" in res.output
+    saved = Report.load(out)
+    assert saved.flops["budget"]["axis"] == "time" and saved.flops["budget"]["measured"]["speedup"] > 0
+    assert saved.latency["call_shape"]["call"] == "example input"
+    assert saved.flops["ran"] > 0 and all(lr.dense_ms is not None for lr in saved.layers)
