@@ -56,7 +56,7 @@ def test_cache_key_changes_with_thread_count_and_cpu():
 
 def test_timings_are_written_atomically_and_read_back(cache, monkeypatch):
     shape = latency.LayerShape("linear", 32, 32, True)
-    option = budget.replace(budget.LayerPlan("x", "linear", 32, 32, 0, True, keep=0.5, rank=2, granularity="token"))
+    option = budget.LayerPlan("x", "linear", 32, 32, 0, True, keep=0.5, rank=2, granularity="token")
     first = latency.time_options(shape, (1, 1, 32), [option], repeats=3)
     assert latency.cache_file().is_file() and not list(cache.glob("budget/*.tmp*"))
     monkeypatch.setattr(latency, "interleaved", lambda *a, **k: pytest.fail("timed again despite the cache"))
