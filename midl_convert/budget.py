@@ -1,5 +1,6 @@
 """The layer budget: each layer's keep and rank (or dense), chosen from measured damage so the whole
-model reaches a FLOPs ratio (``MIDLConfig(flops_ratio=1.5)``, ``--flops-ratio 1.5``).
+model reaches a FLOPs ratio (``MIDLConfig(flops_ratio=1.5)``, ``--flops-ratio 1.5``) or a speed-up
+measured on this machine (``MIDLConfig(speedup=1.3)``, ``--speedup 1.3``).
 
 Measure. Every candidate layer alone, at each (side, keep, rank) of a small grid, is swapped in, fitted
 to its real inputs (``SparseLayer.calibrate_rows``), and the
@@ -12,7 +13,10 @@ Allocate. A multiple-choice knapsack solved by Lagrangian relaxation: at a price
 saved each layer independently takes the option minimising ``damage - lam * saved`` (dense is the
 option with both at zero); bisection on ``lam`` finds the least-damage point of the lower convex
 hull that saves enough, then a greedy pass gives back savings the target does not need, where
-that removes the most damage.
+that removes the most damage. The cost axis is FLOPs, or seconds under ``speedup``: each option's
+time at the model's real call shape (``latency.py``: batch-1 decode for a causal LM), the whole
+model's dense time measured end to end, the untouched parts' time held fixed. A speed-up the timed
+options cannot reach fails before any damage is measured.
 
 FLOPs are counted as the report counts them (``flops.midl_flops_parts`` on the example input's
 calls, the rest of the model by ``FlopCounterMode``), gate and light path included. Measurements
@@ -48,18 +52,26 @@ from .surgery import LayerPlan, Plan, _midl_layer, _set_module
 
 CACHE_VERSION = 4  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation; 4: sides
 TOO_SENSITIVE = "too sensitive: the budget is met with less damage elsewhere"
+NO_TIME = "no time to gain: at the model's call shape every option tried ran slower than the dense layer"
 NO_GAIN = "no FLOPs to gain: at every keep and rank tried, the gate and light path cost as much as the rows skipped"
+
+
+AXES = ("flops", "time")  # what the knapsack spends: FLOPs on the example input, or measured seconds
 
 
 @dataclass
 class Option:
-    """One (side, keep, rank) setting of one layer: its FLOPs on the example input and measured damage."""
+    """One (side, keep, rank) setting of one layer: its FLOPs (and seconds, when timed) and measured damage."""
 
     keep: float
     rank: int
     flops: int
     damage: float
     side: str = "output"
+    seconds: float | None = None  # per call of the model at its real call shape (``latency.py``)
+
+    def cost(self, axis: str) -> float:
+        return self.flops if axis == "flops" else self.seconds
 
 
 @dataclass
@@ -69,14 +81,19 @@ class LayerCost:
     path: str
     dense_flops: int
     options: list[Option]
+    dense_seconds: float | None = None
 
-    def saved(self, option: Option | None) -> int:
-        return 0 if option is None else self.dense_flops - option.flops
+    def dense(self, axis: str) -> float:
+        return self.dense_flops if axis == "flops" else self.dense_seconds
+
+    def saved(self, option: Option | None, axis: str = "flops") -> float:
+        return 0 if option is None else self.dense(axis) - option.cost(axis)
 
 
 @dataclass
 class Measurements:
-    """The budget's input: the dense model's FLOPs and every candidate layer's options."""
+    """The budget's input: the dense model's cost and every candidate layer's options, on one axis:
+    ``flops`` (``dense_total``, ``fixed_saved``) or ``time`` (``dense_time``, ``fixed_saved_time``, seconds)."""
 
     dense_total: int
     layers: dict[str, LayerCost]
@@ -84,6 +101,22 @@ class Measurements:
     seconds: float
     key: str
     cached: bool = False
+    axis: str = "flops"
+    dense_time: float | None = None  # the whole dense model, seconds per call at its real call shape
+    fixed_saved_time: float = 0.0
+    call: str | None = None  # the call shape times were measured on
+
+    @property
+    def total(self) -> float:
+        return self.dense_total if self.axis == "flops" else self.dense_time
+
+    @property
+    def fixed(self) -> float:
+        return self.fixed_saved if self.axis == "flops" else self.fixed_saved_time
+
+    def saved(self, choice: dict[str, Option | None]) -> float:
+        """Cost saved on this axis by ``choice`` (pinned layers included)."""
+        return self.fixed + sum(self.layers[p].saved(o, self.axis) for p, o in choice.items())
 
     def to_dict(self) -> dict[str, Any]:
         return {"dense_total": self.dense_total, "fixed_saved": self.fixed_saved, "seconds": self.seconds, "key": self.key,
@@ -320,19 +353,22 @@ def measure(
     model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
     whiten: bool = True, use_cache: bool = True, progress: bool = True,
 ) -> Measurements:
-    """FLOPs and damage of every candidate option (from the cache when the same inputs were measured).
+    """FLOPs (and, under ``config.speedup``, seconds) and damage of every candidate option; damage from
+    the cache when the same inputs were measured.
 
     The first ``config.budget_batches`` of ``batches`` measure the damage; the rest fit each option.
+    A speed-up the timed options cannot reach raises before any damage is measured.
     """
     if not batches:
         raise MIDLError("the layer budget needs calibration batches to measure damage; pass a few batches of real data")
     batches, fit_batches = batches[:config.budget_batches], batches[config.budget_batches:]
     start = time.perf_counter()
+    axis = config.target[0] if config.target else "flops"
     converted = plan.converted
     fixed = [lp for lp in converted if _pinned(lp, config)]
     candidates = [lp for lp in converted if not _pinned(lp, config)]
     shapes = input_shapes(model, [lp.path for lp in converted], example_inputs)
-    todo: dict[str, list[LayerPlan]] = {}
+    trials: dict[str, list[LayerPlan]] = {}
     costs: dict[str, LayerCost] = {}
     for lp in candidates:
         module = model.get_submodule(lp.path)
@@ -341,30 +377,87 @@ def measure(
         for side, keep, rank in grid(lp, config):
             trial = replace(lp, keep=keep, rank=rank, side=side)
             _, midl = option_flops(module, trial, shapes[lp.path])
-            if midl < dense:
+            if midl < dense or axis == "time":  # on the time axis the clock decides what pays
                 options.append((trial, midl))
         costs[lp.path] = LayerCost(lp.path, dense, [Option(o.keep, o.rank, f, 0.0, o.side) for o, f in options])
-        if options:
-            todo[lp.path] = [o for o, _ in options]
+        trials[lp.path] = [o for o, _ in options]
     fixed_saved = 0
     for lp in fixed:
         dense, midl = option_flops(model.get_submodule(lp.path), lp, shapes[lp.path])
         fixed_saved += dense - midl
-    key = cache_key(model, todo, [*batches, *fit_batches], kind, example_inputs, whiten, fixed, len(batches))
-    path = cache_dir() / f"{key}.json"
-    if use_cache and path.is_file():
-        try:
-            return Measurements.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged cache file is measured again and rewritten
-    damage = measure_damage(model, todo, batches, kind, whiten, progress, fit_batches)
+    m = Measurements(count_flops(model, example_inputs), costs, fixed_saved, 0.0, "", axis=axis)
+    if axis == "time":
+        _time_options(model, m, trials, fixed, shapes, example_inputs, use_cache)
+        check_reachable(m, config.speedup)  # before any damage is measured: an impossible target fails in seconds
+    todo = {p: t for p, t in trials.items() if t}
+    m.key = cache_key(model, todo, [*batches, *fit_batches], kind, example_inputs, whiten, fixed, len(batches))
+    path = cache_dir() / f"{m.key}.json"
+    stored = _stored(path) if use_cache else None
+    if stored is not None:
+        damage = {p: [o.damage for o in stored.layers[p].options] for p in todo}
+    else:
+        damage = measure_damage(model, todo, batches, kind, whiten, progress, fit_batches)
     for p, values in damage.items():
         for option, value in zip(costs[p].options, values):
             option.damage = value
-    result = Measurements(count_flops(model, example_inputs), costs, fixed_saved, time.perf_counter() - start, key)
-    if use_cache:
-        _write_atomic(path, json.dumps(result.to_dict()))
-    return result
+    m.seconds, m.cached = (stored.seconds, True) if stored is not None else (time.perf_counter() - start, False)
+    if use_cache and stored is None:
+        _write_atomic(path, json.dumps(m.to_dict()))
+    return m
+
+
+def _stored(path: Path) -> Measurements | None:
+    """Measurements cached at ``path``, or None (a damaged file is measured again and rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        return Measurements.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _time_options(
+    model: nn.Module, m: Measurements, trials: dict[str, list[LayerPlan]], fixed: Sequence[LayerPlan],
+    shapes: dict[str, list[tuple[int, ...]]], example_inputs: Any, use_cache: bool,
+) -> None:
+    """Put seconds on ``m``: each candidate's dense time and each option's, at the model's real call
+    shape, keeping only options faster than the dense layer; the pinned layers' saving; the dense
+    model's time end to end. Each distinct (layer shape, call shape, option set) is timed once."""
+    from . import latency
+
+    causal = latency.is_causal_lm(model)
+    m.call = latency.DECODE if causal else "example input"
+    memo: dict[Any, tuple[float, list[float]]] = {}
+    start = time.perf_counter()
+
+    def layer_seconds(lp: LayerPlan, options: Sequence[LayerPlan]) -> tuple[float, list[float]]:
+        shape = latency.LayerShape.of(model.get_submodule(lp.path), lp.kind, lp.in_features, lp.out_features)
+        calls = latency.decode_calls(lp.in_features) if causal else shapes[lp.path]
+        dense, per = 0.0, [0.0] * len(options)
+        for call in calls:
+            key = (shape, call, tuple((o.side, o.keep, o.rank, o.granularity, o.adaptive) for o in options))
+            if key not in memo:
+                memo[key] = latency.time_options(shape, call, options, use_cache)
+            dense += memo[key][0]
+            per = [a + b for a, b in zip(per, memo[key][1])]
+        return dense, per
+
+    for p, options in trials.items():
+        if not options:
+            continue
+        cost = m.layers[p]
+        cost.dense_seconds, seconds = layer_seconds(options[0], options)
+        for option, t in zip(cost.options, seconds):
+            option.seconds = t
+        keep = [i for i, o in enumerate(cost.options) if o.seconds < cost.dense_seconds]
+        cost.options = [cost.options[i] for i in keep]
+        trials[p] = [options[i] for i in keep]
+    for lp in fixed:
+        dense, (pinned,) = layer_seconds(lp, [lp])
+        m.fixed_saved_time += dense - pinned
+    m.dense_time = latency.model_time(model, example_inputs)
+    logger.info(f"timed {len(memo)} distinct layer shapes at the call shape ({m.call}, {torch.get_num_threads()} threads) "
+                f"in {time.perf_counter() - start:.0f}s; dense model {m.dense_time * 1e3:.3f} ms per call")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -379,37 +472,61 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # ----- allocation ------------------------------------------------------------------------------
 def max_ratio(m: Measurements) -> float:
-    """The highest whole-model ratio these options can reach (every layer at its cheapest option)."""
-    best = m.fixed_saved + sum(max((c.saved(o) for o in c.options), default=0) for c in m.layers.values())
-    return m.dense_total / max(1, m.dense_total - best)
+    """The highest whole-model ratio (FLOPs or speed-up, by ``m.axis``) these options can reach: every
+    layer at its cheapest option, or dense where no option saves."""
+    best = {p: max(c.options, key=lambda o, c=c: c.saved(o, m.axis), default=None) for p, c in m.layers.items()}
+    return predicted_ratio(m, {p: o if o is not None and m.layers[p].saved(o, m.axis) > 0 else None for p, o in best.items()})
 
 
-def allocate(m: Measurements, target: float) -> dict[str, Option | None]:
-    """Per layer, the option (``None`` = dense) that reaches ``target`` at the least summed damage."""
-    need = m.dense_total * (1 - 1 / target) - m.fixed_saved
-    if need <= 0:
-        return {p: None for p in m.layers}
+def all_converted_ratio(m: Measurements) -> float:
+    """The ratio with every candidate at its cheapest option, even where that costs more than dense."""
+    return predicted_ratio(m, {p: max(c.options, key=lambda o, c=c: c.saved(o, m.axis), default=None)
+                               for p, c in m.layers.items()})
+
+
+def check_reachable(m: Measurements, target: float) -> None:
+    """Raise, naming the highest reachable figure, when ``target`` is out of the options' reach."""
     reachable = max_ratio(m)
-    if reachable < target:
+    if reachable >= target:
+        return
+    if m.axis == "flops":
         raise MIDLError(
             f"flops_ratio {target:g} cannot be reached: the highest whole-model ratio with these layers and settings is "
             f"{reachable:.3f}x; ask for at most that, or convert more layers (include, skip_head) or try lower keeps "
             f"(budget_keeps)"
         )
+    slow = "" if reachable > 1.0 else (
+        f" (no option of any layer ran faster than the dense layer there; converting every layer at its fastest option "
+        f"gives {all_converted_ratio(m):.3f}x)")
+    raise MIDLError(
+        f"speedup {target:g} cannot be reached on this machine at the model's call shape ({m.call}, "
+        f"{torch.get_num_threads()} threads): the highest reachable whole-model speed-up is {reachable:.3f}x{slow}; "
+        f"ask for at most that, use flops_ratio, or convert more layers (include, skip_head)"
+    )
+
+
+def allocate(m: Measurements, target: float) -> dict[str, Option | None]:
+    """Per layer, the option (``None`` = dense) that reaches ``target`` (a FLOPs ratio or a speed-up, by
+    ``m.axis``) at the least summed damage."""
+    axis = m.axis
+    need = m.total * (1 - 1 / target) - m.fixed
+    if need <= 0:
+        return {p: None for p in m.layers}
+    check_reachable(m, target)
 
     def pick(lam: float) -> dict[str, Option | None]:
         out: dict[str, Option | None] = {}
         for p, c in m.layers.items():
             best, score = None, 0.0
             for o in c.options:
-                s = o.damage - lam * c.saved(o)
+                s = o.damage - lam * c.saved(o, axis) / m.total  # a price per share of the model's cost
                 if s < score:
                     best, score = o, s
             out[p] = best
         return out
 
-    def saved(choice: dict[str, Option | None]) -> int:
-        return sum(m.layers[p].saved(o) for p, o in choice.items())
+    def saved(choice: dict[str, Option | None]) -> float:
+        return sum(m.layers[p].saved(o, axis) for p, o in choice.items())
 
     lo, hi = 0.0, 1e-12
     while saved(pick(hi)) < need:
@@ -420,14 +537,15 @@ def allocate(m: Measurements, target: float) -> dict[str, Option | None]:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if saved(pick(mid)) < need else (lo, mid)
     choice = pick(hi)
-    if saved(choice) < need:  # pragma: no cover - guarded by max_ratio above
-        choice = {p: max(c.options, key=c.saved, default=None) for p, c in m.layers.items()}
+    if saved(choice) < need:  # pragma: no cover - guarded by check_reachable above
+        choice = {p: max(c.options, key=lambda o, c=c: c.saved(o, axis), default=None) for p, c in m.layers.items()}
     return _give_back(m, choice, need)
 
 
 def _give_back(m: Measurements, choice: dict[str, Option | None], need: float) -> dict[str, Option | None]:
     """Move layers to less damaging options while the savings still meet the need (greedy, best gain first)."""
-    total = sum(m.layers[p].saved(o) for p, o in choice.items())
+    axis = m.axis
+    total = sum(m.layers[p].saved(o, axis) for p, o in choice.items())
     while True:
         best = None
         for p, cur in choice.items():
@@ -435,31 +553,34 @@ def _give_back(m: Measurements, choice: dict[str, Option | None], need: float) -
             cur_damage = cur.damage if cur else 0.0
             for alt in [None, *c.options]:
                 gain = cur_damage - (alt.damage if alt else 0.0)
-                if gain > 1e-12 and total - c.saved(cur) + c.saved(alt) >= need and (best is None or gain > best[0]):
+                if (gain > 1e-12 and total - c.saved(cur, axis) + c.saved(alt, axis) >= need
+                        and (best is None or gain > best[0])):
                     best = (gain, p, alt)
         if best is None:
             return choice
         _, p, alt = best
-        total += m.layers[p].saved(alt) - m.layers[p].saved(choice[p])
+        total += m.layers[p].saved(alt, axis) - m.layers[p].saved(choice[p], axis)
         choice[p] = alt
 
 
 def predicted_ratio(m: Measurements, choice: dict[str, Option | None]) -> float:
-    saved = m.fixed_saved + sum(m.layers[p].saved(o) for p, o in choice.items())
-    return m.dense_total / max(1, m.dense_total - saved)
+    """Dense / converted cost of ``choice`` on ``m.axis``: a FLOPs ratio, or a predicted speed-up."""
+    if m.axis == "flops":
+        return m.dense_total / max(1, m.dense_total - m.saved(choice))
+    return m.dense_time / max(1e-12, m.dense_time - m.saved(choice))
 
 
 def budget_plan(
     model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
     whiten: bool = True, use_cache: bool = True, progress: bool = True,
 ) -> Plan:
-    """``plan`` with each candidate's keep and rank chosen for ``config.flops_ratio`` (or dense, and why).
-
-    ``progress=False`` hides the measuring bar (it shows only on a terminal anyway)."""
-    if config.flops_ratio is None:
-        raise MIDLError("budget_plan needs MIDLConfig(flops_ratio=...), e.g. flops_ratio=1.5")
+    """``plan`` with each candidate's keep and rank chosen for ``config.flops_ratio`` or ``config.speedup``
+    (or dense, and why). ``progress=False`` hides the measuring bar (it shows only on a terminal anyway)."""
+    if config.target is None:
+        raise MIDLError("budget_plan needs MIDLConfig(flops_ratio=...) or MIDLConfig(speedup=...), e.g. flops_ratio=1.5")
+    axis, target = config.target
     m = measure(model, plan, config, batches, kind, example_inputs, whiten, use_cache, progress)
-    choice = allocate(m, config.flops_ratio)
+    choice = allocate(m, target)
     layers = []
     for lp in plan.layers:
         if lp.path not in m.layers:
@@ -467,27 +588,32 @@ def budget_plan(
             continue
         o = choice.get(lp.path)
         if o is None:
-            reason = NO_GAIN if not m.layers[lp.path].options else TOO_SENSITIVE
+            reason = (NO_GAIN if axis == "flops" else NO_TIME) if not m.layers[lp.path].options else TOO_SENSITIVE
             layers.append(replace(lp, convert=False, keep=None, rank=None, granularity=None, reason=reason))
         else:
             layers.append(replace(lp, keep=o.keep, rank=o.rank, side=o.side, predicted_damage=o.damage))
     damage = sum(o.damage for o in choice.values() if o is not None)
     ratio = predicted_ratio(m, choice)
     summary = {
-        "target": config.flops_ratio, "predicted_ratio": ratio, "predicted_damage": damage,
+        "axis": axis, "target": target, "predicted_ratio": ratio, "predicted_damage": damage,
         "reachable": max_ratio(m), "dense_flops": m.dense_total, "measured_layers": len(m.layers),
         "options": sum(len(c.options) for c in m.layers.values()), "seconds": m.seconds, "cached": m.cached,
         "damage_metric": "relative logit MSE" if kind == "logits" else "1 - cosine", "method": "lagrangian-knapsack+greedy",
     }
-    note = (f"layer budget: target {config.flops_ratio:g}x, predicted {ratio:.3f}x on the example input (highest "
+    if axis == "time":
+        summary.update(call=m.call, threads=torch.get_num_threads(), dense_ms=m.dense_time * 1e3,
+                       predicted_flops_ratio=predicted_ratio(replace(m, axis="flops"), choice))
+    what = "speed-up measured at the call shape (" + str(m.call) + ")" if axis == "time" else "on the example input"
+    note = (f"layer budget: target {target:g}x, predicted {ratio:.3f}x {what} (highest "
             f"reachable {summary['reachable']:.3f}x), predicted damage {damage:.4g} ({summary['damage_metric']}, summed over "
             f"layers); {summary['options']} options on {len(m.layers)} layers measured in {m.seconds:.0f}s"
             f"{' (cached)' if m.cached else ''}")
     new = Plan(layers=layers, method=plan.method, notes=[*plan.notes, note], budget=summary)
     if not new.converted:
-        raise MIDLError("the layer budget left every layer dense; raise flops_ratio or convert more layers")
+        raise MIDLError(f"the layer budget left every layer dense; raise {'flops_ratio' if axis == 'flops' else 'speedup'} "
+                        f"or convert more layers")
     return new
 
 
-__all__ = ["LayerCost", "Measurements", "Option", "allocate", "budget_plan", "cache_dir", "grid", "max_ratio", "measure",
-           "measure_damage", "option_flops", "predicted_ratio"]
+__all__ = ["AXES", "LayerCost", "Measurements", "Option", "allocate", "budget_plan", "cache_dir", "check_reachable", "grid",
+           "max_ratio", "measure", "measure_damage", "option_flops", "predicted_ratio"]

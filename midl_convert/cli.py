@@ -80,7 +80,7 @@ def _print_json(data: Any) -> None:
 # CLI option -> recipe key path (the one place the two vocabularies meet)
 OPTION_KEYS = {
     "keep": ("midl", "keep"), "rank": ("midl", "rank"), "granularity": ("midl", "granularity"), "select": ("midl", "select"),
-    "flops_ratio": ("midl", "flops_ratio"), "adaptive": ("midl", "adaptive"),
+    "flops_ratio": ("midl", "flops_ratio"), "speedup": ("midl", "speedup"), "adaptive": ("midl", "adaptive"),
     "include": ("targets", "include"), "exclude": ("targets", "exclude"),
     "steps": ("distill", "steps"), "lr": ("distill", "lr"), "data": ("distill", "data"),
     "batch_size": ("distill", "batch_size"),
@@ -191,6 +191,9 @@ def convert(
     keep: Optional[float] = typer.Option(None, help="share of neurons on the exact path, in (0, 1]"),
     flops_ratio: Optional[float] = typer.Option(None, "--flops-ratio", help="whole-model FLOPs target, e.g. 1.3: "
                                                 "each layer's keep and rank (or dense) chosen from measured damage"),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="whole-model speed-up target measured on this machine, "
+                                            "e.g. 1.3: the layer budget spends measured seconds (batch-1 decode for a causal "
+                                            "LM) instead of FLOPs; an alternative to --flops-ratio"),
     rank: Optional[str] = typer.Option(None, help="light-path rank: an int, or a fraction of min(in, out)"),
     granularity: Optional[GranularityChoice] = typer.Option(None, help="token | sequence (Linear), pixel | sample (1x1 conv)"),
     select: Optional[SelectChoice] = typer.Option(None, help="which neurons a mask picks: output (MID-L), input "
@@ -217,8 +220,8 @@ def convert(
     verbose: bool = VERBOSE,
     debug: bool = DEBUG,
 ) -> None:
-    options = {"keep": keep, "flops_ratio": flops_ratio, "rank": rank, "granularity": granularity, "select": select,
-               "adaptive": adaptive, "include": include, "exclude": exclude,
+    options = {"keep": keep, "flops_ratio": flops_ratio, "speedup": speedup, "rank": rank, "granularity": granularity,
+               "select": select, "adaptive": adaptive, "include": include, "exclude": exclude,
                "steps": steps, "lr": lr, "batch_size": batch_size, "data": data, "weights": weights,
                "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed}
 

@@ -87,6 +87,10 @@ class MIDLConfig(BaseModel):
     flops_ratio: float | None = Field(
         None, gt=1.0, description="whole-model FLOPs target (dense / converted, e.g. 1.5): each layer's keep and rank "
                                   "(or dense) are chosen from measured damage; keep and rank are then ignored")
+    speedup: float | None = Field(
+        None, gt=1.0, description="whole-model speed-up target measured on this machine (dense time / converted time on "
+                                  "the model's call shape: batch-1 decode for a causal LM, else the example input): the "
+                                  "layer budget spends measured seconds instead of FLOPs; an alternative to flops_ratio")
     budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS),
                                       description="keeps the layer budget tries on each layer")
     budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS),
@@ -106,15 +110,30 @@ class MIDLConfig(BaseModel):
 
     @model_validator(mode="after")
     def _auto_needs_budget(self) -> "MIDLConfig":
-        if self.select == "auto" and self.flops_ratio is None:
-            raise ValueError("select='auto' chooses each layer's side from measured damage, so it needs flops_ratio; "
-                             "use select='input' or 'output' with a fixed keep")
+        if self.flops_ratio is not None and self.speedup is not None:
+            raise ValueError("flops_ratio (--flops-ratio) and speedup (--speedup) both set the layer budget's target; "
+                             "pass one of them")
+        if self.select == "auto" and not self.budgeted:
+            raise ValueError("select='auto' chooses each layer's side from measured damage, so it needs flops_ratio or "
+                             "speedup; use select='input' or 'output' with a fixed keep")
         return self
+
+    @property
+    def budgeted(self) -> bool:
+        """True when the layer budget picks each layer's settings (a FLOPs or a speed-up target)."""
+        return self.flops_ratio is not None or self.speedup is not None
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """The budget's cost axis and target: ("flops", ratio), ("time", speed-up), or None without a budget."""
+        if self.speedup is not None:
+            return "time", self.speedup
+        return None if self.flops_ratio is None else ("flops", self.flops_ratio)
 
     @property
     def side(self) -> str:
         """The side every layer takes before the budget chooses: 'auto' only under a budget."""
-        return self.select or ("auto" if self.flops_ratio is not None else "output")
+        return self.select or ("auto" if self.budgeted else "output")
 
     _budget_keeps = field_validator("budget_keeps")(check_keep_list)
     _budget_ranks = field_validator("budget_ranks")(check_rank_list)

@@ -24,7 +24,7 @@ def plan_conversion(
 ) -> tuple[Plan, TargetTable]:
     """The dry run: the graph pass and the plan, with the model untouched.
 
-    With ``config.flops_ratio`` the layer budget (``budget.py``) measures each layer on
+    With ``config.flops_ratio`` or ``config.speedup`` the layer budget (``budget.py``) measures each layer on
     ``batches`` and picks its keep and rank; ``output`` is what to compare (``logits``,
     ``embedding`` or ``hidden``), read off the model's output when not given.
     """
@@ -33,9 +33,9 @@ def plan_conversion(
     if not table.targets:
         raise MIDLError(f"{type(model).__name__} has no nn.Linear, HF Conv1D or 1x1 nn.Conv2d to convert")
     plan = make_plan(table, config)
-    if config.flops_ratio is not None:
+    if config.budgeted:
         if not batches or example_inputs is None:
-            raise MIDLError("flops_ratio needs example_inputs and a few calibration batches to measure each layer's damage: "
+            raise MIDLError(f"{'flops_ratio' if config.target[0] == 'flops' else 'speedup'} needs example_inputs and a few calibration batches to measure each layer's damage: "
                             "convert(model, config, example_inputs, batches=[Batch(...), ...])")
         plan = budget_plan(model, plan, config, batches, output or output_kind(model, batches[0]), example_inputs,
                            progress=progress)
@@ -48,7 +48,7 @@ def convert(
 ) -> tuple[nn.Module, Plan]:
     """Replace the planned layers of ``model`` in place by MID-L layers; returns ``(model, plan)``.
 
-    ``batches`` (and ``output``) are needed only for a FLOPs budget (``config.flops_ratio``);
+    ``batches`` (and ``output``) are needed only for a layer budget (``config.flops_ratio`` or ``config.speedup``);
     ``progress=False`` hides its measuring bar.
     """
     plan, _ = plan_conversion(model, config, example_inputs, batches, output, progress)

@@ -48,6 +48,22 @@ def budget_data(data: Any, config: MIDLConfig) -> list[Batch]:
     return [data.train_batch(CALIBRATION_OFFSET + i, config.budget_batch_size) for i in range(count)]
 
 
+def measure_speedup(teacher: nn.Module, student: nn.Module, example_inputs: Any, plan: Plan) -> dict[str, Any]:
+    """The converted model's measured speed-up at its real call shape, printed and kept in the plan's budget."""
+    from .latency import end_to_end
+
+    measured = end_to_end(teacher, student, example_inputs)
+    line = (f"measured speed-up at the call shape ({measured['call']}, {measured['threads']} threads): "
+            f"{measured['dense_ms']:.3f} -> {measured['converted_ms']:.3f} ms, {measured['speedup']:.3f}x")
+    if "dense_tokens_per_s" in measured:
+        line += (f"; greedy generate: {measured['dense_tokens_per_s']:.1f} -> {measured['converted_tokens_per_s']:.1f} "
+                 f"tokens/s ({measured['tokens_per_s_speedup']:.3f}x)")
+    logger.info(line)
+    if plan.budget is not None:
+        plan.budget["measured"] = measured
+    return measured
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,12 +84,13 @@ def run(recipe: Recipe, dry_run: bool = False, progress: bool = True, trust_remo
     spec = recipe.distill.data or default_data(loaded)
     dcfg = DistillConfig(**recipe.distill.model_dump(exclude={"data", "enabled"}))
     bs = dcfg.batch_size
-    data = load_data(spec, loaded, seed=recipe.seed) if config.flops_ratio is not None or not dry_run else None
+    data = load_data(spec, loaded, seed=recipe.seed) if config.budgeted or not dry_run else None
     budget_batches = None
-    if config.flops_ratio is not None:
+    if config.budgeted:
+        axis, target = config.target
         logger.info(f"layer budget: fitting each option on {config.budget_fit_batches} batch(es) and measuring its damage "
                     f"on {config.budget_batches} other batch(es) of {config.budget_batch_size} from {spec} for a "
-                    f"{config.flops_ratio:g}x FLOPs target")
+                    f"{target:g}x {'FLOPs' if axis == 'flops' else 'measured speed-up'} target")
         budget_batches = budget_data(data, config)
     plan, table = plan_conversion(loaded.model, config, loaded.example_inputs, budget_batches, OUTPUT_KIND[loaded.task],
                                   progress=progress)
@@ -104,11 +121,14 @@ def run(recipe: Recipe, dry_run: bool = False, progress: bool = True, trust_remo
                                    device=device.type if recipe.device != "auto" else None)
     student.to(device).eval()
     teacher.to(device).eval()
-    if config.flops_ratio is not None:
+    if config.budgeted:
         raised = cap_thresholds(student, Batch(loaded.example_inputs).to(device).inputs)
         if raised:
             logger.info(f"adaptive thresholds raised on {len(raised)} layers so the example input meets the "
-                        f"{config.flops_ratio:g}x target (at most k exact neurons per mask there)")
+                        f"{config.target[1]:g}x target (at most k exact neurons per mask there)")
+    measured = None
+    if config.speedup is not None and device.type == "cpu":
+        measured = measure_speedup(teacher, student, loaded.example_inputs, plan)
     if recipe.report.enabled:
         from .report import build_report
 
@@ -116,7 +136,8 @@ def run(recipe: Recipe, dry_run: bool = False, progress: bool = True, trust_remo
                     "device": str(device), "notes": loaded.notes}
         result.report = build_report(student, teacher, [b.to(device) for b in eval_batches], loaded.task, plan=plan,
                                      settings=settings, latency_batch_sizes=tuple(recipe.report.latency_batch_sizes),
-                                     example_inputs=Batch(loaded.example_inputs).to(device).inputs, progress=progress)
+                                     example_inputs=Batch(loaded.example_inputs).to(device).inputs, progress=progress,
+                                     call_latency=measured)
     result.out_dir = save(student, out, build=loaded.build, recipe=recipe.model_dump(), tokenizer=loaded.tokenizer,
                           extra=result.report.save if result.report is not None else None)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is saved: its checkpoints are spent

@@ -41,6 +41,7 @@ class MidlSection(_Strict):
     select: Select | None = Field(None, description=MIDLConfig.model_fields["select"].description)
     adaptive: bool = Field(False, description=MIDLConfig.model_fields["adaptive"].description)
     flops_ratio: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["flops_ratio"].description)
+    speedup: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["speedup"].description)
     budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
     budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS))
     budget_batches: int = Field(1, ge=1, description=MIDLConfig.model_fields["budget_batches"].description)
@@ -54,7 +55,7 @@ class MidlSection(_Strict):
 
     @model_validator(mode="after")
     def _settings_agree(self) -> "MidlSection":
-        """MIDLConfig's checks across fields (select='auto' needs flops_ratio) fail here, at the edge."""
+        """MIDLConfig's checks across fields (select='auto' needs a budget, one budget target) fail here, at the edge."""
         try:
             MIDLConfig(**self.model_dump())
         except ValidationError as exc:

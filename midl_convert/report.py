@@ -28,7 +28,9 @@ from torch import nn
 from .data import Batch
 from .errors import MIDLError
 from .flops import model_flops
+from .latency import DECODE, is_causal_lm, layer_times, model_step
 from .log import progress_bar
+from .ran import RanFlops, ran_flops
 from .sparse import SparseLayer
 from .quality import OUTPUT_KIND, compare, headline, run
 from .surgery import Plan, midl_layers
@@ -86,6 +88,8 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "budget": {"type": ["object", "null"], "description": "the layer budget's target and prediction, when one planned the run"},
                 "counter": {"type": "string"},
                 "dense": _INT, "midl": _INT, "ratio": _NUM,
+                "ran": {**_INT, "description": "FLOPs of the paths that actually ran (midl_convert.ran): a call run as dense "
+                                               "compute plus masking counts its dense product"},
                 "converted_dense": _INT, "converted_midl": _INT, "converted_ratio": _NUM,
             },
         },
@@ -149,6 +153,9 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "dense_flops": _INT, "midl_flops": _INT, "ratio": _NUM,
                 "flops_parts": {"type": "object", "additionalProperties": _INT},
                 "side": {"enum": ["output", "input"], "description": "output: the mask picks rows of W (MID-L); input: columns"},
+                "ran_flops": {"type": ["integer", "null"], "minimum": 0},
+                "ran_path": {"type": ["string", "null"], "description": "the path most calls took: masked, kernel, sparse, dense"},
+                "dense_ms": _NUM, "midl_ms": {**_NUM, "description": "measured per call, interleaved with the dense layer"},
             },
         }},
         "skipped": {"type": "array", "items": {
@@ -181,6 +188,10 @@ class LayerReport:
     ratio: float | None
     flops_parts: dict[str, int] = field(default_factory=dict)
     side: str = "output"  # which neurons the mask picks: output rows or input columns of W
+    ran_flops: int | None = None  # FLOPs of the paths that ran on the FLOPs input (ran.py)
+    ran_path: str | None = None
+    dense_ms: float | None = None  # measured per call at the model's call shape, dense against converted
+    midl_ms: float | None = None
 
 
 @dataclass
@@ -234,14 +245,24 @@ class Report:
         rows = [
             (f"FLOPs dense ({f.get('input', '1 sample')})", _si(f["dense"])),
             (f"FLOPs MID-L ({f.get('input', '1 sample')})", _si(f["midl"])),
+            *([(f"FLOPs that ran ({f.get('input', '1 sample')}; paths as run)", _si(f["ran"]))] if f.get("ran") is not None else []),
             ("FLOPs ratio, whole model (dense / MID-L)", _fmt(f["ratio"])),
             ("FLOPs ratio, converted layers", _fmt(f["converted_ratio"])),
-            *([("Layer budget: target / predicted ratio", f"{_fmt(f['budget']['target'])} / {_fmt(f['budget']['predicted_ratio'])}")]
-              if f.get("budget") else []),
+            *([(f"Layer budget: target / predicted {'speed-up (measured time)' if f['budget'].get('axis') == 'time' else 'ratio'}",
+                f"{_fmt(f['budget']['target'])} / {_fmt(f['budget']['predicted_ratio'])}")] if f.get("budget") else []),
             ("Converted layers", str(len(self.layers))),
             ("Parameters original / converted", f"{p['original']:,} / {p['converted']:,}"),
             (f"Quality: {q['headline']}", _fmt(q["value"])),
         ]
+        call = self.latency.get("call_shape")
+        if call:
+            rows.append((f"Latency at the call shape ({call['call']}, {call['threads']} threads), dense / converted",
+                         f"{call['dense_ms']:.3f} / {call['converted_ms']:.3f} ms"))
+            rows.append(("Speed-up at the call shape (measured)", _fmt(call["speedup"])))
+            if call.get("dense_tokens_per_s") is not None:
+                rows.append((f"Greedy generate, tokens/s dense / converted ({call['generate_tokens']} new tokens)",
+                             f"{call['dense_tokens_per_s']:.1f} / {call['converted_tokens_per_s']:.1f} "
+                             f"({_fmt(call['tokens_per_s_speedup'])}x)"))
         mem = {m["batch_size"]: m for m in self.memory["results"]}
         for lat in self.latency["results"]:
             b, t, s = lat["batch_size"], lat["teacher"], lat["student"]
@@ -254,14 +275,21 @@ class Report:
         return rows
 
     def layer_rows(self) -> tuple[list[str], list[list[str]]]:
-        header = ["layer", "kind", "in", "out", "side", "keep", "rank", "granularity", "active", "dense FLOPs", "MID-L FLOPs", "ratio"]
+        header = ["layer", "kind", "in", "out", "side", "keep", "rank", "granularity", "active", "dense FLOPs", "MID-L FLOPs", "ratio",
+                  "ran FLOPs", "ran as", "dense ms", "MID-L ms"]
         rows = [[lr.path, lr.kind, str(lr.in_features), str(lr.out_features), lr.side, f"{lr.keep:g}", str(lr.rank), lr.granularity,
-                 _fmt(lr.active_fraction), _si(lr.dense_flops), _si(lr.midl_flops), _fmt(lr.ratio)] for lr in self.layers]
+                 _fmt(lr.active_fraction), _si(lr.dense_flops), _si(lr.midl_flops), _fmt(lr.ratio), _si(lr.ran_flops),
+                 lr.ran_path or "n/a", _ms(lr.dense_ms), _ms(lr.midl_ms)] for lr in self.layers]
         return header, rows
+
+    @property
+    def slower(self) -> str | None:
+        """One line saying the converted model ran slower than dense, and why; None when it did not."""
+        return self.latency.get("slower")
 
     def markdown(self) -> str:
         header, rows = self.layer_rows()
-        lines = ["# midl-convert report", "", "| | |", "|---|---|"]
+        lines = ["# midl-convert report", "", *([f"**{self.slower}**", ""] if self.slower else []), "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in self.summary_rows()]
         lines += ["", f"Memory: {self.memory['method']}", "", "## Converted layers", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -285,6 +313,8 @@ class Report:
         for label, value in self.summary_rows():
             summary.add_row(label, value)
         console.print(summary)
+        if self.slower:
+            console.print(f"[yellow]{self.slower}[/yellow]", highlight=False, soft_wrap=True)
         console.print(f"[dim]Memory: {self.memory['method']}[/dim]")
         header, rows = self.layer_rows()
         layers = Table(title="Converted layers")
@@ -304,7 +334,7 @@ class Report:
         names = [lr.path for lr in self.layers] or ["(none)"]
         n, y = len(names), list(range(len(names)))
         fig = Figure(figsize=(13, max(4.0, 0.28 * n + 1.8)), dpi=100, layout="constrained")
-        ax_f, ax_a = fig.subplots(1, 2, sharey=True, width_ratios=(3, 2))
+        ax_f, ax_a, ax_t = fig.subplots(1, 3, sharey=True, width_ratios=(3, 2, 2))
         ax_f.barh([i - 0.2 for i in y], [lr.dense_flops for lr in self.layers] or [0], 0.4, label="dense")
         ax_f.barh([i + 0.2 for i in y], [lr.midl_flops for lr in self.layers] or [0], 0.4, label="MID-L")
         ax_f.set(yticks=y, xlabel="FLOPs per sample", title=f"FLOPs per layer (converted ratio {_fmt(self.flops['converted_ratio'])})")
@@ -319,7 +349,19 @@ class Report:
         ax_a.set(xlim=(0, 1.35), xticks=[0, 0.25, 0.5, 0.75, 1.0], xlabel="share of neurons on the exact path",
                  title="Active fraction (held-out data)")
         ax_a.legend(loc="lower right")
+        self._plot_times(ax_t, y)
         fig.savefig(f, format="png")
+
+    def _plot_times(self, ax: Any, y: list[int]) -> None:
+        """Each converted layer's measured time per call, dense against converted."""
+        dense = [lr.dense_ms if lr.dense_ms is not None else math.nan for lr in self.layers] or [math.nan]
+        midl = [lr.midl_ms if lr.midl_ms is not None else math.nan for lr in self.layers] or [math.nan]
+        ax.barh([i - 0.2 for i in y], dense, 0.4, label="dense")
+        ax.barh([i + 0.2 for i in y], midl, 0.4, label="MID-L")
+        ax.set(xlabel=f"ms per call ({self.latency.get('layer_call', 'the FLOPs input')})", title="Measured time per layer")
+        finite = [v for v in dense + midl if math.isfinite(v)]
+        ax.set_xlim(0, (max(finite) if finite else 1.0) * 1.3)
+        ax.legend(loc="lower right")
 
 
 # ----- measurement -----------------------------------------------------------------------------
@@ -334,12 +376,16 @@ def build_report(
     repeats: int = 20,
     example_inputs: Any = None,
     progress: bool = True,
+    call_latency: dict[str, Any] | None = None,
 ) -> Report:
     """Measure a converted ``student`` against its original ``teacher`` on held-out ``batches``.
 
     ``task`` is a ``LoadedModel.task``; FLOPs are counted on ``example_inputs`` when given (the
     input a layer budget was planned on), else on one sample of the first batch; latency and
     memory run on the device the student's weights are on; ``progress=False`` hides the timing bar.
+    ``call_latency`` is ``latency.end_to_end``'s measurement at the model's real call shape (the
+    pipeline's, under ``speedup``); on the CPU each layer's time per call is measured there, dense
+    against converted.
     """
     if task not in OUTPUT_KIND:
         raise MIDLError(f"unknown task {task!r}; use one of {', '.join(OUTPUT_KIND)}")
@@ -361,14 +407,25 @@ def build_report(
         one = _resize(batches[0], 1)
         flops_inputs = example_inputs if example_inputs is not None else one.inputs
         counted = model_flops(student, teacher, flops_inputs)
+        ran = ran_flops(student, flops_inputs)
         quality, active = _quality_and_activity(layers, student, teacher, batches, task)
         with progress_bar("latency", len(latency_batch_sizes) * repeats, progress) as advance:
             latency, memory = _runtime(student, teacher, batches[0], latency_batch_sizes, repeats, device, advance)
+        times = layer_times(student, model_step(student, flops_inputs)) if device.type == "cpu" else {}
+        at_call = ran_flops(student, None, model_step(student, flops_inputs)) if is_causal_lm(student) else ran
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
     kinds = {lp.path: lp.kind for lp in plan.layers} if plan is not None else {}
     layer_reports = [_layer_report(path, layer, kinds, counted.layers[path], active[path]) for path, layer in layers.items()]
+    for lr in layer_reports:
+        lr.ran_flops, lr.ran_path = ran.layers.get(lr.path), ran.path_of(lr.path)
+        if lr.path in times:
+            lr.dense_ms, lr.midl_ms = (t * 1e3 for t in times[lr.path])
+    if call_latency is not None:
+        latency["call_shape"] = call_latency
+    latency["slower"] = slower_reason(latency, layer_reports, at_call)
+    latency["layer_call"] = DECODE if is_causal_lm(student) else "the FLOPs input"
     n_orig, n_conv = _count_params(teacher), _count_params(student)
     key, value = headline(quality)
     return Report(
@@ -378,7 +435,7 @@ def build_report(
             "input": "example input" if example_inputs is not None else "one held-out sample",
             "budget": plan.budget if plan is not None else None,
             "counter": "torch.utils.flop_counter.FlopCounterMode (original); midl_convert.flops formulas (converted layers)",
-            "dense": counted.dense, "midl": counted.midl, "ratio": counted.ratio,
+            "dense": counted.dense, "midl": counted.midl, "ratio": counted.ratio, "ran": ran.total,
             "converted_dense": counted.converted_dense, "converted_midl": counted.converted_midl,
             "converted_ratio": counted.converted_ratio,
         },
@@ -396,6 +453,31 @@ def build_report(
               if any(m.keep >= 1.0 for m in layers.values()) else []),
         ],
     )
+
+
+def slower_reason(latency: dict[str, Any], layers: Sequence[LayerReport], ran: RanFlops | None = None) -> str | None:
+    """"slower than dense: <why>" when any measured speed-up is below 1, else None. The paths are
+    ``ran``'s (those of the timed call shape, e.g. batch-1 decode), else the layers' own."""
+    call = latency.get("call_shape") or {}
+    ratios = [r["speedup"] for r in latency["results"]] + [call.get("speedup"), call.get("tokens_per_s_speedup")]
+    worst = min((r for r in ratios if r is not None), default=None)
+    if worst is None or worst >= 1.0:
+        return None
+    path_of = ran.path_of if ran is not None else {lr.path: lr.ran_path for lr in layers}.get
+    masked = [lr for lr in layers if path_of(lr.path) == "masked"]
+    slow = [lr for lr in layers if lr.dense_ms is not None and lr.midl_ms is not None and lr.midl_ms > lr.dense_ms]
+    if masked:
+        rows = sorted({r for lr in masked for r in ran.rows[lr.path]} if ran is not None
+                      else {lr.rows // max(1, lr.calls) for lr in masked})
+        why = (f"per-{'token' if masked[0].granularity in ('token', 'pixel') else 'sample'} masks on "
+               f"{'/'.join(map(str, rows))}-row calls run as dense compute plus masking ({len(masked)} of {len(layers)} "
+               f"converted layers)")
+    elif slow:
+        why = (f"{len(slow)} of {len(layers)} converted layers measured slower than their dense layer (gate, selection and "
+               f"light path cost more than the skipped work at this shape)")
+    else:
+        why = "the time the converted layers save is less than the gates, selections and light paths add end to end"
+    return f"slower than dense ({worst:.3f}x): {why}"
 
 
 def versions() -> dict[str, str | None]:
@@ -626,6 +708,10 @@ def _si(n: float | None) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:g}"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _bytes(n: int | None) -> str:

@@ -165,20 +165,23 @@ def test_budget_needs_batches():
         plan_conversion(Stack(), MIDLConfig(flops_ratio=1.5), (torch.randn(1, 32),))
 
 
-def random_measurements(rng: random.Random, layers: int) -> Measurements:
+def random_measurements(rng: random.Random, layers: int, axis: str = "flops") -> Measurements:
+    """Random options on the FLOPs axis, or on seconds (each option a share of its layer's dense time)."""
     costs = {}
     for i in range(layers):
         dense = rng.randint(50, 200)
-        options = [Option(0.5, 4, rng.randint(5, dense - 1), rng.random()) for _ in range(rng.randint(0, 3))]
-        costs[f"l{i}"] = LayerCost(f"l{i}", dense, options)
+        options = [Option(0.5, 4, rng.randint(5, dense - 1), rng.random(), seconds=rng.uniform(0.3, 0.95) * dense * 1e-6)
+                   for _ in range(rng.randint(0, 3))]
+        costs[f"l{i}"] = LayerCost(f"l{i}", dense, options, dense_seconds=dense * 1e-6)
     total = sum(c.dense_flops for c in costs.values()) + 100
-    return Measurements(total, costs, 0, 0.0, "k")
+    return Measurements(total, costs, 0, 0.0, "k", axis=axis, dense_time=total * 1e-6)
 
 
+@pytest.mark.parametrize("axis", ["flops", "time"])
 @pytest.mark.parametrize("seed", range(20))
-def test_allocation_is_close_to_the_brute_force_optimum(seed):
+def test_allocation_is_close_to_the_brute_force_optimum(seed, axis):
     rng = random.Random(seed)
-    m = random_measurements(rng, 5)
+    m = random_measurements(rng, 5, axis)
     target = 1 + rng.random() * (budget.max_ratio(m) - 1)
     choice = allocate(m, target)
     assert predicted_ratio(m, choice) >= target - 1e-9

@@ -1,0 +1,276 @@
+"""Measured time: what each layer option costs on this machine, at the model's real call shape.
+
+FLOPs do not say what a CPU runs fast. Per-token masks on a 16-token sentence run as dense compute
+plus masking, slower than the dense layer; batch-1 decoding through a fused kernel saves memory
+traffic one for one. So under ``MIDLConfig(speedup=...)`` the budget spends measured seconds:
+
+- the call shape is batch-1 decode for a causal LM (each Linear gets one row), else the shapes the
+  example input gives each layer;
+- each distinct (layer shape, call shape, option) is timed once, as the median of interleaved runs
+  against the dense layer, in eval under ``torch.inference_mode()`` with the run's thread count;
+- times are cached on disk beside the budget's measurements, keyed by the CPU, its instruction
+  set, the thread count and the torch version, so another machine never reads them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import MIDLError
+
+CACHE_VERSION = 1
+REPEATS = 15  # interleaved rounds per timing; the median is kept
+SAMPLE_S = 1e-3  # one timed sample repeats the call until it lasts about this long (timer resolution, call overhead)
+MAX_CALLS = 2000  # ... but never more calls than this per sample
+DECODE = "batch-1 decode (one row per Linear)"
+GENERATE_TOKENS = 16  # new tokens of the generation that measures a causal LM's tokens/s
+LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # the Hugging Face classes that decode token by token
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face decoder that generates token by token (its real call is batch-1 decode)."""
+    return type(model).__name__.endswith(LM_SUFFIXES) and hasattr(model, "generate")
+
+
+# ----- the cache -------------------------------------------------------------------------------
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(threads: int | None = None, cpu: str | None = None) -> dict[str, Any]:
+    """What a time depends on besides the layer: CPU, instruction set, threads, torch."""
+    return {"cpu": cpu if cpu is not None else cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": threads if threads is not None else torch.get_num_threads(), "torch": torch.__version__}
+
+
+def cache_key(entry: dict[str, Any], threads: int | None = None, cpu: str | None = None) -> str:
+    """Hash of one timing: the layer, call shape and option in ``entry``, on this machine."""
+    text = json.dumps({"v": CACHE_VERSION, "machine": machine(threads, cpu), "entry": entry}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def cache_file() -> Path:
+    from .budget import cache_dir
+
+    return cache_dir() / "latency.json"
+
+
+def _read_cache() -> dict[str, float]:
+    try:
+        data = json.loads(cache_file().read_text())
+        return {k: float(v) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _write_cache(new: dict[str, float]) -> None:
+    """Merge ``new`` into the cache file and replace it atomically (a read-only cache costs only time)."""
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_read_cache(), **new}
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(merged, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+# ----- timing ----------------------------------------------------------------------------------
+def interleaved(fns: Sequence[Callable[[], Any]], repeats: int = REPEATS) -> list[float]:
+    """Median seconds per call of each function, run in turn (order reversed each round) so drift hits all."""
+    for f in fns:  # warm: thread pools, caches, lazily built kernels
+        f()
+        f()
+    start = time.perf_counter()
+    fns[0]()
+    once = time.perf_counter() - start
+    calls = max(1, min(MAX_CALLS, int(SAMPLE_S / max(once, 1e-7))))
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(repeats):
+        for j in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fns[j]()
+            times[j].append((time.perf_counter() - start) / calls)
+    return [statistics.median(t) for t in times]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a layer's time depends on besides its option: kind, sizes, bias, conv geometry."""
+
+    kind: str  # "linear", "conv1d" (HF, transposed) or "conv2d" (1x1)
+    in_features: int
+    out_features: int
+    bias: bool
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def of(cls, module: nn.Module, kind: str, in_features: int, out_features: int) -> "LayerShape":
+        return cls(kind, in_features, out_features, module.bias is not None,
+                   tuple(getattr(module, "stride", (1, 1))), tuple(getattr(module, "padding", (0, 0))))
+
+    def dense(self) -> nn.Module:
+        """A dense module of this shape with random weights (times do not depend on the values)."""
+        if self.kind == "conv2d":
+            return nn.Conv2d(self.in_features, self.out_features, 1, self.stride, self.padding, bias=self.bias)
+        if self.kind == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(self.out_features, self.in_features)
+            nn.init.normal_(layer.weight, std=0.02)
+            if not self.bias:
+                layer.bias = None
+            return layer
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias)
+
+
+def _entry(shape: LayerShape, call: tuple[int, ...], option: Any) -> dict[str, Any]:
+    settings = {k: getattr(option, k) for k in ("side", "keep", "rank", "granularity", "adaptive")} if option else "dense"
+    return {"layer": asdict(shape), "call": list(call), "option": settings}
+
+
+def _option_layer(dense: nn.Module, lp: Any) -> nn.Module:
+    """The sparse layer of ``lp``'s settings over ``dense``'s shape, every parameter random (its path
+    and cost follow the settings and shapes, not the values)."""
+    from .surgery import _midl_layer
+
+    layer = _midl_layer(dense, lp, init=False)
+    with torch.no_grad():
+        for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
+            if t.is_floating_point() and t.dim() > 0 and not name.endswith("gate_threshold"):
+                t.normal_(0, 0.02)
+    return layer.eval()
+
+
+@torch.inference_mode()
+def time_options(shape: LayerShape, call: tuple[int, ...], options: Sequence[Any], use_cache: bool = True,
+                 repeats: int = REPEATS) -> tuple[float, list[float]]:
+    """Seconds per call of the dense layer and of each option (a ``LayerPlan``) on an input of shape ``call``."""
+    keys = [cache_key(_entry(shape, call, o)) for o in [None, *options]]
+    cached = _read_cache() if use_cache else {}
+    if all(k in cached for k in keys):
+        return cached[keys[0]], [cached[k] for k in keys[1:]]
+    torch.manual_seed(0)
+    dense = shape.dense().eval()
+    layers = [_option_layer(dense, o) for o in options]
+    x = torch.randn(call)
+    times = interleaved([lambda: dense(x), *[lambda m=m: m(x) for m in layers]], repeats)
+    if use_cache:
+        _write_cache(dict(zip(keys, times)))
+    return times[0], times[1:]
+
+
+def decode_calls(in_features: int) -> list[tuple[int, ...]]:
+    """The one call a Linear gets per generated token at batch 1."""
+    return [(1, 1, in_features)]
+
+
+# ----- the whole model -------------------------------------------------------------------------
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    from .flops import _forward as forward
+
+    return forward(model, inputs)
+
+
+def model_step(model: nn.Module, example_inputs: Any) -> Callable[[], Any]:
+    """One call of ``model`` at its real shape: a batch-1 decode step after the example prompt, with
+    the KV cache cropped back after each step, for a causal LM; a forward of the example input otherwise."""
+    if not is_causal_lm(model):
+        return lambda: _forward(model, example_inputs)
+    import inspect
+
+    ids = example_inputs["input_ids"][:1]
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5 renamed it
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "crop"):
+        raise MIDLError(f"{type(model).__name__} returned no croppable KV cache; the decode step cannot be timed "
+                        "(use flops_ratio instead of speedup for this model)")
+    token = ids[:, -1:]
+
+    def step() -> Any:
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+        cache.crop(-1)  # drop the token just added (a negative count removes tokens in every transformers version)
+        return out
+
+    return step
+
+
+@torch.inference_mode()
+def model_time(model: nn.Module, example_inputs: Any, repeats: int = REPEATS) -> float:
+    """Seconds per call of the whole model at its real shape (``model_step``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return interleaved([model_step(model, example_inputs)], repeats)[0]
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def end_to_end(teacher: nn.Module, student: nn.Module, example_inputs: Any, repeats: int = REPEATS,
+               new_tokens: int = GENERATE_TOKENS) -> dict[str, Any]:
+    """The dense and converted model timed interleaved at their real call shape; for a causal LM also
+    tokens/s of a short greedy ``generate`` with the KV cache."""
+    times = interleaved([model_step(teacher, example_inputs), model_step(student, example_inputs)], repeats)
+    causal = is_causal_lm(student)
+    out: dict[str, Any] = {
+        "call": DECODE if causal else "example input", "threads": torch.get_num_threads(),
+        "dense_ms": times[0] * 1e3, "converted_ms": times[1] * 1e3, "speedup": times[0] / times[1],
+    }
+    if causal:
+        ids = example_inputs["input_ids"][:1]
+        pad = getattr(teacher.generation_config, "pad_token_id", None) or getattr(teacher.generation_config, "eos_token_id", None)
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=pad)
+        gen = interleaved([lambda: teacher.generate(ids, **kw), lambda: student.generate(ids, **kw)], max(3, repeats // 3))
+        out.update(generate_tokens=new_tokens, prompt_tokens=ids.shape[1], dense_tokens_per_s=new_tokens / gen[0],
+                   converted_tokens_per_s=new_tokens / gen[1], tokens_per_s_speedup=gen[0] / gen[1])
+    return out
+
+
+def layer_times(model: nn.Module, step: Callable[[], Any], repeats: int = REPEATS) -> dict[str, tuple[float, float]]:
+    """Each sparse layer's (dense, converted) seconds on the input it got in one ``step`` of the model."""
+    from .sparse import sparse_layers
+
+    layers = sparse_layers(model)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, p=p: inputs.setdefault(p, a[0].detach().clone()))
+             for p, m in layers.items()]
+    try:
+        with torch.inference_mode():
+            step()
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    with torch.inference_mode():
+        for p, x in inputs.items():
+            m = layers[p]
+            dense_s, midl_s = interleaved([lambda: m.dense_forward(x), lambda: m(x)], repeats)
+            out[p] = (dense_s, midl_s)
+    return out
+
+
+__all__ = ["DECODE", "LayerShape", "cache_key", "cpu_name", "decode_calls", "end_to_end", "interleaved", "is_causal_lm",
+           "layer_times", "machine", "model_step", "model_time", "time_options"]

@@ -1,0 +1,117 @@
+"""What actually ran: the FLOPs each sparse layer's calls executed, and the path each call took.
+
+The formulas in ``flops.py`` count what a layer's sparse maths costs; a call may run another path
+(per-token masks on many rows run as dense compute plus masking). ``FlopCounterMode`` sees the
+ATen ops that ran, so each call is classed by what it saw against the dense layer's FLOPs:
+
+- ``masked``: at least the dense FLOPs (the dense product ran, the mask on top of it);
+- ``kernel``: the layer says its call takes the fused kernel (``compute_path``, asked outside the
+  counter: under a dispatch mode the kernel steps aside), or the counter saw nothing; counted by formula;
+- ``sparse``: the rest (gathered rows or columns, fewer FLOPs than dense).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .flops import _forward, dense_flops
+from .sparse import SparseLayer, sparse_layers
+
+PATH_WORDS = {
+    "masked": "dense compute plus masking",
+    "kernel": "the fused kernel",
+    "sparse": "gathered sparse products",
+    "dense": "the original layer (keep 1)",
+}
+
+
+@dataclass
+class RanFlops:
+    """FLOPs of one forward as run: the whole model, and per sparse layer with its calls' paths."""
+
+    total: int
+    layers: dict[str, int] = field(default_factory=dict)
+    paths: dict[str, Counter] = field(default_factory=dict)
+    rows: dict[str, list[int]] = field(default_factory=dict)
+
+    def path_of(self, layer: str) -> str | None:
+        """The path most of a layer's calls took."""
+        seen = self.paths.get(layer)
+        return seen.most_common(1)[0][0] if seen else None
+
+
+@torch.no_grad()
+def ran_flops(model: nn.Module, inputs: Any, step: Callable[[], Any] | None = None) -> RanFlops:
+    """Run ``model`` on ``inputs`` (or ``step()``, e.g. a decode step) under ``FlopCounterMode`` and class
+    each sparse layer call by what ran."""
+    step = step or (lambda: _forward(model, inputs))
+    layers = sparse_layers(model)
+    counter = FlopCounterMode(display=False)
+    out = RanFlops(0, {p: 0 for p in layers}, {p: Counter() for p in layers}, {p: [] for p in layers})
+    extra = 0
+    before: dict[str, int] = {}
+    chosen = _chosen_paths(layers, step)
+
+    def pre(p: str, m: SparseLayer, x: torch.Tensor) -> None:
+        before[p] = counter.get_total_flops()
+
+    def post(p: str, m: SparseLayer, x: torch.Tensor) -> None:
+        nonlocal extra
+        seen = counter.get_total_flops() - before[p]
+        grouped = m.groups_of(x)
+        rows, groups = grouped.shape[0] * grouped.shape[1], grouped.shape[0]
+        dense = dense_flops(m.in_features, m.out_features, rows)
+        said = chosen[p].pop(0) if chosen[p] else None
+        if m.exact:
+            path = "dense"
+        elif said == "kernel" or seen == 0:
+            path = "kernel"
+            extra += sum(m.flops_parts(rows, groups).values()) - seen
+            seen = sum(m.flops_parts(rows, groups).values())
+        elif seen >= dense:
+            path = "masked"
+        else:
+            path = "sparse"
+        out.layers[p] += seen
+        out.paths[p][path] += 1
+        out.rows[p].append(rows)
+
+    hooks = []
+    for p, m in layers.items():
+        hooks.append(m.register_forward_pre_hook(lambda m, a, p=p: pre(p, m, a[0])))
+        hooks.append(m.register_forward_hook(lambda m, a, y, p=p: post(p, m, a[0])))
+    try:
+        with sdpa_kernel(SDPBackend.MATH), counter:
+            step()
+    finally:
+        for h in hooks:
+            h.remove()
+    out.total = int(counter.get_total_flops()) + extra
+    return out
+
+
+@torch.no_grad()
+def _chosen_paths(layers: dict[str, SparseLayer], step: Callable[[], Any]) -> dict[str, list[str | None]]:
+    """Per layer, the path each call takes when nothing watches (layers that can say: ``compute_path``)."""
+    chosen: dict[str, list[str | None]] = {p: [] for p in layers}
+
+    def ask(p: str, m: SparseLayer, x: torch.Tensor) -> None:
+        say = getattr(m, "compute_path", None)
+        chosen[p].append(None if say is None or m.exact else say(m.groups_of(x)))
+
+    hooks = [m.register_forward_pre_hook(lambda m, a, p=p: ask(p, m, a[0])) for p, m in layers.items()]
+    try:
+        step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return chosen
+
+
+__all__ = ["PATH_WORDS", "RanFlops", "ran_flops"]
