@@ -38,6 +38,7 @@ from .downstream import post_fn
 from .config import MIDLConfig, resolve_rank
 from .data import Batch
 from .errors import MIDLError
+from .files import write_atomic
 from .flops import count_flops, dense_flops, midl_flops_parts
 from .layers import MIDLBase, linalg_threads
 from .matching import matches
@@ -352,18 +353,12 @@ def measure(
             option.damage = value
     result = Measurements(count_flops(model, example_inputs), costs, fixed_saved, time.perf_counter() - start, key)
     if use_cache:
-        _write_atomic(path, json.dumps(result.to_dict()))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(result.to_dict()))
+        except OSError:
+            pass  # a read-only cache only costs the next run its measurements
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the next run its measurements
 
 
 # ----- allocation ------------------------------------------------------------------------------

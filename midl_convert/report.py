@@ -16,17 +16,17 @@ import os
 import platform
 import sys
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .data import Batch
 from .errors import MIDLError
+from .files import atomic_path, read_json, write_atomic
 from .flops import model_flops
 from .layers import MIDLBase, MIDLConv2d
 from .quality import OUTPUT_KIND, compare, headline, run
@@ -212,9 +212,10 @@ class Report:
         """Write report.json, report.md and report.png into ``directory``, each atomically."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "report.json", lambda f: f.write(json.dumps(self.to_dict(), indent=2, allow_nan=False).encode()))
-        _write_atomic(out / "report.md", lambda f: f.write(self.markdown().encode()))
-        _write_atomic(out / "report.png", self._plot)
+        write_atomic(out / "report.json", json.dumps(self.to_dict(), indent=2, allow_nan=False))
+        write_atomic(out / "report.md", self.markdown())
+        with atomic_path(out / "report.png") as tmp, open(tmp, "wb") as f:
+            self._plot(f)
         return out
 
     @classmethod
@@ -222,7 +223,11 @@ class Report:
         path = Path(directory) / "report.json"
         if not path.is_file():
             raise MIDLError(f"no report.json in {str(directory)!r}; pass the folder that Report.save wrote")
-        return cls.from_dict(json.loads(path.read_text()))
+        fix = "rerun midl-convert to write the report again"
+        try:
+            return cls.from_dict(read_json(path, fix))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise MIDLError(f"{str(path)!r} is not a midl-convert report ({type(exc).__name__}: {exc}); {fix}") from None
 
     # ----- rendering ---------------------------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str]]:
@@ -593,18 +598,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(x: float | None) -> str:
