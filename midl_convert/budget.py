@@ -433,6 +433,25 @@ def predicted_ratio(m: Measurements, choice: dict[str, Option | None]) -> float:
     return m.dense_total / max(1, m.dense_total - saved)
 
 
+def check_reachable(model: nn.Module, plan: Plan, config: MIDLConfig, example_inputs: Any) -> float:
+    """The highest ratio any choice of options reaches, from FLOPs alone (every candidate at its cheapest
+    grid option); raises before minutes of measuring when ``config.flops_ratio`` is above it."""
+    shapes = input_shapes(model, [lp.path for lp in plan.converted], example_inputs)
+    saved = 0
+    for lp in plan.converted:
+        module = model.get_submodule(lp.path)
+        dense, _ = option_flops(module, replace(lp, keep=1.0), shapes[lp.path])
+        trials = [lp] if _pinned(lp, config) else [replace(lp, keep=k, rank=r) for k, r in grid(lp, config)]
+        saved += max([dense - option_flops(module, t, shapes[lp.path])[1] for t in trials] + [0])
+    total = count_flops(model, example_inputs)
+    reachable = total / max(1, total - saved)
+    if config.flops_ratio is not None and reachable < config.flops_ratio:
+        raise MIDLError(f"flops_ratio {config.flops_ratio:g} cannot be reached: the highest whole-model ratio with every "
+                        f"layer at its cheapest keep and rank is {reachable:.3f}x (counted before measuring); ask for at most "
+                        f"that, or convert more layers (include, skip_head) or try lower keeps (budget_keeps)")
+    return reachable
+
+
 def budget_plan(
     model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
     whiten: bool = True, use_cache: bool = True, progress: Callable[[str], None] | None = None,
@@ -440,6 +459,7 @@ def budget_plan(
     """``plan`` with each candidate's keep and rank chosen for ``config.flops_ratio`` (or dense, and why)."""
     if config.flops_ratio is None:
         raise MIDLError("budget_plan needs MIDLConfig(flops_ratio=...), e.g. flops_ratio=1.5")
+    check_reachable(model, plan, config, example_inputs)
     m = measure(model, plan, config, batches, kind, example_inputs, whiten, use_cache, progress)
     choice = allocate(m, config.flops_ratio)
     layers = []

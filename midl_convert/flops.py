@@ -8,6 +8,7 @@ FLOPs for its own.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,26 @@ def midl_flops_parts(
         "exact": round(2 * k * in_features * rows),  # the k selected rows of W (k a mean, for adaptive masks)
         "blend": out * rows,  # bias on the light path (and the scatter of exact rows)
     }
+
+
+def max_useful_rank(in_features: int, out_features: int, keep: float, per_sample: bool) -> int:
+    """The largest light-path rank at which a MID-L layer still costs fewer FLOPs per row than dense.
+
+    Per-sample masks share one gate over a sample's rows, so the bound takes the gate as free there
+    (long inputs); ``-1`` when even rank 0 saves nothing.
+    """
+    k = min(out_features, math.ceil(keep * out_features - 1e-9))
+    rows, groups = (1, 0) if per_sample else (1, 1)
+    dense = dense_flops(in_features, out_features, 1)
+
+    def cost(r: int) -> int:
+        return sum(midl_flops_parts(in_features, out_features, keep, r, rows, groups, k).values())
+
+    lo, hi = -1, min(in_features, out_features)  # cost grows with the rank: bisect for the last r that saves
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) < dense else (lo, mid - 1)
+    return lo
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ REPORT_SCHEMA: dict[str, Any] = {
     "title": "midl-convert report",
     "description": "FLOPs are counted on one sample (batch size 1); ratios are dense / MID-L (above 1: fewer FLOPs).",
     "type": "object",
-    "required": ["schema_version", "settings", "flops", "parameters", "quality", "latency", "memory", "layers", "skipped", "notes"],
+    "required": ["schema_version", "settings", "flops", "parameters", "quality", "latency", "memory", "layers", "skipped", "notes", "history"],
     "additionalProperties": False,
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
@@ -154,6 +154,19 @@ REPORT_SCHEMA: dict[str, Any] = {
             "properties": {"path": {"type": "string"}, "reason": {"type": ["string", "null"]}},
         }},
         "notes": {"type": "array", "items": {"type": "string"}},
+        "history": {
+            "type": "object",
+            "description": "what the run did before this measurement: calibration (mean relative layer error) and "
+                           "distillation (held-out quality before and after, time, steps, the step it resumed from)",
+            "properties": {
+                "calibration": {"type": "object", "properties": {"layers": _INT, "error_before": _NUM, "error_after": _NUM}},
+                "distillation": {"type": "object", "properties": {
+                    "steps": _INT, "seconds": _NUM, "resumed_from": {"type": ["integer", "null"]},
+                    "before": {"type": "object", "additionalProperties": _NUM},
+                    "after": {"type": "object", "additionalProperties": _NUM},
+                    "loss_first": _NUM, "loss_last": _NUM}},
+            },
+        },
     },
 }
 
@@ -194,6 +207,7 @@ class Report:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    history: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))
@@ -271,9 +285,24 @@ class Report:
         if self.skipped:
             lines += ["", "## Left dense", "", "| layer | reason |", "|---|---|"]
             lines += [f"| {s['path']} | {s['reason']} |" for s in self.skipped]
+        lines += self.history_lines()
         lines += ["", "## Settings", "", "```json", json.dumps(self.settings, indent=2), "```"]
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def history_lines(self) -> list[str]:
+        """The run's history as markdown: calibration, then held-out quality before and after distillation."""
+        lines = []
+        if cal := self.history.get("calibration"):
+            lines += ["", "## History", "", f"Calibration: {cal['layers']} layers, mean relative layer error "
+                      f"{_g(cal['error_before'])} -> {_g(cal['error_after'])}"]
+        if d := self.history.get("distillation"):
+            lines += [] if cal else ["", "## History"]
+            resumed = f", resumed at step {d['resumed_from']}" if d.get("resumed_from") else ""
+            lines += ["", f"Distillation: {d['steps']} steps in {d['seconds']:.1f} s{resumed}; loss {_g(d['loss_first'])} "
+                      f"-> {_g(d['loss_last'])}", "", "| held-out | before | after |", "|---|---|---|"]
+            lines += [f"| {k} | {_g(v)} | {_g(d['after'].get(k))} |" for k, v in d["before"].items()]
+        return lines
 
     def print(self, console: Any = None) -> None:
         """Rich tables on the terminal: the summary, then the first ``PRINT_ROWS`` layers."""
@@ -598,6 +627,10 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def _g(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
 
 
 def _fmt(x: float | None) -> str:
