@@ -10,18 +10,20 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import MIDLError
 
 
-@lru_cache(maxsize=1)
 def file_mode() -> int:
     """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux says it without changing it (os.umask would, for a moment, for every thread)
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

@@ -167,12 +167,11 @@ def load_weights_into(model: nn.Module, path: str | Path, unsafe_pickle: bool = 
         model.load_state_dict(state, strict=True)
         return None
     if len(state) != len(own):
-        missing = next((k for k in own if k not in state), None)
-        unexpected = next((k for k in state if k not in own), None)
-        raise MIDLError(
-            f"{fit}: {len(state)} tensors for {len(own)} (first missing key {missing!r}, first unexpected key "
-            f"{unexpected!r}); the file is from another architecture: name the one it was saved from"
-        )
+        keys = [f"first {what} key {key!r}" for what, key in (("missing", next((k for k in own if k not in state), None)),
+                                                                ("unexpected", next((k for k in state if k not in own), None)))
+                if key is not None]
+        raise MIDLError(f"{fit}: {len(state)} tensors for {len(own)} ({', '.join(keys)}); the file is from another "
+                        f"architecture: name the one it was saved from")
     for (k_file, v_file), (k_own, v_own) in zip(state.items(), own.items()):
         if v_file.shape != v_own.shape:
             raise MIDLError(
