@@ -30,7 +30,7 @@ from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output
 
 MIDL_PARAMS = ("gate_weight", "gate_bias", "light_up", "light_down")
 CHECKPOINT = "distill_checkpoint.pt"
-EXPLODING = 10.0  # a loss this many times the run's first is diverging: no checkpoint keeps it
+EXPLODING = 10.0  # a loss this many times the run's first (or 1e-3) is diverging: no checkpoint keeps it
 NOT_RESULT = {"log_every", "checkpoint_every"}  # settings that leave the trained weights unchanged
 
 
@@ -154,7 +154,7 @@ def _resumable(path: Path, key: dict) -> dict | None:
 def _healthy(losses: list[float], since: int, params: list[nn.Parameter]) -> bool:
     """A checkpoint is kept only of a run whose recent losses are finite and not exploding, and whose weights are finite."""
     window = losses[since:]
-    return (all(math.isfinite(x) for x in window) and max(window, default=0.0) <= EXPLODING * max(losses[0], 1e-12)
+    return (all(math.isfinite(x) for x in window) and max(window, default=0.0) <= EXPLODING * max(losses[0], 1e-3)
             and all(bool(torch.isfinite(p).all()) for p in params))
 
 

@@ -4,7 +4,8 @@ A saved folder holds ``model.safetensors``, ``midl_config.json`` (how to rebuild
 the plan, the resolved recipe) and, for Hugging Face models, ``config.json`` (with the plan in
 ``midl_plan``) and the tokenizer. ``load`` rebuilds the base architecture, replays the plan and
 loads the weights (as Torch-Pruning replays its pruning history). Folders are written under a
-temporary name and renamed into place, so a killed run leaves nothing half-written.
+temporary name beside the target and renamed into place (``write_run``), so a killed run leaves
+nothing half-written; an existing folder must be an earlier save, or be named with ``overwrite``.
 """
 from __future__ import annotations
 

@@ -280,3 +280,44 @@ def test_checkpoint_every_and_a_recipe_writing_outside_the_current_folder(tmp_pa
     assert res.exit_code == 0, res.output
     assert f"the recipe's output.dir '../elsewhere' is {tmp_path.parent / 'elsewhere'}, outside the current folder" in \
         " ".join(res.output.split())
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_a_random_step_resumes_to_the_same_tensors(tmp_path):
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIDL_CACHE_DIR": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "midl_convert.cli", "test_vit", "--random-init", "--steps", "12", "--batch-size", "4",
+            "--checkpoint-every", "2"]
+    subprocess.run([*args, "--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True, timeout=600)
+    out, ckpt = tmp_path / "killed", tmp_path / ".killed.distill" / "distill_checkpoint.pt"
+    kill_after = random.Random().choice([2, 4, 6, 8, 10])
+    proc = subprocess.Popen([*args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import torch
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= kill_after:
+                break
+        except Exception:  # noqa: BLE001 - the file is being replaced: look again
+            pass
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_file() and not out.exists()
+    step = torch.load(ckpt, weights_only=True)["step"]
+    again = subprocess.run([*args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming distillation at step {step} of 12" in again.stderr
+    whole, resumed = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for key in whole:  # bit for bit
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0, equal_nan=True, msg=key)
