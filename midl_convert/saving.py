@@ -9,6 +9,7 @@ nothing half-written; an existing folder must be an earlier save, or be named wi
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -68,11 +69,11 @@ def check_output(directory: str | Path, overwrite: bool = False) -> Path:
     final = Path(os.path.abspath(directory))
     if final.exists() and not final.is_dir():
         raise MIDLError(f"--out {str(directory)!r} is a file, not a folder; pass a new folder (or an earlier run's) as --out")
-    if final.is_dir() and not overwrite and any(final.iterdir()) and previous_run(final) is None:
-        raise MIDLError(f"--out {str(directory)!r} exists and is not an earlier midl-convert run; pass a new folder, "
-                        f"or --overwrite to write into it (files of the same names are replaced)")
     existing = next(p for p in [final.parent, *final.parent.parents] if p.exists())
     try:
+        if final.is_dir() and not overwrite and any(final.iterdir()) and previous_run(final) is None:
+            raise MIDLError(f"--out {str(directory)!r} exists and is not an earlier midl-convert run; pass a new folder, "
+                            f"or --overwrite to write into it (files of the same names are replaced)")
         if not existing.is_dir():
             raise NotADirectoryError(f"{existing} is a file")
         tempfile.TemporaryDirectory(dir=existing).cleanup()
@@ -140,7 +141,12 @@ def write_run(directory: str | Path, write: Callable[[Path], None], overwrite: b
             target = final / entry.name
             if entry.is_dir() and target.is_dir():
                 shutil.rmtree(target)
-            os.replace(entry, target)
+            try:
+                os.replace(entry, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.move(entry, target)  # `--out` is a mount point: its parent is another file system
         for name in old - {p.name for p in new}:
             gone = final / name
             shutil.rmtree(gone) if gone.is_dir() else gone.unlink(missing_ok=True)
