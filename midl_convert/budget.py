@@ -43,6 +43,7 @@ from .downstream import post_fn
 from .config import MIDLConfig, resolve_rank
 from .data import Batch
 from .errors import MIDLError
+from .files import write_atomic
 from .flops import count_flops, dense_flops
 from .log import logger, progress_bar
 from .sparse import SparseLayer
@@ -402,7 +403,11 @@ def measure(
             option.damage = value
     m.seconds, m.cached = (stored.seconds, True) if stored is not None else (time.perf_counter() - start, False)
     if use_cache and stored is None:
-        _write_atomic(path, json.dumps(m.to_dict()))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(m.to_dict()))
+        except OSError:
+            pass  # a read-only cache only costs the next run its measurements
     return m
 
 
@@ -458,16 +463,6 @@ def _time_options(
     m.dense_time = latency.model_time(model, example_inputs)
     logger.info(f"timed {len(memo)} distinct layer shapes at the call shape ({m.call}, {torch.get_num_threads()} threads) "
                 f"in {time.perf_counter() - start:.0f}s; dense model {m.dense_time * 1e3:.3f} ms per call")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the next run its measurements
 
 
 # ----- allocation ------------------------------------------------------------------------------
@@ -570,6 +565,25 @@ def predicted_ratio(m: Measurements, choice: dict[str, Option | None]) -> float:
     return m.dense_time / max(1e-12, m.dense_time - m.saved(choice))
 
 
+def check_flops_reachable(model: nn.Module, plan: Plan, config: MIDLConfig, example_inputs: Any) -> float:
+    """The highest ratio any choice of options reaches, from FLOPs alone (every candidate at its cheapest
+    grid option); raises before minutes of measuring when ``config.flops_ratio`` is above it."""
+    shapes = input_shapes(model, [lp.path for lp in plan.converted], example_inputs)
+    saved = 0
+    for lp in plan.converted:
+        module = model.get_submodule(lp.path)
+        dense, _ = option_flops(module, replace(lp, keep=1.0, side="output"), shapes[lp.path])
+        trials = [lp] if _pinned(lp, config) else [replace(lp, keep=k, rank=r, side=s) for s, k, r in grid(lp, config)]
+        saved += max([dense - option_flops(module, t, shapes[lp.path])[1] for t in trials] + [0])
+    total = count_flops(model, example_inputs)
+    reachable = total / max(1, total - saved)
+    if config.flops_ratio is not None and reachable < config.flops_ratio:
+        raise MIDLError(f"flops_ratio {config.flops_ratio:g} cannot be reached: the highest whole-model ratio with every "
+                        f"layer at its cheapest keep and rank is {reachable:.3f}x (counted before measuring); ask for at most "
+                        f"that, or convert more layers (include, skip_head) or try lower keeps (budget_keeps)")
+    return reachable
+
+
 def budget_plan(
     model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
     whiten: bool = True, use_cache: bool = True, progress: bool = True,
@@ -579,6 +593,7 @@ def budget_plan(
     if config.target is None:
         raise MIDLError("budget_plan needs MIDLConfig(flops_ratio=...) or MIDLConfig(speedup=...), e.g. flops_ratio=1.5")
     axis, target = config.target
+    check_flops_reachable(model, plan, config, example_inputs)
     m = measure(model, plan, config, batches, kind, example_inputs, whiten, use_cache, progress)
     choice = allocate(m, target)
     layers = []
@@ -615,5 +630,5 @@ def budget_plan(
     return new
 
 
-__all__ = ["AXES", "LayerCost", "Measurements", "Option", "allocate", "budget_plan", "cache_dir", "check_reachable", "grid",
+__all__ = ["AXES", "LayerCost", "Measurements", "Option", "allocate", "budget_plan", "cache_dir", "check_flops_reachable", "check_reachable", "grid",
            "max_ratio", "measure", "measure_damage", "option_flops", "predicted_ratio"]

@@ -86,6 +86,7 @@ OPTION_KEYS = {
     "batch_size": ("distill", "batch_size"),
     "weights": ("model", "weights"), "random_init": ("model", "random_init"),
     "out_dir": ("output", "dir"), "device": ("device",), "seed": ("seed",),
+    "overwrite": ("output", "overwrite"), "checkpoint_every": ("distill", "checkpoint_every"),
 }
 
 
@@ -166,6 +167,14 @@ def plan_table(plan, title: str = "plan") -> Table:
     return table
 
 
+def _say_where(out_dir: str) -> None:
+    """One line when a recipe's output.dir leads outside the current folder (``../..``, an absolute path)."""
+    where = Path(out_dir).resolve()
+    if not where.is_relative_to(Path.cwd().resolve()):
+        console.print(f"[yellow]note:[/] the recipe's output.dir {out_dir!r} is {where}, outside the current folder; "
+                      f"pass --out to write elsewhere", highlight=False, soft_wrap=True)
+
+
 def _guard(fn, debug: bool) -> None:
     try:
         fn()
@@ -208,7 +217,12 @@ def convert(
     data: Optional[str] = typer.Option(None, help="builtin:text | builtin:images | builtin:digits | folder | file"),
     weights: Optional[str] = typer.Option(None, help="local weights for a timm architecture"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights (nothing downloaded)"),
-    out_dir: Optional[str] = typer.Option(None, "--out", help="output folder (default midl-out)"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="output folder (default midl-out); an existing folder "
+                                          "must be an earlier run's, or empty"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="write into an existing folder that is not an earlier run "
+                                   "(files of the same names are replaced, others kept)"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="distillation steps between "
+                                                   "resumable checkpoints (default 50; 0 = none)"),
     device: Optional[str] = typer.Option(None, parser=_device, metavar="[auto|cpu|cuda|mps|cuda:N]",
                                          help="where to distil and measure"),
     seed: Optional[int] = typer.Option(None),
@@ -223,15 +237,18 @@ def convert(
     options = {"keep": keep, "flops_ratio": flops_ratio, "speedup": speedup, "rank": rank, "granularity": granularity,
                "select": select, "adaptive": adaptive, "include": include, "exclude": exclude,
                "steps": steps, "lr": lr, "batch_size": batch_size, "data": data, "weights": weights,
-               "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed}
+               "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed, "overwrite": overwrite,
+               "checkpoint_every": checkpoint_every}
 
     def go() -> None:
         from .pipeline import run
 
         _logging(quiet, verbose)
         options["rank"] = _number(rank)
-        result = run(build_recipe(target, recipe, options, no_distill), dry_run=dry_run, progress=not quiet,
-                     trust_remote_code=trust_remote_code)
+        parsed = build_recipe(target, recipe, options, no_distill)
+        if out_dir is None and (recipe is not None or (target or "").endswith((".yaml", ".yml"))):
+            _say_where(parsed.output.dir)
+        result = run(parsed, dry_run=dry_run, progress=not quiet, trust_remote_code=trust_remote_code)
         if dry_run:
             title = (f"plan ({result.plan.method} trace): {len(result.plan.converted)} "
                      f"of {len(result.plan.layers)} layers converted")

@@ -326,7 +326,15 @@ def load_data(spec: str, loaded: LoadedModel, seed: int = 0) -> Data:
             f"file, or one of {', '.join(BUILTINS)}"
         )
     if path.is_file() and path.suffix in TEXT_SUFFIXES:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise MIDLError(f"data {spec!r} is not UTF-8 text (byte {exc.start}); pass a text file with one sample per "
+                            f"line, or an image folder") from None
+        if "\x00" in text:
+            raise MIDLError(f"data {spec!r} is a binary file, not text; pass a text file with one sample per line, or an "
+                            f"image folder")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return Data(spec, *_split(lines), _text_collate(loaded), seed)
     if path.is_file() and path.suffix in TABLE_SUFFIXES:
         import datasets

@@ -8,8 +8,10 @@ share of every global batch, so the averaged gradient equals the single-process 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +25,13 @@ from torch import nn
 from .calibrate import fit_thresholds
 from .data import CALIBRATION_OFFSET, Batch, Data
 from .errors import MIDLError
+from .files import atomic_path
 from .sparse import SparseLayer
 from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output
 
 CHECKPOINT = "distill_checkpoint.pt"
+EXPLODING = 10.0  # a loss this many times the run's first (or 1e-3) is diverging: no checkpoint keeps it
+NOT_RESULT = {"log_every", "checkpoint_every"}  # settings that leave the trained weights unchanged
 
 
 class DistillConfig(BaseModel):
@@ -45,7 +50,8 @@ class DistillConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     bf16: bool = False
     calibration_batches: int = Field(4, ge=0)
-    checkpoint_every: int = Field(0, ge=0, description="0 = no checkpoints")
+    checkpoint_every: int = Field(50, ge=0, description="steps between resumable checkpoints when a run has a checkpoint "
+                                                        "folder (the CLI's is beside --out); 0 = none")
     log_every: int = Field(10, ge=1)
     seed: int = 0
 
@@ -90,12 +96,6 @@ def _shard(batch: Batch, rank: int, world: int) -> Batch:
     return batch if world == 1 else batch.map(lambda t: t[rank::world])
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class _LayerLoss:
     """Each MID-L layer's output against the original layer's output on the same input (hooks)."""
 
@@ -115,6 +115,52 @@ class _LayerLoss:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def run_settings(cfg: DistillConfig, data: Data, task: str) -> dict:
+    """What a checkpoint must have been trained with to be resumed: every setting that changes the result."""
+    return {**cfg.model_dump(exclude=NOT_RESULT), "data": data.spec, "data_seed": data.seed, "train_items": len(data.train),
+            "task": task}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A hash of every tensor of ``model`` (names, shapes, bytes): the plan, the weights and the calibration."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _resumable(path: Path, key: dict) -> dict | None:
+    """The checkpoint at ``path`` when it was written by a run with the same ``key``; else one line says why not."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file is not resumed, whatever torch raises
+        _say(f"checkpoint {path} cannot be read ({type(exc).__name__}); starting distillation over")
+        return None
+    old = state.get("key", {}) if isinstance(state, dict) else {}
+    if old == key:
+        return state
+    changed = [f"{k} {old.get('settings', {}).get(k)!r} -> {v!r}" for k, v in key["settings"].items()
+               if old.get("settings", {}).get(k) != v]
+    if old.get("weights") != key["weights"]:
+        changed.append("the converted model (plan, weights or calibration)")
+    _say(f"checkpoint {path} is from a run with other settings ({', '.join(changed)}); starting distillation over")
+    return None
+
+
+def _healthy(losses: list[float], since: int, params: list[nn.Parameter]) -> bool:
+    """A checkpoint is kept only of a run whose recent losses are finite and not exploding, and whose weights are finite."""
+    window = losses[since:]
+    return (all(math.isfinite(x) for x in window) and max(window, default=0.0) <= EXPLODING * max(losses[0], 1e-3)
+            and all(bool(torch.isfinite(p).all()) for p in params))
+
+
+def _say(line: str) -> None:
+    """A line the user must see even under --quiet: a resume, or a checkpoint that is not used."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _reporter(total: int, log_every: int):
@@ -151,8 +197,9 @@ def distill(
 
     ``overrides`` set any ``DistillConfig`` field (``steps=300, lr=1e-3``). ``device="cpu"`` keeps
     the run on the CPU even where a GPU exists; otherwise ``accelerate`` picks the device. With ``checkpoint_dir``
-    and ``checkpoint_every``, a checkpoint is written atomically every N steps and a rerun resumes
-    from it with the same result as an uninterrupted run.
+    a checkpoint is written atomically every ``checkpoint_every`` steps (only while the loss is finite
+    and not exploding) and a rerun with the same settings and starting weights resumes from it with the
+    same result as an uninterrupted run; a checkpoint of other settings is set aside with one line.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -174,12 +221,17 @@ def distill(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.steps, cfg.warmup))
     start, losses, resumed = 0, [], None
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    key = {"settings": run_settings(cfg, data, task), "weights": weights_digest(student)} if ckpt is not None else {}
+    state = _resumable(ckpt, key) if ckpt is not None and ckpt.is_file() else None
+    if state is not None:
         student.load_state_dict(state["student"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, losses, resumed = state["step"], list(state["losses"]), state["step"]
+        if acc.is_main_process:
+            _say(f"resuming distillation at step {start} of {cfg.steps} from {ckpt}")
+    elif ckpt is not None:
+        ckpt.unlink(missing_ok=True)  # another run's checkpoint is never the "last good" one of this run
     model, opt = acc.prepare(student, opt)
     student.eval()  # dropout off: a run is deterministic, so resuming reproduces it
     for m in student.modules():
@@ -200,7 +252,8 @@ def distill(
                     loss = loss + cfg.layer_weight * layer_loss.pop()
             if not torch.isfinite(loss):
                 kept = f"the last good checkpoint is {ckpt}" if ckpt is not None and ckpt.is_file() else "no checkpoint was written"
-                raise MIDLError(f"distillation loss became {loss.item()} at step {step}; {kept}; lower --lr or disable bf16")
+                raise MIDLError(f"distillation loss became {loss.item()} at step {step}; {kept}; lower --lr or disable bf16 "
+                                f"(a run with other settings starts over)")
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
             acc.clip_grad_norm_(midl_params + rest, cfg.grad_clip)
@@ -208,13 +261,17 @@ def distill(
             sched.step()
             losses.append(float(acc.reduce(loss.detach(), "mean")))
             update(step + 1, losses[-1])
-            if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and acc.is_main_process:
+            every = cfg.checkpoint_every
+            if (ckpt is not None and every and (step + 1) % every == 0 and acc.is_main_process
+                    and _healthy(losses, max(0, step + 1 - every), midl_params + rest)):
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 trained = {n for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
-                _save_atomic({
-                    "student": {k: v.detach().cpu() for k, v in acc.unwrap_model(model).state_dict().items() if k in trained},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1, "losses": losses,
-                }, ckpt)
+                with atomic_path(ckpt) as tmp:
+                    torch.save({
+                        "student": {k: v.detach().cpu() for k, v in acc.unwrap_model(model).state_dict().items() if k in trained},
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1, "losses": losses,
+                        "key": key,
+                    }, tmp)
     finally:
         finish()
         if layer_loss is not None:

@@ -9,6 +9,7 @@ FLOPs for its own.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,28 @@ def input_flops_parts(
         "light_up": 2 * r * out * rows,
         "blend": out * rows,  # bias (and the light path's sum)
     }
+
+
+def max_useful_rank(in_features: int, out_features: int, keep: float, per_sample: bool, side: str = "output") -> int:
+    """The largest light-path rank at which a sparse layer (``side``) still costs fewer FLOPs per row than dense.
+
+    Per-sample masks share one gate over a sample's rows, so the bound takes the gate as free there
+    (long inputs); ``-1`` when even rank 0 saves nothing.
+    """
+    width = out_features if side == "output" else in_features
+    k = min(width, math.ceil(keep * width - 1e-9))
+    parts = midl_flops_parts if side == "output" else input_flops_parts
+    rows, groups = (1, 0) if per_sample else (1, 1)
+    dense = dense_flops(in_features, out_features, 1)
+
+    def cost(r: int) -> int:
+        return sum(parts(in_features, out_features, keep, r, rows, groups, k).values())
+
+    lo, hi = -1, min(in_features, out_features)  # cost grows with the rank: bisect for the last r that saves
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) < dense else (lo, mid - 1)
+    return lo
 
 
 @dataclass(frozen=True)

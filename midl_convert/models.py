@@ -126,7 +126,11 @@ def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> dict[str, 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))  # keys come back sorted by name: a by-order remap needs .pth
+        try:
+            return load_file(str(path))  # keys come back sorted by name: a by-order remap needs .pth
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types, OSError and others
+            raise MIDLError(f"cannot read {str(path)!r} as safetensors ({str(exc).splitlines()[0][:120]}): the file is "
+                            f"truncated or not safetensors; copy or save it again") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not unsafe_pickle)
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal is reported the same way
@@ -142,6 +146,14 @@ def read_state_dict(path: str | Path, unsafe_pickle: bool = False) -> dict[str, 
     return obj
 
 
+def shape_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor whose shape differs between a file and a model, as one phrase, or ``None``."""
+    for key, tensor in state.items():
+        if key in own and tuple(tensor.shape) != tuple(own[key].shape):
+            return f"{key!r} has shape {tuple(tensor.shape)} in the file, {tuple(own[key].shape)} in the model"
+    return None
+
+
 def load_weights_into(model: nn.Module, path: str | Path, unsafe_pickle: bool = False) -> str | None:
     """Load a weights file: strictly by name, else by order when every shape matches (timm's remap).
 
@@ -149,21 +161,22 @@ def load_weights_into(model: nn.Module, path: str | Path, unsafe_pickle: bool = 
     """
     state = read_state_dict(path, unsafe_pickle)
     own = model.state_dict()
-    try:
+    fit = f"weights {str(path)!r} do not fit {type(model).__name__}"
+    if set(state) == set(own):
+        if (bad := shape_mismatch(state, own)) is not None:
+            raise MIDLError(f"{fit}: {bad}; check the architecture's settings (e.g. num_classes) against the file")
         model.load_state_dict(state, strict=True)
         return None
-    except RuntimeError:
-        pass
     if len(state) != len(own):
-        missing = next((k for k in own if k not in state), None)
-        raise MIDLError(
-            f"weights {str(path)!r} do not fit {type(model).__name__}: {len(state)} tensors for {len(own)} "
-            f"(first missing key {missing!r}); check that the architecture matches the file"
-        )
+        keys = [f"first {what} key {key!r}" for what, key in (("missing", next((k for k in own if k not in state), None)),
+                                                                ("unexpected", next((k for k in state if k not in own), None)))
+                if key is not None]
+        raise MIDLError(f"{fit}: {len(state)} tensors for {len(own)} ({', '.join(keys)}); the file is from another "
+                        f"architecture: name the one it was saved from")
     for (k_file, v_file), (k_own, v_own) in zip(state.items(), own.items()):
         if v_file.shape != v_own.shape:
             raise MIDLError(
-                f"weights {str(path)!r} do not fit {type(model).__name__}: {k_file!r} has shape {tuple(v_file.shape)} "
+                f"{fit}: {k_file!r} has shape {tuple(v_file.shape)} "
                 f"where {k_own!r} needs {tuple(v_own.shape)}; check that the architecture matches the file"
             )
     from timm.models import remap_state_dict

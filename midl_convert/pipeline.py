@@ -5,6 +5,7 @@ The CLI is a thin shell over ``run``; every step is also a public function of it
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ from .log import logger
 from .models import LoadedModel, check_remote_code, load_model
 from .quality import OUTPUT_KIND
 from .recipe import Recipe
-from .saving import save
 from .conversion import plan_conversion
+from .errors import MIDLError
+from .saving import check_output, output_lock, save
 from .surgery import Plan, apply_plan
 
 
@@ -39,6 +41,21 @@ class RunResult:
     distilled: DistillResult | None = None
     report: Any = None
     out_dir: Path | None = None
+
+
+def history(result: RunResult) -> dict[str, Any]:
+    """What happened before the final measurement: calibration and distillation, for the report."""
+    out: dict[str, Any] = {}
+    if result.calibration:
+        out["calibration"] = {"layers": len(result.calibration),
+                              "error_before": sum(c.error_before for c in result.calibration) / len(result.calibration),
+                              "error_after": sum(c.error_after for c in result.calibration) / len(result.calibration)}
+    d = result.distilled
+    if d is not None:
+        out["distillation"] = {"steps": d.steps, "seconds": d.seconds, "resumed_from": d.resumed_from,
+                               "before": d.before, "after": d.after,
+                               "loss_first": d.losses[0] if d.losses else None, "loss_last": d.losses[-1] if d.losses else None}
+    return out
 
 
 def budget_data(data: Any, config: MIDLConfig) -> list[Batch]:
@@ -65,15 +82,38 @@ def measure_speedup(teacher: nn.Module, student: nn.Module, example_inputs: Any,
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device a run uses; a ``MIDLError`` naming ``--device`` when there is no such device here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MIDLError(f"--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type)
+    if not available:
+        raise MIDLError(f"--device {name!r}: no {device.type} device on this machine; use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MIDLError(f"--device {name!r}: this machine has {torch.cuda.device_count()} cuda device(s); use cuda:0 or auto")
+    return device
 
 
 def run(recipe: Recipe, dry_run: bool = False, progress: bool = True, trust_remote_code: bool = False) -> RunResult:
     """Run a recipe; with ``dry_run`` stop after the plan (the model is untouched). Steps are logged
     (``midl_convert.log``); ``progress=False`` hides the bars. A recipe's ``model.kwargs`` may ask
-    for ``trust_remote_code`` only when ``trust_remote_code=True`` is passed."""
+    for ``trust_remote_code`` only when ``trust_remote_code=True`` is passed.
+
+    Before anything long: the device must exist and the output folder must be writable and not
+    hold the user's own files (``output.overwrite``); the run then holds a lock on that folder.
+    """
+    device = resolve_device(recipe.device)
+    if dry_run:
+        return _run(recipe, True, device, progress, trust_remote_code)
+    check_output(recipe.output.dir, recipe.output.overwrite)
+    with output_lock(recipe.output.dir):
+        return _run(recipe, False, device, progress, trust_remote_code)
+
+
+def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, trust_remote_code: bool) -> RunResult:
     torch.manual_seed(recipe.seed)
     m = recipe.model
     loaded = load_model(m.spec, weights=m.weights, random_init=m.random_init, trust_remote_code=trust_remote_code,
@@ -101,7 +141,6 @@ def run(recipe: Recipe, dry_run: bool = False, progress: bool = True, trust_remo
     result = RunResult(loaded, plan, table)
     if dry_run:
         return result
-    device = resolve_device(recipe.device)
     teacher = copy.deepcopy(loaded.model).eval()
     student = apply_plan(loaded.model, plan).eval()
     result.student, result.teacher = student, teacher
@@ -111,7 +150,7 @@ def run(recipe: Recipe, dry_run: bool = False, progress: bool = True, trust_remo
                                        progress=progress)
     eval_data = load_data(recipe.report.data, loaded, seed=recipe.seed) if recipe.report.data else data
     eval_batches = eval_data.heldout_batches(recipe.report.batch_size, limit=recipe.report.eval_samples)
-    out = Path(recipe.output.dir)
+    out = Path(os.path.abspath(recipe.output.dir))  # `--out .` has a name and a parent
     ckpt_dir = out.parent / f".{out.name}.distill"
     if recipe.distill.enabled and dcfg.steps > 0:
         if device.type != "cpu":
@@ -138,7 +177,8 @@ def run(recipe: Recipe, dry_run: bool = False, progress: bool = True, trust_remo
                                      settings=settings, latency_batch_sizes=tuple(recipe.report.latency_batch_sizes),
                                      example_inputs=Batch(loaded.example_inputs).to(device).inputs, progress=progress,
                                      call_latency=measured)
+        result.report.history = history(result)
     result.out_dir = save(student, out, build=loaded.build, recipe=recipe.model_dump(), tokenizer=loaded.tokenizer,
-                          extra=result.report.save if result.report is not None else None)
+                          extra=result.report.save if result.report is not None else None, overwrite=recipe.output.overwrite)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is saved: its checkpoints are spent
     return result

@@ -78,6 +78,8 @@ class ReportSection(_Strict):
 
 class OutputSection(_Strict):
     dir: str = "midl-out"
+    overwrite: bool = Field(False, description="write into an existing folder that is not an earlier midl-convert run "
+                                               "(files of the same names are replaced, others kept)")
 
 
 class Recipe(_Strict):

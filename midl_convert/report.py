@@ -16,17 +16,17 @@ import os
 import platform
 import sys
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .data import Batch
 from .errors import MIDLError
+from .files import atomic_path, read_json, write_atomic
 from .flops import model_flops
 from .latency import DECODE, is_causal_lm, layer_times, model_step
 from .log import progress_bar
@@ -57,7 +57,7 @@ REPORT_SCHEMA: dict[str, Any] = {
     "title": "midl-convert report",
     "description": "FLOPs are counted on one sample (batch size 1); ratios are dense / MID-L (above 1: fewer FLOPs).",
     "type": "object",
-    "required": ["schema_version", "settings", "flops", "parameters", "quality", "latency", "memory", "layers", "skipped", "notes"],
+    "required": ["schema_version", "settings", "flops", "parameters", "quality", "latency", "memory", "layers", "skipped", "notes", "history"],
     "additionalProperties": False,
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
@@ -163,6 +163,19 @@ REPORT_SCHEMA: dict[str, Any] = {
             "properties": {"path": {"type": "string"}, "reason": {"type": ["string", "null"]}},
         }},
         "notes": {"type": "array", "items": {"type": "string"}},
+        "history": {
+            "type": "object",
+            "description": "what the run did before this measurement: calibration (mean relative layer error) and "
+                           "distillation (held-out quality before and after, time, steps, the step it resumed from)",
+            "properties": {
+                "calibration": {"type": "object", "properties": {"layers": _INT, "error_before": _NUM, "error_after": _NUM}},
+                "distillation": {"type": "object", "properties": {
+                    "steps": _INT, "seconds": _NUM, "resumed_from": {"type": ["integer", "null"]},
+                    "before": {"type": "object", "additionalProperties": _NUM},
+                    "after": {"type": "object", "additionalProperties": _NUM},
+                    "loss_first": _NUM, "loss_last": _NUM}},
+            },
+        },
     },
 }
 
@@ -208,6 +221,7 @@ class Report:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    history: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return _finite(asdict(self))
@@ -226,9 +240,10 @@ class Report:
         """Write report.json, report.md and report.png into ``directory``, each atomically."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "report.json", lambda f: f.write(json.dumps(self.to_dict(), indent=2, allow_nan=False).encode()))
-        _write_atomic(out / "report.md", lambda f: f.write(self.markdown().encode()))
-        _write_atomic(out / "report.png", self._plot)
+        write_atomic(out / "report.json", json.dumps(self.to_dict(), indent=2, allow_nan=False))
+        write_atomic(out / "report.md", self.markdown())
+        with atomic_path(out / "report.png") as tmp, open(tmp, "wb") as f:
+            self._plot(f)
         return out
 
     @classmethod
@@ -236,7 +251,11 @@ class Report:
         path = Path(directory) / "report.json"
         if not path.is_file():
             raise MIDLError(f"no report.json in {str(directory)!r}; pass the folder that Report.save wrote")
-        return cls.from_dict(json.loads(path.read_text()))
+        fix = "rerun midl-convert to write the report again"
+        try:
+            return cls.from_dict(read_json(path, fix))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise MIDLError(f"{str(path)!r} is not a midl-convert report ({type(exc).__name__}: {exc}); {fix}") from None
 
     # ----- rendering ---------------------------------------------------------------------
     def summary_rows(self) -> list[tuple[str, str]]:
@@ -297,9 +316,24 @@ class Report:
         if self.skipped:
             lines += ["", "## Left dense", "", "| layer | reason |", "|---|---|"]
             lines += [f"| {s['path']} | {s['reason']} |" for s in self.skipped]
+        lines += self.history_lines()
         lines += ["", "## Settings", "", "```json", json.dumps(self.settings, indent=2), "```"]
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def history_lines(self) -> list[str]:
+        """The run's history as markdown: calibration, then held-out quality before and after distillation."""
+        lines = []
+        if cal := self.history.get("calibration"):
+            lines += ["", "## History", "", f"Calibration: {cal['layers']} layers, mean relative layer error "
+                      f"{_g(cal['error_before'])} -> {_g(cal['error_after'])}"]
+        if d := self.history.get("distillation"):
+            lines += [] if cal else ["", "## History"]
+            resumed = f", resumed at step {d['resumed_from']}" if d.get("resumed_from") else ""
+            lines += ["", f"Distillation: {d['steps']} steps in {d['seconds']:.1f} s{resumed}; loss {_g(d['loss_first'])} "
+                      f"-> {_g(d['loss_last'])}", "", "| held-out | before | after |", "|---|---|---|"]
+            lines += [f"| {k} | {_g(v)} | {_g(d['after'].get(k))} |" for k, v in d["before"].items()]
+        return lines
 
     def print(self, console: Any = None) -> None:
         """Rich tables on the terminal: the summary, then the first ``PRINT_ROWS`` layers."""
@@ -685,16 +719,8 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _g(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.4g}"
 
 
 def _fmt(x: float | None) -> str:

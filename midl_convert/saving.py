@@ -6,19 +6,25 @@ the plan, the resolved recipe) and, for Hugging Face models, ``config.json`` (wi
 ``generation_config.json`` and the tokenizer. ``load`` rebuilds the base architecture, replays
 the plan and loads the weights (as Torch-Pruning replays its pruning history); it is the one
 supported way back, for Hugging Face, timm and custom models alike. Folders are written under a
-temporary name and renamed into place, so a killed run leaves nothing half-written.
+temporary name beside the target and renamed into place (``write_run``), so a killed run leaves
+nothing half-written; an existing folder must be an earlier save, or be named with ``overwrite``.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
 from .errors import MIDLError
+from .files import clean_stale, file_mode, read_json, temp_name
 from .marker import PLAN_KEY, mark
 from .sparse import SparseLayer
 from .surgery import LayerPlan, Plan, apply_plan
@@ -46,23 +52,110 @@ def plan_of(model: nn.Module) -> Plan:
     return Plan(list(layers.values()), method="saved")
 
 
-def write_atomic_dir(directory: str | Path, write: Any) -> Path:
-    """Call ``write(tmp_dir)`` then move the folder into place in one rename (replacing an old one)."""
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+def previous_run(folder: Path) -> list[str] | None:
+    """The files an earlier midl-convert run wrote in ``folder`` (its ``midl_config.json`` lists them),
+    or ``None`` when the folder holds anything that run did not write."""
+    try:
+        files = read_json(folder / CONFIG_FILE, "").get("files")
+    except (MIDLError, OSError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return files if {p.name for p in folder.iterdir()} <= {*files, CONFIG_FILE} else None
+
+
+def check_output(directory: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any long work, an output folder that would destroy the user's files or cannot be written.
+
+    A new or empty folder, or an earlier run of this tool, is fine; anything else needs ``overwrite``
+    (which replaces only the files a run writes, never others).
+    """
+    final = Path(os.path.abspath(directory))
+    if final.exists() and not final.is_dir():
+        raise MIDLError(f"--out {str(directory)!r} is a file, not a folder; pass a new folder (or an earlier run's) as --out")
+    existing = next(p for p in [final.parent, *final.parent.parents] if p.exists())
+    try:
+        if final.is_dir() and not overwrite and any(final.iterdir()) and previous_run(final) is None:
+            raise MIDLError(f"--out {str(directory)!r} exists and is not an earlier midl-convert run; pass a new folder, "
+                            f"or --overwrite to write into it (files of the same names are replaced)")
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+        if final.is_dir():
+            tempfile.TemporaryFile(dir=final).close()
+    except OSError as exc:
+        raise MIDLError(f"cannot write --out {str(directory)!r} ({exc.strerror or exc}); pass a folder you can write "
+                        f"to as --out") from None
+    return final
+
+
+@contextmanager
+def output_lock(directory: str | Path) -> Iterator[None]:
+    """Hold a lock on an output folder for a whole run: a second run writing the same folder is refused.
+
+    The lock is an ``flock`` on a file in the cache folder (``MIDL_CACHE_DIR``), so nothing is
+    written beside the user's files and a killed run's lock goes with its process.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    from .budget import cache_dir
+
+    final = os.path.abspath(directory)
+    locks = cache_dir().parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    fd = os.open(locks / (hashlib.sha256(final.encode()).hexdigest()[:24] + ".lock"), os.O_RDWR | os.O_CREAT, file_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MIDLError(f"another midl-convert run is writing {final}; wait for it to finish or pass another --out") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def write_run(directory: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call ``write(tmp)`` on a sibling temporary folder, then put its files in place.
+
+    A new folder arrives in one rename. An existing one (an earlier run, or any folder with
+    ``overwrite``) gets the new files one rename each, ``midl_config.json`` last so a killed save
+    never leaves a loadable mix, then the earlier run's other files go; the folder itself stays
+    (so ``--out .`` works) and files this tool did not write stay too.
+    """
+    final = check_output(directory, overwrite)
+    clean_stale(final)
+    tmp = temp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     try:
         write(tmp)
-    except BaseException:
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, file_mode())  # the user's umask, whatever wrote the file
+        if not final.exists():
+            os.replace(tmp, final)
+            return final
+        old = set(previous_run(final) or [])
+        (final / CONFIG_FILE).unlink(missing_ok=True)
+        new = sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_FILE)
+        for entry in new:
+            target = final / entry.name
+            if entry.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            try:
+                os.replace(entry, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.move(entry, target)  # `--out` is a mount point: its parent is another file system
+        for name in old - {p.name for p in new}:
+            gone = final / name
+            shutil.rmtree(gone) if gone.is_dir() else gone.unlink(missing_ok=True)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -73,12 +166,14 @@ def save(
     recipe: dict[str, Any] | None = None,
     tokenizer: Any = None,
     extra: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Save a converted model to ``directory`` (config + safetensors); returns the folder.
 
     ``build`` says how to rebuild the base model (``{"source": "timm", "name": ..., "kwargs": ...}``;
     Hugging Face models rebuild from the saved ``config.json``); ``extra(tmp_dir)`` may add files
-    (the report) inside the same atomic write.
+    (the report) inside the same atomic write. An existing folder that is not an earlier save
+    is refused unless ``overwrite`` (see ``write_run``).
     """
     from safetensors.torch import save_model
 
@@ -99,12 +194,13 @@ def save(
                 model.generation_config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        meta = {"format_version": FORMAT_VERSION, "build": build, "plan": plan.to_dict(), "recipe": recipe}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
         if extra is not None:
             extra(tmp)
+        files = sorted(p.name for p in tmp.iterdir()) + [CONFIG_FILE]  # what marks the folder as this tool's own
+        meta = {"format_version": FORMAT_VERSION, "build": build, "plan": plan.to_dict(), "recipe": recipe, "files": files}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
-    return write_atomic_dir(directory, write)
+    return write_run(directory, write, overwrite)
 
 
 def _rebuild(folder: Path, build: dict[str, Any], trust_remote_code: bool) -> nn.Module:
@@ -138,31 +234,37 @@ def load(directory: str | Path, model: nn.Module | None = None, trust_remote_cod
     same architecture) for custom models. Only safetensors are read: nothing is unpickled, and a
     repository's own code runs only with ``trust_remote_code=True``.
     """
-    from safetensors.torch import load_file
+    from .models import read_state_dict, shape_mismatch
 
     folder = _folder(directory)
     meta_file, hf_file = folder / CONFIG_FILE, folder / "config.json"
+    fix = "save the model again with midl_convert.save"
     if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
+        meta = read_json(meta_file, fix)
         if meta.get("format_version") != FORMAT_VERSION:
             raise MIDLError(f"{meta_file} has format_version {meta.get('format_version')!r}; this midl-convert reads {FORMAT_VERSION}")
-        plan, build = Plan.from_dict(meta["plan"]), meta["build"]
-    elif hf_file.is_file() and PLAN_KEY in json.loads(hf_file.read_text()):  # a save_pretrained folder
-        plan, build = Plan.from_dict(json.loads(hf_file.read_text())[PLAN_KEY]), {"source": "hf"}
+        plan, build, source = _plan(meta.get("plan"), meta_file, fix), meta.get("build"), meta_file
+        if not isinstance(build, dict):
+            raise MIDLError(f"{str(meta_file)!r} does not say how to rebuild the model (no 'build' object); {fix}")
+    elif hf_file.is_file() and PLAN_KEY in (hf := read_json(hf_file, fix)):  # a save_pretrained folder
+        plan, build, source = _plan(hf[PLAN_KEY], hf_file, fix), {"source": "hf"}, hf_file
     else:
         raise MIDLError(f"{str(folder)!r} is not a saved midl-convert model (no {CONFIG_FILE}, no config.json with {PLAN_KEY})")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        raise MIDLError(f"{str(weights)!r} is missing; save the model again with midl_convert.save")
+        raise MIDLError(f"{str(weights)!r} is missing; {fix}")
+    state = read_state_dict(weights)
     base = model if model is not None else _rebuild(folder, build, trust_remote_code)
     apply_plan(base, plan, init=False)
     if (folder / GENERATION_FILE).is_file() and hasattr(base, "generation_config"):
         from transformers import GenerationConfig
 
         base.generation_config = GenerationConfig.from_pretrained(folder)
-    state = load_file(str(weights))
-    missing, unexpected = base.load_state_dict(state, strict=False)
     own = base.state_dict()
+    if (bad := shape_mismatch(state, own)) is not None:
+        raise MIDLError(f"weights in {str(weights)!r} do not fit the plan in {source.name}: {bad}; the folder mixes two "
+                        f"runs, {fix}")
+    missing, unexpected = base.load_state_dict(state, strict=False)
     loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
     untied = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]  # tied copies are fine
     if untied or unexpected:
@@ -170,3 +272,10 @@ def load(directory: str | Path, model: nn.Module | None = None, trust_remote_cod
         raise MIDLError(f"weights in {str(weights)!r} do not fit the rebuilt model: {'missing' if untied else 'unexpected'} "
                         f"key {first!r}; was it saved from another architecture?")
     return base.eval()
+
+
+def _plan(data: Any, source: Path, fix: str) -> Plan:
+    try:
+        return Plan.from_dict(data)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise MIDLError(f"{str(source)!r} holds no valid plan ({type(exc).__name__}: {exc}); {fix}") from None

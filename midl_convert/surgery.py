@@ -5,14 +5,16 @@ The model keeps its class, ``forward`` and config; only the chosen submodules ch
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import MIDLConfig, granularity_for, resolve_rank
+from .config import PER_SAMPLE, MIDLConfig, granularity_for, resolve_rank
 from .errors import MIDLError
+from .flops import max_useful_rank
 from .graph import Target, TargetTable
 from .input_layers import InputMIDLConv2d, InputMIDLinear
 from .layers import MIDLConv2d, MIDLinear
@@ -83,7 +85,7 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
         _check_patterns(include, paths, "include")
     _check_patterns(config.exclude, paths, "exclude")
     _check_patterns([o.match for o in config.overrides], paths, "override")
-    layers = []
+    layers, clamped = [], []
     for t in table.targets:
         names = [t.path, *t.aliases]
         explicit = isinstance(include, list) and any(matches_any(include, n) for n in names)
@@ -111,18 +113,40 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
         layers.append(LayerPlan(
             path=t.path, kind=t.kind, in_features=t.in_features, out_features=t.out_features, flops=t.flops,
             convert=reason is None, keep=keep if reason is None else None,
-            rank=resolve_rank(rank, t.in_features, t.out_features) if reason is None else None,
+            rank=_useful_rank(t, keep, rank, gran, config, clamped, side) if reason is None else None,
             granularity=granularity_for(t.kind, gran) if reason is None else None,
             reason=reason, role=t.role, aliases=t.aliases, norm=t.norm, activation=t.activation,
             adaptive=config.adaptive and reason is None, side=side,
         ))
     plan = Plan(layers=layers, method=table.method, notes=list(table.notes))
+    if clamped:
+        note = (f"rank lowered on {len(clamped)} layers so each still costs fewer FLOPs than dense ({', '.join(clamped[:3])}"
+                f"{', ...' if len(clamped) > 3 else ''}); ask for a lower rank to silence this")
+        plan.notes.append(note)
+        warnings.warn(note, stacklevel=2)
     if not plan.converted:
         raise MIDLError(
             "no layer selected for conversion: every target was excluded, too small or a head; "
             "loosen include/exclude/min_size or set skip_head=False"
         )
     return plan
+
+
+def _useful_rank(t: Target, keep: float, rank: int | float, granularity: str, config: MIDLConfig, clamped: list[str],
+                 side: str = "output") -> int:
+    """The layer's rank, lowered (and recorded in ``clamped``) when it would cost more FLOPs than dense.
+
+    A rank the layer budget chooses is already bounded by its measured FLOPs, and keep 1 runs the
+    dense layer, so only fixed ranks below keep 1 are clamped.
+    """
+    wanted = resolve_rank(rank, t.in_features, t.out_features)
+    if config.budgeted or keep >= 1.0 or side not in ("output", "input"):
+        return wanted
+    limit = max(0, max_useful_rank(t.in_features, t.out_features, keep, granularity in PER_SAMPLE, side))
+    if wanted <= limit:
+        return wanted
+    clamped.append(f"{t.path}: {wanted} -> {limit}")
+    return limit
 
 
 # Each kind of sparse layer, by (side, target kind): the one place a new kind registers.

@@ -135,6 +135,19 @@ def test_unreachable_target_names_the_highest_reachable_ratio():
         plan_for(Stack(), 9.0)
 
 
+def test_unreachable_target_fails_before_measuring(monkeypatch):
+    monkeypatch.setattr(budget, "measure_damage", lambda *a, **k: pytest.fail("measured an unreachable target"))
+    model = Stack()
+    config = MIDLConfig(flops_ratio=1.01, budget_keeps=[0.25, 0.5, 0.75], budget_ranks=[2, 4], select="output")
+    plan, _ = plan_conversion(model, config.model_copy(update={"flops_ratio": None}), (torch.randn(1, 32),))
+    bound = budget.check_flops_reachable(model, plan, config, (torch.randn(1, 32),))
+    with pytest.raises(MIDLError, match=rf"flops_ratio 100 cannot be reached: .* is {bound:.3f}x \(counted before measuring\)"):
+        plan_for(model, 100.0, select="output")
+    monkeypatch.undo()
+    real = budget.measure(model, plan, config, batches(), "logits", (torch.randn(1, 32),), use_cache=False)
+    assert bound == pytest.approx(budget.max_ratio(real), rel=1e-9)  # the same bound the measurements give
+
+
 def test_second_run_reads_the_cache(cache, monkeypatch):
     model = Stack()
     calls = []

@@ -227,3 +227,165 @@ def test_trust_remote_code_in_a_recipe_needs_the_flag(tmp_path):
     res = invoke("convert", str(recipe), "--dry-run")
     assert res.exit_code == 2 and "--trust-remote-code" in " ".join(res.output.split())
     assert invoke("convert", str(recipe), "--dry-run", "--trust-remote-code").exit_code == 0
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes: what a refused run must leave exactly as it was."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_run_keeps_its_history_and_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        res = invoke("convert", str(small_recipe(tmp_path)))
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == dict.fromkeys(
+        ["model.safetensors", "midl_config.json", "report.json", "report.md", "report.png"], 0o644)
+    history = json.loads((out / "report.json").read_text())["history"]
+    d = history["distillation"]
+    assert d["steps"] == 2 and d["seconds"] > 0 and d["resumed_from"] is None
+    assert set(d["before"]) == set(d["after"]) and "agreement" in d["before"]
+    assert history["calibration"]["layers"] >= 1
+    md = (out / "report.md").read_text()
+    assert "## History" in md and "Distillation: 2 steps" in md and "| agreement |" in md
+
+
+def test_out_with_the_users_files_is_refused_and_overwrite_keeps_them(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    recipe = small_recipe(tmp_path)
+    before = tree(tmp_path)
+    res = invoke("convert", str(recipe), "--out", str(mine))
+    assert res.exit_code == 2 and "exists and is not an earlier midl-convert run" in res.output
+    assert "--overwrite" in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert tree(tmp_path) == before
+    res = invoke("convert", str(recipe), "--out", str(mine), "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "model.safetensors").is_file()
+
+
+def test_out_dot_runs_twice(tmp_path, monkeypatch):
+    run_dir = tmp_path / "here"
+    run_dir.mkdir()
+    recipe = small_recipe(tmp_path)
+    monkeypatch.chdir(run_dir)
+    for _ in range(2):  # the second run replaces the first one's files in place
+        res = invoke("convert", str(recipe), "--out", ".", "--steps", "1")
+        assert res.exit_code == 0, res.output
+    assert {"model.safetensors", "midl_config.json", "report.json"} <= {p.name for p in run_dir.iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "r.yaml"]  # no temp folders or checkpoints left
+
+
+def test_a_second_run_to_the_same_out_is_refused_while_the_first_holds_it(tmp_path):
+    from midl_convert.saving import output_lock
+
+    recipe = small_recipe(tmp_path)
+    before = tree(tmp_path)
+    with output_lock(tmp_path / "out"):
+        res = invoke("convert", str(recipe))
+    assert res.exit_code == 2 and "another midl-convert run is writing" in res.output
+    assert tree(tmp_path) == before
+
+
+def test_device_is_checked_before_the_model_loads(tmp_path, monkeypatch):
+    import torch
+
+    from midl_convert import pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    for device, message in [("tpu", "'tpu' is not one of auto, cpu, cuda, mps"),  # refused by the option's parser
+                            *([] if torch.cuda.is_available() else [("cuda", "--device 'cuda': no cuda device on this "
+                                                                              "machine; use --device auto or cpu")])]:
+        res = invoke("convert", "test_vit", *SMALL, "--device", device, "--out", str(tmp_path / "o"))
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+
+
+def test_an_unwritable_out_is_refused_before_the_long_work(tmp_path, monkeypatch):
+    from midl_convert import pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    (tmp_path / "file").write_text("x")
+    res = invoke("convert", "test_vit", *SMALL, "--out", str(tmp_path / "file" / "o"))
+    assert res.exit_code == 2 and "cannot write --out" in " ".join(res.output.split()), res.output
+    res = invoke("convert", "test_vit", *SMALL, "--out", str(tmp_path / "file"))
+    assert res.exit_code == 2 and "is a file, not a folder" in " ".join(res.output.split()), res.output
+
+
+def test_bad_files_exit_2_with_one_line(tmp_path):
+    binary = tmp_path / "x.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    garbage = tmp_path / "w.safetensors"
+    garbage.write_bytes(b"\x00" * 100)
+    report_dir = tmp_path / "run"
+    report_dir.mkdir()
+    (report_dir / "report.json").write_text('{"schema_version": 1, "layers": [')
+    cases = [
+        (["convert", "test_vit", *SMALL, "--data", str(binary)], "is not UTF-8 text"),
+        (["convert", "resnet18", "--weights", str(garbage)], "as safetensors"),
+        (["report", str(report_dir)], "report.json' is not valid JSON"),
+    ]
+    for args, message in cases:
+        res = invoke(*args, *(["--out", str(tmp_path / "o")] if args[0] == "convert" else []))
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+        assert "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_checkpoint_every_and_a_recipe_writing_outside_the_current_folder(tmp_path, monkeypatch):
+    from midl_convert.cli import build_recipe
+
+    assert build_recipe("test_vit", None, {"checkpoint_every": 7}, False).distill.checkpoint_every == 7
+    assert build_recipe("test_vit", None, {"overwrite": True}, False).output.overwrite
+    monkeypatch.chdir(tmp_path)
+    recipe = small_recipe(tmp_path, output={"dir": "../elsewhere"})
+    res = invoke("convert", str(recipe), "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert f"the recipe's output.dir '../elsewhere' is {tmp_path.parent / 'elsewhere'}, outside the current folder" in \
+        " ".join(res.output.split())
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_a_random_step_resumes_to_the_same_tensors(tmp_path):
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIDL_CACHE_DIR": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "midl_convert.cli", "test_vit", "--random-init", "--steps", "12", "--batch-size", "4",
+            "--checkpoint-every", "2"]
+    subprocess.run([*args, "--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True, timeout=600)
+    out, ckpt = tmp_path / "killed", tmp_path / ".killed.distill" / "distill_checkpoint.pt"
+    kill_after = random.Random().choice([2, 4, 6, 8, 10])
+    proc = subprocess.Popen([*args, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import torch
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if ckpt.is_file() and torch.load(ckpt, weights_only=True)["step"] >= kill_after:
+                break
+        except Exception:  # noqa: BLE001 - the file is being replaced: look again
+            pass
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_file() and not out.exists()
+    step = torch.load(ckpt, weights_only=True)["step"]
+    again = subprocess.run([*args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming distillation at step {step} of 12" in again.stderr
+    whole, resumed = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for key in whole:  # bit for bit
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0, equal_nan=True, msg=key)

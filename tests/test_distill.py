@@ -1,5 +1,6 @@
 """Calibration and distillation: error goes down, resume reproduces, bad losses stop cleanly."""
 import copy
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -103,17 +104,25 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, msg=n, equal_nan=True)
 
 
-def test_nan_loss_stops_with_clear_error(tmp_path):
-    teacher, student, data = converted_pair(seed=4)
+def poison(data, changes: dict):
+    """``data`` whose training batch ``index`` is changed in place by ``changes[index](inputs)``."""
     original = data.train_batch
 
-    def poisoned(index, size):
+    def train_batch(index, size):
         batch = original(index, size)
-        if index == 3:
-            batch.inputs[0][0, 0] = float("nan")
+        changes.get(index, lambda x: None)(batch.inputs[0])
         return batch
 
-    data.train_batch = poisoned
+    data.train_batch = train_batch
+
+
+def nan_at(x):
+    x[0, 0] = float("nan")
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path):
+    teacher, student, data = converted_pair(seed=4)
+    poison(data, {3: nan_at})
     with pytest.raises(mc.MIDLError, match=r"distillation loss became nan at step 3; the last good checkpoint is"):
         distill(student, teacher, data, "classifier", steps=6, checkpoint_every=2, checkpoint_dir=tmp_path)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
@@ -140,3 +149,57 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-3, abs=1e-5)
     for k in a["state"]:
         torch.testing.assert_close(a["state"][k], b["state"][k], rtol=1e-3, atol=1e-4, equal_nan=True)
+
+
+def interrupted(tmp_path, cfg: DistillConfig, at: int, seed: int = 3, rank: int = 4):
+    """A run to ``tmp_path`` stopped by an exception when it draws batch ``at``."""
+    teacher, student, data = converted_pair(seed=seed, rank=rank)
+    original = data.train_batch
+    data.train_batch = lambda index, size: (_ for _ in ()).throw(Interrupt()) if index == at else original(index, size)
+    with pytest.raises(Interrupt):
+        distill(student, teacher, data, "classifier", cfg, checkpoint_dir=tmp_path)
+
+
+def test_checkpoints_are_on_by_default_and_a_resume_says_from_which_step(tmp_path, capsys):
+    assert DistillConfig().checkpoint_every == 50
+    cfg = DistillConfig(steps=60, batch_size=8, log_every=1000)
+    interrupted(tmp_path, cfg, at=55)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 50
+    capsys.readouterr()
+    teacher, student, data = converted_pair(seed=3)
+    result = distill(student, teacher, data, "classifier", cfg, checkpoint_dir=tmp_path)
+    assert result.resumed_from == 50 and len(result.losses) == 60
+    assert f"resuming distillation at step 50 of 60 from {tmp_path / CHECKPOINT}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,said", [
+    (dict(lr=1e-3, seed=1), "lr 0.003 -> 0.001, seed 0 -> 1"),
+    (dict(batch_size=8), "batch_size 16 -> 8"),
+    (dict(rank=2), "the converted model (plan, weights or calibration)"),
+])
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys, change, said):
+    cfg = DistillConfig(steps=8, lr=3e-3, batch_size=16, checkpoint_every=2, log_every=100)
+    interrupted(tmp_path, cfg, at=5)
+    rank = change.pop("rank", 4)
+    other = cfg.model_copy(update=change)
+    teacher, fresh, data = converted_pair(seed=3, rank=rank)
+    ref = distill(fresh, teacher, data, "classifier", other)  # the same settings from scratch
+    capsys.readouterr()
+    teacher, student, data = converted_pair(seed=3, rank=rank)
+    result = distill(student, teacher, data, "classifier", other, checkpoint_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert f"checkpoint {tmp_path / CHECKPOINT} is from a run with other settings ({said}); starting distillation over" in err
+    assert result.resumed_from is None and result.losses == ref.losses
+    for (n, a), (_, b) in zip(fresh.state_dict().items(), student.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=n)
+
+
+def test_an_exploding_loss_is_never_the_last_good_checkpoint(tmp_path):
+    teacher, student, data = converted_pair(seed=4)
+    poison(data, {3: lambda x: x.mul_(1e4), 4: nan_at})  # step 3: finite, but far above the run's first loss
+    with pytest.raises(mc.MIDLError, match=r"loss became nan at step 4; the last good checkpoint is .*; lower --lr .*"
+                                           r"\(a run with other settings starts over\)"):
+        distill(student, teacher, data, "classifier", steps=6, checkpoint_every=1, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["step"] == 3  # not step 4, whose loss had exploded
+    assert all(math.isfinite(x) for x in state["losses"]) and max(state["losses"]) < 10 * state["losses"][0]

@@ -83,8 +83,31 @@ def test_weights_strict_then_by_order_then_error(tmp_path):
         torch.testing.assert_close(dst(x), ref)
     bad = tmp_path / "bad.pth"
     torch.save({k: (v[:1] if k == "fc.weight" else v) for k, v in src.state_dict().items()}, bad)
-    with pytest.raises(MIDLError, match=r"'fc.weight' has shape \(1, 512\) where 'fc.weight' needs \(4, 512\)"):
+    with pytest.raises(MIDLError, match=r"'fc.weight' has shape \(1, 512\) in the file, \(4, 512\) in the model"):
         load_weights_into(timm.create_model("resnet18", pretrained=False, num_classes=4), bad)
+
+
+def test_weights_that_do_not_fit_name_the_key_and_the_fix(tmp_path):
+    state = timm.create_model("resnet18", pretrained=False, num_classes=4).state_dict()
+    one_wrong = tmp_path / "one_wrong.safetensors"  # safetensors sorts keys: by-order matching would pair unrelated keys
+    _save({k: (v[:1] if k == "layer2.0.conv1.weight" else v) for k, v in state.items()}, one_wrong)
+    other_arch = tmp_path / "resnet34.safetensors"
+    _save(timm.create_model("resnet34", pretrained=False, num_classes=4).state_dict(), other_arch)
+    truncated = tmp_path / "truncated.safetensors"
+    _save(state, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    cases = [
+        (one_wrong, r"'layer2.0.conv1.weight' has shape \(1, 64, 3, 3\) in the file, \(128, 64, 3, 3\) in the model"),
+        (other_arch, r"218 tensors for 122 \(first unexpected key 'layer1.2.bn1.num_batches_tracked'\); the file is "
+                     r"from another architecture"),
+        (truncated, r"cannot read '.*truncated.safetensors' as safetensors .*: the file is truncated or not safetensors"),
+        (garbage, r"cannot read '.*garbage.safetensors' as safetensors"),
+    ]
+    for path, message in cases:
+        with pytest.raises(MIDLError, match=message):
+            load_weights_into(timm.create_model("resnet18", pretrained=False, num_classes=4), path)
 
 
 def test_pickled_objects_are_refused(tmp_path):

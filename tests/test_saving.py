@@ -1,5 +1,9 @@
 """Save and load: outputs equal after reload, HF save_pretrained, custom models, no pickles, atomic writes."""
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -209,3 +213,100 @@ def test_real_minilm_round_trip_in_a_fresh_process(tmp_path, monkeypatch):
     assert res.returncode == 0, res.stderr[-2000:]
     assert int(res.stdout.split()[-1]) == len(mc.midl_layers(lm.model))
     models.hub_reachable.cache_clear()
+
+
+def converted_tiny(seed: int = 0, rank: int = 2) -> TinyNet:
+    torch.manual_seed(seed)
+    model = TinyNet()
+    mc.convert(model, mc.MIDLConfig(keep=0.5, rank=rank), torch.randn(1, 16))
+    return model.eval()
+
+
+def test_a_folder_of_the_users_files_is_refused_unless_overwrite(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(mc.MIDLError, match=r"exists and is not an earlier midl-convert run; .* or --overwrite"):
+        save(converted_tiny(), mine)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"] and [p.name for p in tmp_path.iterdir()] == ["mine"]
+    save(converted_tiny(), mine, overwrite=True)  # asked for: the run's files go in, the user's file stays
+    assert (mine / "thesis.tex").read_text() == "years of work" and (mine / "model.safetensors").is_file()
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(mc.MIDLError, match=r"is a file, not a folder"):
+        save(converted_tiny(), tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_an_earlier_run_is_replaced_and_its_spent_files_go(tmp_path):
+    def extra(folder):
+        (folder / "report.md").write_text("first")
+
+    save(converted_tiny(0), tmp_path / "o", extra=extra)
+    assert (tmp_path / "o" / "report.md").is_file()
+    model = converted_tiny(1)
+    save(model, tmp_path / "o")  # an earlier run of this tool: replaced without asking
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["midl_config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "o" / "midl_config.json").read_text())["files"] == ["model.safetensors", "midl_config.json"]
+    x = torch.randn(3, 16)
+    assert torch.equal(load(tmp_path / "o", model=TinyNet())(x), model(x))
+
+
+def test_out_dot_writes_into_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save(converted_tiny(0), ".")
+    model = converted_tiny(1)
+    save(model, ".")  # the current folder cannot be renamed: its files are replaced one by one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["midl_config.json", "model.safetensors"]
+    x = torch.randn(3, 16)
+    assert torch.equal(load(".", model=TinyNet())(x), model(x))
+
+
+def test_temp_folders_of_dead_runs_are_cleaned(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / f".o.tmp-{dead.stdout.strip()}", tmp_path / f".o.tmp-{os.getppid()}"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    save(converted_tiny(), tmp_path / "o")
+    assert not stale.exists() and live.exists()  # a running process's temp folder is left alone
+
+
+def test_files_get_the_users_umask(tmp_path):
+    from midl_convert.files import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        folder = save(converted_tiny(), tmp_path / "o", extra=lambda f: write_atomic(f / "report.json", "{}"))
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    finally:
+        os.umask(old)
+    assert modes == {"model.safetensors": 0o644, "midl_config.json": 0o644, "report.json": 0o644}
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate_weights", r"cannot read '.*model.safetensors' as safetensors .*truncated or not safetensors"),
+    ("garbage_weights", r"cannot read '.*model.safetensors' as safetensors"),
+    ("bad_json", r"midl_config.json' is not valid JSON \(.*\); save the model again"),
+    ("json_list", r"midl_config.json' holds a JSON list, not an object"),
+    ("no_layers", r"midl_config.json' holds no valid plan \(KeyError: 'layers'\)"),
+    ("other_plan", r"do not fit the plan in midl_config.json: 'fc1.gate_weight' has shape \(64, 2\) in the file, "
+                   r"\(64, 3\) in the model; the folder mixes two runs"),
+])
+def test_a_damaged_folder_is_one_clear_error(tmp_path, damage, message):
+    folder = save(converted_tiny(), tmp_path / "o")
+    weights, meta = folder / "model.safetensors", folder / "midl_config.json"
+    if damage == "truncate_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage_weights":
+        weights.write_bytes(os.urandom(300))
+    elif damage == "bad_json":
+        meta.write_text(meta.read_text()[:-20])
+    elif damage == "json_list":
+        meta.write_text("[1, 2]")
+    elif damage == "no_layers":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "plan": {"method": "fx"}}))
+    else:  # the config of a rank-3 run beside the weights of a rank-2 run
+        other = save(converted_tiny(rank=3), tmp_path / "p")
+        meta.write_text((other / "midl_config.json").read_text())
+    with pytest.raises(mc.MIDLError, match=message):
+        load(folder, model=TinyNet())

@@ -38,15 +38,30 @@ def test_plan_selects_targets(name, config, expected):
 
 
 def test_overrides_rank_fraction_and_granularity():
-    plan = plan_of(mc.MIDLConfig(
-        keep=0.5, rank=0.25, granularity="sequence",
-        overrides=[mc.LayerOverride(match="mlp.fc2", keep=0.75, rank=3), mc.LayerOverride(match="pw", rank=100)],
-    ))
+    with pytest.warns(UserWarning, match=r"rank lowered on 3 layers .*pw: 4 -> 0\)"):
+        plan = plan_of(mc.MIDLConfig(
+            keep=0.5, rank=0.25, granularity="sequence",
+            overrides=[mc.LayerOverride(match="mlp.fc2", keep=0.75, rank=3), mc.LayerOverride(match="pw", rank=100)],
+        ))
     assert (plan["mlp.fc2"].keep, plan["mlp.fc2"].rank) == (0.75, 3)
     assert (plan["mlp.fc1"].keep, plan["mlp.fc1"].rank) == (0.5, 4)  # 0.25 * min(16, 64)
-    assert plan["pw"].rank == 4  # an int above min(in, out) is clipped
+    assert plan["pw"].rank == 0  # clipped to min(in, out) = 4, where the light path costs more than the 4x16 conv
     assert plan["mlp.fc1"].granularity == "sequence" and plan["pw"].granularity == "sample"
     assert plan["head"].reason.startswith("classifier")
+
+
+def test_a_rank_that_costs_more_than_dense_is_lowered_with_a_warning():
+    from midl_convert.flops import dense_flops, midl_flops_parts
+
+    with pytest.warns(UserWarning, match=r"rank lowered on .* so each still costs fewer FLOPs than dense"):
+        plan, _ = mc.plan_conversion(Block(), mc.MIDLConfig(rank=10000), inputs())
+    for lp in plan.converted:
+        k = round(lp.keep * lp.out_features)
+        assert 0 <= lp.rank < min(lp.in_features, lp.out_features)
+        assert sum(midl_flops_parts(lp.in_features, lp.out_features, lp.keep, lp.rank, 1, 1, k).values()) < \
+            dense_flops(lp.in_features, lp.out_features, 1) or lp.rank == 0
+        over = sum(midl_flops_parts(lp.in_features, lp.out_features, lp.keep, lp.rank + 1, 1, 1, k).values())
+        assert over >= dense_flops(lp.in_features, lp.out_features, 1)  # the largest rank that still saves
 
 
 @pytest.mark.parametrize("config,message", [
