@@ -26,7 +26,8 @@ from collections import defaultdict
 import torch
 
 import midl_convert as mc
-from midl_convert.calibrate import _left_energy, _lstsq, calibrate_layer, collect_groups, whitened_factors
+from midl_convert.calibrate import calibrate_layer, collect_groups
+from midl_convert.fitting import left_energy as _left_energy, lstsq as _lstsq, whitened_factors
 from midl_convert.downstream import post_fn
 
 

@@ -2,7 +2,9 @@
 
     import midl_convert as mc
     model, plan = mc.convert(model, mc.MIDLConfig(keep=0.5), example_inputs)
-    model, plan = mc.convert(model, mc.MIDLConfig(flops_ratio=1.3), example_inputs, batches)  # a FLOPs budget
+    model, plan = mc.convert(model, mc.MIDLConfig(keep=0.7, rank=0, select="input"), example_inputs)  # input side
+    model, plan = mc.convert(model, mc.MIDLConfig(flops_ratio=1.3), example_inputs, batches)  # a budget, each layer's side chosen
+    with mc.dense(model): teacher_out = model(x)  # the converted model as its own teacher
     mc.calibrate(model, batches); mc.distill(model, teacher, data)
     mc.calibrate(model, batches, kind="embedding")  # gates weigh each neuron's error by its reach to the output
     mc.cap_thresholds(model, example_inputs)  # adaptive masks under a budget: the example costs at most what was counted
@@ -17,18 +19,21 @@ from .data import Batch, load_data
 from .distill import DistillConfig, distill
 from .errors import MIDLError
 from .graph import Target, TargetTable, find_targets
+from .input_layers import InputMIDLConv2d, InputMIDLinear
 from .layers import MIDLConv2d, MIDLinear
 from .models import LoadedModel, load_model
 from .report import Report
 from .report import build_report as report
 from .saving import load, save
 from .sensitivity import neuron_sensitivity
+from .sparse import SparseLayer, dense
 from .surgery import LayerPlan, Plan, apply_plan, convert, merge_and_unload, midl_layers, plan_conversion
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Batch", "DistillConfig", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d", "MIDLError", "MIDLinear",
-    "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "cap_thresholds", "convert", "distill", "find_targets", "load",
+    "Batch", "DistillConfig", "InputMIDLConv2d", "InputMIDLinear", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d",
+    "MIDLError", "MIDLinear", "SparseLayer",
+    "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "cap_thresholds", "convert", "dense", "distill", "find_targets", "load",
     "load_data", "load_model", "merge_and_unload", "midl_layers", "neuron_sensitivity", "plan_conversion", "report", "save",
 ]

@@ -1,8 +1,8 @@
 """The layer budget: each layer's keep and rank (or dense), chosen from measured damage so the whole
 model reaches a FLOPs ratio (``MIDLConfig(flops_ratio=1.5)``, ``--flops-ratio 1.5``).
 
-Measure. Every candidate layer alone, at each (keep, rank) of a small grid, is swapped in, fitted
-to its real inputs (``calibrate_layer``: input-whitened light path, least-squares gate), and the
+Measure. Every candidate layer alone, at each (side, keep, rank) of a small grid, is swapped in, fitted
+to its real inputs (``SparseLayer.calibrate_rows``), and the
 model's output on a few calibration batches is compared with the original's by the distillation
 loss (KL on logits, 1 - cosine on embeddings and hidden states). Damage is measured at the output
 because a layer's own error does not predict it: a MiniLM MLP's second layer has the smallest
@@ -33,30 +33,32 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .calibrate import calibrate_layer, collect_groups, whitened_svd
+from .calibrate import collect_groups
+from .fitting import linalg_threads, whitened_svd
 from .downstream import post_fn
 from .config import MIDLConfig, resolve_rank
 from .data import Batch
 from .errors import MIDLError
-from .flops import count_flops, dense_flops, midl_flops_parts
-from .layers import MIDLBase, linalg_threads
+from .flops import count_flops, dense_flops
+from .sparse import SparseLayer
 from .matching import matches
 from .quality import positions, distill_loss, model_output
 from .surgery import LayerPlan, Plan, _midl_layer, _set_module
 
-CACHE_VERSION = 3  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation
+CACHE_VERSION = 4  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation; 4: sides
 TOO_SENSITIVE = "too sensitive: the budget is met with less damage elsewhere"
 NO_GAIN = "no FLOPs to gain: at every keep and rank tried, the gate and light path cost as much as the rows skipped"
 
 
 @dataclass
 class Option:
-    """One (keep, rank) setting of one layer: its MID-L FLOPs on the example input and measured damage."""
+    """One (side, keep, rank) setting of one layer: its FLOPs on the example input and measured damage."""
 
     keep: float
     rank: int
     flops: int
     damage: float
+    side: str = "output"
 
 
 @dataclass
@@ -93,7 +95,7 @@ class Measurements:
 
 
 # ----- FLOPs of a plan on the example input ---------------------------------------------------
-def _shell(module: nn.Module, lp: LayerPlan) -> MIDLBase:
+def _shell(module: nn.Module, lp: LayerPlan) -> SparseLayer:
     """A MID-L layer of ``lp``'s settings on the meta device: its ``groups_of`` and ``k``, no memory."""
     return _midl_layer(_MetaView(module), lp, init=False)  # type: ignore[arg-type]
 
@@ -131,7 +133,7 @@ def option_flops(module: nn.Module, lp: LayerPlan, shapes: Sequence[tuple[int, .
         grouped = shell.groups_of(torch.empty(shape, device="meta"))
         rows, groups = grouped.shape[0] * grouped.shape[1], grouped.shape[0]
         dense += dense_flops(lp.in_features, lp.out_features, rows)
-        midl += sum(midl_flops_parts(lp.in_features, lp.out_features, lp.keep, lp.rank, rows, groups, shell.k).values())
+        midl += sum(shell.flops_parts(rows, groups).values())
     return dense, midl
 
 
@@ -145,10 +147,17 @@ def _override_rank(lp: LayerPlan, config: MIDLConfig) -> bool:
     return any(o.rank is not None and any(matches(o.match, n) for n in [lp.path, *lp.aliases]) for o in config.overrides)
 
 
-def grid(lp: LayerPlan, config: MIDLConfig) -> list[tuple[float, int]]:
-    """The (keep, rank) settings tried on one layer; an override's rank replaces the rank grid."""
-    ranks = [lp.rank] if _override_rank(lp, config) else [resolve_rank(r, lp.in_features, lp.out_features) for r in config.budget_ranks]
-    return [(k, r) for k in sorted(set(config.budget_keeps)) if k < 1.0 for r in sorted(set(ranks))]
+def grid(lp: LayerPlan, config: MIDLConfig) -> list[tuple[str, float, int]]:
+    """The (side, keep, rank) settings tried on one layer: each side ``lp.side`` allows ("auto": both)
+    with its own keeps and ranks; an override's rank replaces the rank grids."""
+    out = []
+    for side, keeps, ranks in (("output", config.budget_keeps, config.budget_ranks),
+                               ("input", config.budget_input_keeps, config.budget_input_ranks)):
+        if lp.side not in (side, "auto"):
+            continue
+        ranks = [lp.rank] if _override_rank(lp, config) else [resolve_rank(r, lp.in_features, lp.out_features) for r in ranks]
+        out += [(side, k, r) for k in sorted(set(keeps)) if k < 1.0 for r in sorted(set(ranks))]
+    return out
 
 
 def _digest(h: "hashlib._Hash", t: torch.Tensor) -> None:
@@ -198,7 +207,7 @@ def measure_damage(
     progress: Callable[[str], None] | None = None, fit_batches: Sequence[Batch] = (),
 ) -> dict[str, list[float]]:
     """Output loss on ``batches`` against the unchanged model with each layer alone converted at each
-    of its options, each fitted (``calibrate_layer``) on ``fit_batches`` (on ``batches`` when none).
+    of its options, each fitted (``calibrate_rows``) on ``fit_batches`` (on ``batches`` when none).
 
     Fitting and judging on the same few samples flatters every option and ranks them wrongly: on
     MiniLM at 1.3x, 8 sentences for both predicted a damage of 0.03 where conversion lost 0.12;
@@ -226,12 +235,12 @@ def measure_damage(
                 x = groups[p].reshape(-1, options[0].in_features)
                 w = _dense_weight(originals[p]).float()
                 with linalg_threads(w.numel()):
-                    svd = whitened_svd(w, x) if whiten and any(o.rank for o in options) else None
+                    svd = whitened_svd(w, x) if whiten and any(o.rank and o.side == "output" for o in options) else None
                 damage[p] = []
                 for lp in options:
                     layer = _sharing(originals[p], lp)
                     with linalg_threads(w.numel()):
-                        calibrate_layer(layer, groups[p], whiten, p, svd, post_fn(model, lp.norm, lp.activation))
+                        layer.calibrate_rows(groups[p], whiten=whiten, path=p, svd=svd, post=post_fn(model, lp.norm, lp.activation))
                     _install(model, aliases[p], layer)
                     loss = sum(damage_of(model_output(model, b, kind), t, kind, b) for b, t in zip(batches, targets))
                     damage[p].append(loss / len(batches))
@@ -295,7 +304,7 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _sharing(module: nn.Module, lp: LayerPlan) -> MIDLBase:
+def _sharing(module: nn.Module, lp: LayerPlan) -> SparseLayer:
     """A MID-L layer with ``lp``'s settings whose ``W, b`` are the module's own tensors (no copy)."""
     layer = _midl_layer(module, lp, init=False)
     layer.weight = nn.Parameter(_dense_weight(module).detach(), requires_grad=False)
@@ -326,13 +335,13 @@ def measure(
     for lp in candidates:
         module = model.get_submodule(lp.path)
         options = []
-        dense, _ = option_flops(module, replace(lp, keep=1.0), shapes[lp.path])
-        for keep, rank in grid(lp, config):
-            trial = replace(lp, keep=keep, rank=rank)
+        dense, _ = option_flops(module, replace(lp, keep=1.0, side="output"), shapes[lp.path])
+        for side, keep, rank in grid(lp, config):
+            trial = replace(lp, keep=keep, rank=rank, side=side)
             _, midl = option_flops(module, trial, shapes[lp.path])
             if midl < dense:
                 options.append((trial, midl))
-        costs[lp.path] = LayerCost(lp.path, dense, [Option(o.keep, o.rank, f, 0.0) for o, f in options])
+        costs[lp.path] = LayerCost(lp.path, dense, [Option(o.keep, o.rank, f, 0.0, o.side) for o, f in options])
         if options:
             todo[lp.path] = [o for o, _ in options]
     fixed_saved = 0
@@ -457,7 +466,7 @@ def budget_plan(
             reason = NO_GAIN if not m.layers[lp.path].options else TOO_SENSITIVE
             layers.append(replace(lp, convert=False, keep=None, rank=None, granularity=None, reason=reason))
         else:
-            layers.append(replace(lp, keep=o.keep, rank=o.rank, predicted_damage=o.damage))
+            layers.append(replace(lp, keep=o.keep, rank=o.rank, side=o.side, predicted_damage=o.damage))
     damage = sum(o.damage for o in choice.values() if o is not None)
     ratio = predicted_ratio(m, choice)
     summary = {

@@ -24,10 +24,9 @@ from torch import nn
 from .calibrate import fit_thresholds
 from .data import CALIBRATION_OFFSET, Batch, Data
 from .errors import MIDLError
-from .layers import MIDLBase
+from .sparse import SparseLayer
 from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output
 
-MIDL_PARAMS = ("gate_weight", "gate_bias", "light_up", "light_down")
 CHECKPOINT = "distill_checkpoint.pt"
 
 
@@ -66,11 +65,11 @@ class DistillResult:
 
 def trainable(model: nn.Module, train: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(MID-L parameters, other parameters) that train; everything else is frozen."""
-    names = ("gate_weight", "gate_bias") if train == "gates" else MIDL_PARAMS
     midl, rest = [], []
     for mod in model.modules():
+        names = mod.trainable_names(train) if isinstance(mod, SparseLayer) else ()
         for pname, p in mod.named_parameters(recurse=False):
-            is_midl = isinstance(mod, MIDLBase) and pname in names
+            is_midl = pname in names
             (midl if is_midl else rest).append(p)
     rest = rest if train == "all" else []
     for p in model.parameters():
@@ -103,9 +102,9 @@ class _LayerLoss:
 
     def __init__(self, model: nn.Module) -> None:
         self.terms: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, MIDLBase)]
+        self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, SparseLayer)]
 
-    def _hook(self, mod: MIDLBase, inputs: tuple, out: torch.Tensor) -> None:
+    def _hook(self, mod: SparseLayer, inputs: tuple, out: torch.Tensor) -> None:
         with torch.no_grad():
             ref = mod.dense_forward(inputs[0])
         self.terms.append(F.mse_loss(out.float(), ref.float()) / ref.float().pow(2).mean().clamp_min(1e-8))
@@ -184,7 +183,7 @@ def distill(
     model, opt = acc.prepare(student, opt)
     student.eval()  # dropout off: a run is deterministic, so resuming reproduces it
     for m in student.modules():
-        if isinstance(m, MIDLBase):
+        if isinstance(m, SparseLayer):
             m.train()  # Top-k with the straight-through gate gradient
     layer_loss = _LayerLoss(student) if cfg.layer_weight > 0 else None
     update, finish = _reporter(cfg.steps, cfg.log_every) if acc.is_main_process else ((lambda *a: None), (lambda: None))
@@ -224,7 +223,7 @@ def distill(
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    if any(m.adaptive for m in student.modules() if isinstance(m, MIDLBase)):
+    if any(m.adaptive for m in student.modules() if isinstance(m, SparseLayer)):
         # Training moved the gates: refit the thresholds so each layer keeps the share its FLOPs count.
         dev = next(student.parameters()).device
         fit_thresholds(student, [data.train_batch(CALIBRATION_OFFSET + i, cfg.batch_size).to(dev)

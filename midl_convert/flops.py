@@ -1,7 +1,8 @@
 """FLOPs formulas: the one place that says what a layer costs (2 FLOPs per multiply-add, 1 per
 elementwise op or compared element).
 
-The MID-L count follows ``MIDLBase.mix_rows`` and ``_sparse`` term by term, so a ratio says what
+Each kind's count follows its ``mix_rows`` term by term (``midl_flops_parts`` for the output
+side, ``input_flops_parts`` for the input side), so a ratio says what
 the code does, not what the paper promises; the whole-model dense count is
 ``torch.utils.flop_counter.FlopCounterMode``'s, and the MID-L one swaps each converted layer's dense
 FLOPs for its own.
@@ -16,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers import MIDLBase
+from .sparse import SparseLayer
 
 
 def dense_flops(in_features: int, out_features: int, rows: int) -> int:
@@ -46,6 +47,27 @@ def midl_flops_parts(
     }
 
 
+def input_flops_parts(
+    in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int, k: float
+) -> dict[str, int]:
+    """FLOPs of each step of an input-side layer (``input_layers.py``) over ``rows`` rows in ``groups`` masks.
+
+    The light path runs on every row's left-out inputs as a dense product (``V`` reads all of
+    ``in``); the exact path reads the ``k`` selected columns of ``W``.
+    """
+    if keep >= 1.0:
+        return {"dense": dense_flops(in_features, out_features, rows)}
+    r, out = rank, out_features
+    return {
+        "score": 2 * in_features * rows + in_features * groups,  # |x| (pooled over a group's rows), times g c per mask
+        "topk": in_features * groups,  # one pass over the scores per mask
+        "exact": round(2 * k * out * rows),  # the k selected columns of W (k a mean, for adaptive masks)
+        "light_down": 2 * r * in_features * rows,  # V on the left-out inputs
+        "light_up": 2 * r * out * rows,
+        "blend": out * rows,  # bias (and the light path's sum)
+    }
+
+
 @dataclass(frozen=True)
 class LayerFlops:
     """Dense and MID-L FLOPs of one converted layer, summed over its calls on one input."""
@@ -61,13 +83,13 @@ class LayerFlops:
         return self.dense / self.midl if self.midl else float("nan")
 
 
-def layer_flops(layer: MIDLBase, calls: list[tuple[int, int]], picked: list[float] | None = None) -> LayerFlops:
+def layer_flops(layer: SparseLayer, calls: list[tuple[int, int]], picked: list[float] | None = None) -> LayerFlops:
     """FLOPs of ``layer`` over calls given as ``(rows, groups)`` (see ``layer_calls``); ``picked``:
     the mean exact neurons per mask of each call, measured (adaptive masks), else ``layer.k``."""
     parts: dict[str, int] = {}
     for i, (rows, groups) in enumerate(calls):
         k = picked[i] if picked is not None and picked[i] is not None else layer.k
-        step = midl_flops_parts(layer.in_features, layer.out_features, layer.keep, layer.rank, rows, groups, k)
+        step = layer.flops_parts(rows, groups, k)
         for name, value in step.items():
             parts[name] = parts.get(name, 0) + value
     dense = sum(dense_flops(layer.in_features, layer.out_features, rows) for rows, _ in calls)
@@ -101,20 +123,20 @@ def layer_calls(model: nn.Module, inputs: Any, picked: dict[str, list[float | No
 
     Shared layers count once per call; the layers' statistics are left as they were.
     """
-    layers = {path: m for path, m in model.named_modules() if isinstance(m, MIDLBase)}
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, SparseLayer)}
     calls: dict[str, list[tuple[int, int]]] = {path: [] for path in layers}
     handles = []
     saved = {path: (m.track_stats, m.last_active_fraction, m._active_sum, m._active_calls) for path, m in layers.items()}
     for path, layer in layers.items():
-        def hook(mod: MIDLBase, args: tuple, _path: str = path) -> None:
+        def hook(mod: SparseLayer, args: tuple, _path: str = path) -> None:
             grouped = mod.groups_of(args[0])
             calls[_path].append((grouped.shape[0] * grouped.shape[1], grouped.shape[0]))
             mod.last_active_fraction = None
 
-        def after(mod: MIDLBase, args: tuple, out: Any, _path: str = path) -> None:
+        def after(mod: SparseLayer, args: tuple, out: Any, _path: str = path) -> None:
             frac = mod.last_active_fraction
             if picked is not None:
-                picked.setdefault(_path, []).append(None if frac is None else frac * mod.out_features)
+                picked.setdefault(_path, []).append(None if frac is None else frac * mod.width)
         handles.append(layer.register_forward_pre_hook(hook))
         handles.append(layer.register_forward_hook(after))
         layer.track_stats = True
@@ -170,4 +192,4 @@ def model_flops(student: nn.Module, teacher: nn.Module, inputs: Any) -> ModelFlo
     )
 
 
-__all__ = ["LayerFlops", "ModelFlops", "count_flops", "dense_flops", "layer_calls", "layer_flops", "midl_flops_parts", "model_flops"]
+__all__ = ["LayerFlops", "ModelFlops", "count_flops", "dense_flops", "input_flops_parts", "layer_calls", "layer_flops", "midl_flops_parts", "model_flops"]

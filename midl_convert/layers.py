@@ -26,44 +26,25 @@ choices are measured by ``benchmarks/layer_speed.py``.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Iterator, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fitting import fit_threshold, linalg_threads
 from .kernels import KERNEL_ROW_LIMIT, fused_kernel, kernel_applies, tracing
+from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_keep, check_rank
 
 Granularity = Literal["token", "sequence", "pixel", "sample"]
 GateMode = Literal["abs", "linear"]
 ComputePath = Literal["auto", "reference", "sparse", "kernel"]
-LINEAR_GRANULARITIES = ("token", "sequence")
-CONV_GRANULARITIES = ("pixel", "sample")
 # Rows of W gathered at once by the sparse path (elements), so a long batch of per-token
 # masks does not materialise a (tokens, k, in) copy of W in one go.
 _GATHER_CHUNK = 1 << 24
 # Rows with their own masks up to which ``auto`` uses the fused kernel: up to 8 it beat dense
 # compute plus masking on the ViT-S and BERT-base MLP shapes (1 thread; at 16 they tie).
 KERNEL_MAX_ROWS = 8
-
-
-def check_keep(keep: float) -> float:
-    """Validate a keep fraction: the share of output neurons that take the exact path."""
-    if not isinstance(keep, (int, float)) or isinstance(keep, bool) or not 0.0 < float(keep) <= 1.0:
-        raise ValueError(f"keep must be in (0, 1], got {keep!r}; use e.g. keep=0.5")
-    return float(keep)
-
-
-def check_rank(rank: int, in_features: int, out_features: int) -> int:
-    """Validate a light-path rank against the layer's shape."""
-    limit = min(in_features, out_features)
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= limit:
-        raise ValueError(
-            f"rank must be an int in [0, {limit}] (min of in={in_features}, out={out_features}), got {rank!r}"
-        )
-    return rank
 
 
 def _channels_first(x: torch.Tensor) -> bool:
@@ -73,19 +54,6 @@ def _channels_first(x: torch.Tensor) -> bool:
 
 # Stands in for a missing bias in the kernel's arguments.
 _NO_BIAS = torch.empty(0)
-
-
-@contextlib.contextmanager
-def linalg_threads(elements: int) -> Iterator[None]:
-    """One CPU thread for decompositions of small matrices: LAPACK's threaded SVD on a busy
-    2-core machine was measured 100x slower than one thread (256x64: 2.6 s vs 2 ms)."""
-    before = torch.get_num_threads()
-    if elements < (1 << 22):
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,16 +81,10 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return (u * root).to(weight.dtype), (root[:, None] * vh).to(weight.dtype)
 
 
-def fit_threshold(scores: torch.Tensor, keep: float) -> float:
-    """The score above which ``keep`` of all neurons in ``scores`` (..., out) lie: adaptive masks then
-    keep that share on average, more where the scores say the light path is wrong."""
-    flat = scores.float().reshape(-1)
-    below = min(flat.numel(), max(1, round(flat.numel() * (1 - keep))))
-    return float(flat.kthvalue(below).values)
+class MIDLBase(SparseLayer):
+    """The maths of output-side MID-L layers on rows ``(G, n, in)``; subclasses map their input to rows."""
 
-
-class MIDLBase(nn.Module):
-    """Shared state and maths of MID-L layers; subclasses map their input to ``(..., in)`` rows."""
+    side = "output"
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -140,20 +102,9 @@ class MIDLBase(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if granularity not in allowed:
-            raise ValueError(f"granularity must be one of {allowed} for {type(self).__name__}, got {granularity!r}")
-        self.in_features, self.out_features = in_features, out_features
-        self.keep = check_keep(keep)
-        self.rank = check_rank(rank, in_features, out_features)
-        self.granularity = granularity
+        self._init_settings(in_features, out_features, keep, rank, granularity, allowed, device)
         # Gate form, kept in the state dict so a saved calibrated layer reloads as it was: 1 = abs, 0 = linear.
         self.register_buffer("gate_abs", torch.ones((), dtype=torch.uint8, device=device))
-        # Adaptive masks: neurons whose score passes this threshold take the exact path, so the mask's
-        # size follows the input (NaN: exactly k per mask). ``calibrate`` sets it where ``adaptive``.
-        self.register_buffer("gate_threshold", torch.full((), float("nan"), device=device))
-        self._threshold: float | None = None
-        self.adaptive = False
-        self.counts: torch.Tensor | None = None  # each mask's exact neurons in the last adaptive call
         self.path: ComputePath = "auto"
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -162,11 +113,6 @@ class MIDLBase(nn.Module):
         self.light_up = nn.Parameter(torch.zeros(out_features, rank, **factory))  # U
         self.gate_weight = nn.Parameter(torch.zeros(out_features, rank, **factory))  # G
         self.gate_bias = nn.Parameter(torch.zeros(out_features, **factory))  # c
-        self.track_stats = False
-        # (BatchNorm path, activation) applied to this layer's output in the model: calibration
-        # fits the gate to the error that survives them (downstream.py); set from the plan.
-        self.downstream: tuple[str | None, str | None] = (None, None)
-        self.reset_stats()
 
     # ----- set-up -------------------------------------------------------------------------
     @property
@@ -178,27 +124,6 @@ class MIDLBase(nn.Module):
         if mode not in ("abs", "linear"):
             raise ValueError(f"gate_mode must be 'abs' or 'linear', got {mode!r}")
         self.gate_abs.fill_(1 if mode == "abs" else 0)
-
-    @property
-    def threshold(self) -> float | None:
-        """The calibrated score threshold of adaptive masks, or None for exactly ``k`` per mask."""
-        return self._threshold
-
-    @threshold.setter
-    def threshold(self, value: float | None) -> None:
-        self.gate_threshold.fill_(float("nan") if value is None else value)
-        self._threshold = value
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001 - torch's signature
-        state_dict.setdefault(prefix + "gate_threshold", torch.full((), float("nan")))  # saved before adaptive masks
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        value = float(self.gate_threshold)
-        self._threshold = None if math.isnan(value) else value
-
-    @property
-    def k(self) -> int:
-        """Neurons per mask that take the exact path (on average, with adaptive masks)."""
-        return min(self.out_features, math.ceil(self.keep * self.out_features - 1e-9))
 
     @torch.no_grad()
     def init_from_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -215,23 +140,6 @@ class MIDLBase(nn.Module):
             self.gate_bias.copy_(self.weight.float().norm(dim=1))
         else:
             self.gate_bias.zero_()
-
-    def reset_stats(self) -> None:
-        """Forget the measured share of neurons on the exact path."""
-        self.last_active_fraction: float | None = None
-        self._active_sum = 0.0
-        self._active_calls = 0
-
-    @property
-    def active_fraction(self) -> float | None:
-        """Running mean, over calls since ``reset_stats``, of the share of neurons on the exact path."""
-        return self._active_sum / self._active_calls if self._active_calls else None
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, keep={self.keep}, "
-            f"rank={self.rank}, granularity={self.granularity}, bias={self.bias is not None}"
-        )
 
     # ----- maths on rows (..., in) --------------------------------------------------------
     def scores(self, h: torch.Tensor) -> torch.Tensor:
@@ -251,18 +159,9 @@ class MIDLBase(nn.Module):
             return out + self.bias if self.bias is not None else out
         return F.linear(h, self.light_up, self.bias)
 
-    def _record(self, picked: int | torch.Tensor) -> None:
-        """Count the exact neurons of one call: ``k`` per mask, or each mask's count (adaptive)."""
-        if self.track_stats:
-            picked = picked.float().mean().item() if isinstance(picked, torch.Tensor) else picked
-            frac = picked / self.out_features
-            self.last_active_fraction = frac
-            self._active_sum += frac
-            self._active_calls += 1
-
     def mix_rows(self, x: torch.Tensor) -> torch.Tensor:
         """MID-L on grouped rows ``x (G, n, in)``, one mask per group from the mean of its ``V x``."""
-        if self.keep >= 1.0:
+        if self.exact:
             return self._dense(x)
         path = self.compute_path(x)
         if path == "kernel":
@@ -358,11 +257,6 @@ class MIDLBase(nn.Module):
         self.counts = counts
         return idx
 
-    @staticmethod
-    def _counts(s: torch.Tensor, threshold: float) -> torch.Tensor:
-        """Exact neurons of each adaptive mask: the scores above the threshold, at least one."""
-        return (s > threshold).sum(-1).clamp_min(1)
-
     def _top(self, s: torch.Tensor, k: int) -> torch.Tensor:
         if kernel_applies(s) and not tracing() and fused_kernel() is not None:
             return fused_kernel().top_k_rows(s.detach().reshape(s.shape[0], -1), k).unsqueeze(1)
@@ -429,12 +323,26 @@ class MIDLBase(nn.Module):
     def _bias_at(self, sel: torch.Tensor) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.index_select(0, sel)
 
-    # ----- round trip ---------------------------------------------------------------------
-    def merge_and_unload(self) -> nn.Module:  # pragma: no cover - implemented by subclasses
-        raise NotImplementedError
+    # ----- the interface (sparse.py) -------------------------------------------------------
+    def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
+        from .flops import midl_flops_parts
+
+        return midl_flops_parts(self.in_features, self.out_features, self.keep, self.rank, rows, groups,
+                                self.k if k is None else k)
+
+    def trainable_names(self, train: str) -> tuple[str, ...]:
+        return ("gate_weight", "gate_bias") if train == "gates" else ("gate_weight", "gate_bias", "light_up", "light_down")
+
+    def mask_scores(self, groups: torch.Tensor) -> torch.Tensor:
+        return self.scores(F.linear(groups, self.light_down).mean(1))
+
+    def calibrate_rows(self, groups: torch.Tensor, **kwargs: Any) -> Any:
+        from .fitting import calibrate_output_layer
+
+        return calibrate_output_layer(self, groups, **kwargs)
 
 
-class MIDLinear(MIDLBase):
+class MIDLinear(LinearRows, MIDLBase):
     """MID-L replacement for ``nn.Linear`` (and Hugging Face ``Conv1D``), features last.
 
     ``granularity="token"``: a mask per row of the input; ``"sequence"``: one mask per sample
@@ -460,52 +368,17 @@ class MIDLinear(MIDLBase):
     @classmethod
     def from_linear(cls, linear: nn.Module, keep: float = 0.5, rank: int = 32, granularity: str = "token") -> "MIDLinear":
         """Build from an ``nn.Linear`` or an HF ``Conv1D`` (a Linear with its weight transposed)."""
-        transposed = type(linear).__name__ == "Conv1D" and not isinstance(linear, nn.Linear)
-        weight = linear.weight.T if transposed else linear.weight
+        weight, bias, transposed = cls.dense_of(linear)
         out_f, in_f = weight.shape
         layer = cls(
-            in_f, out_f, keep, check_rank(rank, in_f, out_f), granularity, linear.bias is not None,
+            in_f, out_f, keep, check_rank(rank, in_f, out_f), granularity, bias is not None,
             transposed, weight.device, weight.dtype,
         )
-        layer.init_from_dense(weight, linear.bias)
+        layer.init_from_dense(weight, bias)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"MIDLinear expects {self.in_features} input features, got {x.shape[-1]} (input shape {tuple(x.shape)})"
-            )
-        return self.mix_rows(self.groups_of(x)).reshape(*x.shape[:-1], self.out_features)
 
-    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The original layer's output (every neuron exact)."""
-        return F.linear(x, self.weight, self.bias)
-
-    def groups_of(self, x: torch.Tensor) -> torch.Tensor:
-        """Input rows grouped by mask (G, n, in): one group per token, or per sample for ``sequence``."""
-        if self.granularity == "sequence" and x.dim() >= 3:
-            return x.reshape(x.shape[0], -1, self.in_features)
-        return x.reshape(-1, 1, self.in_features)
-
-    def merge_and_unload(self) -> nn.Module:
-        """The original dense module (``nn.Linear`` or HF ``Conv1D``) with the current ``W, b``."""
-        if self.transposed:
-            from transformers.pytorch_utils import Conv1D
-
-            dense = Conv1D(self.out_features, self.in_features)
-            dense.weight = nn.Parameter(self.weight.detach().T.contiguous())
-            dense.bias = nn.Parameter(self.bias.detach().clone()) if self.bias is not None else None
-            return dense.to(self.weight.device)
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
-
-
-class MIDLConv2d(MIDLBase):
+class MIDLConv2d(ConvRows, MIDLBase):
     """MID-L replacement for a 1x1 ``nn.Conv2d`` (groups 1, any stride and zero padding).
 
     ``granularity="pixel"``: a mask per spatial position; ``"sample"``: one mask per sample
@@ -531,11 +404,7 @@ class MIDLConv2d(MIDLBase):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, keep: float = 0.5, rank: int = 32, granularity: str = "pixel") -> "MIDLConv2d":
         """Build from a 1x1 ``nn.Conv2d`` with groups 1 and zero padding mode."""
-        if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(
-                f"MIDLConv2d needs a 1x1 conv with groups=1 and numeric zero padding, got kernel_size="
-                f"{conv.kernel_size}, groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
-            )
+        cls.check_conv(conv)
         out_c, in_c = conv.out_channels, conv.in_channels
         layer = cls(
             in_c, out_c, keep, check_rank(rank, in_c, out_c), granularity, conv.bias is not None,
@@ -544,48 +413,5 @@ class MIDLConv2d(MIDLBase):
         layer.init_from_dense(conv.weight.reshape(out_c, in_c), conv.bias)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_features:
-            raise ValueError(
-                f"MIDLConv2d expects (B, {self.in_features}, H, W) input, got shape {tuple(x.shape)}"
-            )
-        if self.keep >= 1.0:  # every neuron exact: the original conv, bit for bit
-            return self.dense_forward(x)
-        unbatched = x.dim() == 3
-        x = x[None] if unbatched else x
-        b, hh, ww = x.shape[0], *self.out_size(x)
-        y = self.mix_rows(self.groups_of(x)).reshape(b, hh, ww, self.out_features).permute(0, 3, 1, 2)
-        return y[0] if unbatched else y
-
-    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The original 1x1 conv's output (every filter exact)."""
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias, self.stride, self.padding)
-
-    def out_size(self, x: torch.Tensor) -> tuple[int, int]:
-        (h, w), (sh, sw), (ph, pw) = x.shape[-2:], self.stride, self.padding
-        return (h + 2 * ph - 1) // sh + 1, (w + 2 * pw - 1) // sw + 1
-
-    def groups_of(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels as rows grouped by mask (G, n, in): one group per pixel, or per sample for ``sample``."""
-        x = x[None] if x.dim() == 3 else x
-        if self.padding != (0, 0):
-            x = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
-        if self.stride != (1, 1):
-            x = x[:, :, :: self.stride[0], :: self.stride[1]]
-        rows = x.permute(0, 2, 3, 1)  # channels last: each pixel is a row
-        if self.granularity == "sample":
-            return rows.reshape(x.shape[0], -1, self.in_features)
-        return rows.reshape(-1, 1, self.in_features)
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", stride={self.stride}, padding={self.padding}"
-
-    def merge_and_unload(self) -> nn.Module:
-        """The original 1x1 ``nn.Conv2d`` with the current ``W, b``."""
-        dense = nn.Conv2d(self.in_features, self.out_features, 1, self.stride, self.padding,
-                          bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight.reshape(self.out_features, self.in_features, 1, 1))
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense

@@ -28,7 +28,7 @@ from torch import nn
 from .data import Batch
 from .errors import MIDLError
 from .flops import model_flops
-from .layers import MIDLBase, MIDLConv2d
+from .sparse import SparseLayer
 from .quality import OUTPUT_KIND, compare, headline, run
 from .surgery import Plan, midl_layers
 
@@ -178,6 +178,7 @@ class LayerReport:
     midl_flops: int
     ratio: float | None
     flops_parts: dict[str, int] = field(default_factory=dict)
+    side: str = "output"  # which neurons the mask picks: output rows or input columns of W
 
 
 @dataclass
@@ -251,8 +252,8 @@ class Report:
         return rows
 
     def layer_rows(self) -> tuple[list[str], list[list[str]]]:
-        header = ["layer", "kind", "in", "out", "keep", "rank", "granularity", "active", "dense FLOPs", "MID-L FLOPs", "ratio"]
-        rows = [[lr.path, lr.kind, str(lr.in_features), str(lr.out_features), f"{lr.keep:g}", str(lr.rank), lr.granularity,
+        header = ["layer", "kind", "in", "out", "side", "keep", "rank", "granularity", "active", "dense FLOPs", "MID-L FLOPs", "ratio"]
+        rows = [[lr.path, lr.kind, str(lr.in_features), str(lr.out_features), lr.side, f"{lr.keep:g}", str(lr.rank), lr.granularity,
                  _fmt(lr.active_fraction), _si(lr.dense_flops), _si(lr.midl_flops), _fmt(lr.ratio)] for lr in self.layers]
         return header, rows
 
@@ -404,18 +405,18 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _layer_report(path: str, layer: MIDLBase, kinds: dict[str, str], f: Any, active: float | None) -> LayerReport:
-    kind = kinds.get(path) or ("conv2d" if isinstance(layer, MIDLConv2d) else "conv1d" if getattr(layer, "transposed", False) else "linear")
+def _layer_report(path: str, layer: SparseLayer, kinds: dict[str, str], f: Any, active: float | None) -> LayerReport:
+    kind = kinds.get(path) or layer.target_kind
     return LayerReport(
         path=path, kind=kind, in_features=layer.in_features, out_features=layer.out_features, keep=layer.keep,
-        rank=layer.rank, granularity=layer.granularity, k=layer.k, calls=len(f.calls), rows=sum(r for r, _ in f.calls),
+        rank=layer.rank, granularity=layer.granularity, k=layer.k, side=layer.side, calls=len(f.calls), rows=sum(r for r, _ in f.calls),
         groups=sum(g for _, g in f.calls), active_fraction=active, dense_flops=f.dense, midl_flops=f.midl,
         ratio=f.ratio, flops_parts=dict(f.parts),
     )
 
 
 def _quality_and_activity(
-    layers: dict[str, MIDLBase], student: nn.Module, teacher: nn.Module, batches: list[Batch], task: str
+    layers: dict[str, SparseLayer], student: nn.Module, teacher: nn.Module, batches: list[Batch], task: str
 ) -> tuple[dict[str, float], dict[str, float | None]]:
     """Quality on the held-out batches, with each layer's exact-path share recorded along the way."""
     saved = {p: m.track_stats for p, m in layers.items()}

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .errors import MIDLError
-from .layers import MIDLBase, MIDLConv2d
+from .sparse import SparseLayer
 from .surgery import LayerPlan, Plan, apply_plan
 
 FORMAT_VERSION = 1
@@ -29,14 +29,14 @@ def plan_of(model: nn.Module) -> Plan:
     """The plan that a converted model embodies, read off its MID-L layers."""
     layers: dict[int, LayerPlan] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
-        if not isinstance(mod, MIDLBase):
+        if not isinstance(mod, SparseLayer):
             continue
         if id(mod) in layers:
             layers[id(mod)].aliases.append(path)
             continue
-        kind = "conv2d" if isinstance(mod, MIDLConv2d) else ("conv1d" if getattr(mod, "transposed", False) else "linear")
-        layers[id(mod)] = LayerPlan(path, kind, mod.in_features, mod.out_features, 0, True, mod.keep, mod.rank, mod.granularity,
-                                    norm=mod.downstream[0], activation=mod.downstream[1], adaptive=mod.adaptive)
+        layers[id(mod)] = LayerPlan(path, mod.target_kind, mod.in_features, mod.out_features, 0, True, mod.keep, mod.rank,
+                                    mod.granularity, norm=mod.downstream[0], activation=mod.downstream[1],
+                                    adaptive=mod.adaptive, side=mod.side)
     if not layers:
         raise MIDLError(f"{type(model).__name__} has no MID-L layers to save; convert it first (midl_convert.convert)")
     return Plan(list(layers.values()), method="saved")

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from .data import Batch
-from .layers import MIDLConv2d
+from .sparse import ConvRows
 from .quality import model_output, positions
 
 
 def _channel_last(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     """The gradient with the module's output channels last: a conv's are at dim -3 ((N, C, H, W) or
     (C, H, W)); a Linear's are last, whatever comes before (tokens, or a channels-last image)."""
-    return grad.movedim(-3, -1) if isinstance(module, (nn.Conv2d, MIDLConv2d)) else grad
+    return grad.movedim(-3, -1) if isinstance(module, (nn.Conv2d, ConvRows)) else grad
 
 
 def neuron_sensitivity(

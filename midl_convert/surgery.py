@@ -15,7 +15,9 @@ from .config import MIDLConfig, granularity_for, resolve_rank
 from .data import Batch
 from .errors import MIDLError
 from .graph import Target, TargetTable, find_targets
-from .layers import MIDLBase, MIDLConv2d, MIDLinear
+from .input_layers import InputMIDLConv2d, InputMIDLinear
+from .layers import MIDLConv2d, MIDLinear
+from .sparse import SparseLayer, dense, sparse_layers
 from .matching import ALL_LINEAR, closest, matches, matches_any
 from .quality import output_kind
 
@@ -40,6 +42,7 @@ class LayerPlan:
     norm: str | None = None  # BatchNorm right after the layer, and the activation after that: calibration fits
     activation: str | None = None  # the gate to the error that survives them (downstream.py)
     adaptive: bool = False  # a calibrated score threshold instead of exactly k per mask
+    side: str = "output"  # which neurons a mask picks: "output" or "input" ("auto" until the budget decides)
 
 
 @dataclass
@@ -96,19 +99,23 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
             reason = "classifier / output head (skip_head)"
         elif t.weights < config.min_size:
             reason = f"smaller than min_size ({t.weights} < {config.min_size} weights)"
-        keep, rank, gran = config.keep, config.rank, config.granularity
+        keep, rank, gran, side, pinned = config.keep, config.rank, config.granularity, config.side, False
         for o in config.overrides:  # later overrides win
             if any(matches(o.match, n) for n in names):
                 keep = o.keep if o.keep is not None else keep
                 rank = o.rank if o.rank is not None else rank
                 gran = o.granularity or gran
+                side = o.select or side
+                pinned = pinned or o.keep is not None
+        if side == "auto" and pinned:  # a keep pinned outside the budget, with no side named: the input side
+            side = "input"
         layers.append(LayerPlan(
             path=t.path, kind=t.kind, in_features=t.in_features, out_features=t.out_features, flops=t.flops,
             convert=reason is None, keep=keep if reason is None else None,
             rank=resolve_rank(rank, t.in_features, t.out_features) if reason is None else None,
             granularity=granularity_for(t.kind, gran) if reason is None else None,
             reason=reason, role=t.role, aliases=t.aliases, norm=t.norm, activation=t.activation,
-            adaptive=config.adaptive and reason is None,
+            adaptive=config.adaptive and reason is None, side=side,
         ))
     plan = Plan(layers=layers, method=table.method, notes=list(table.notes))
     if not plan.converted:
@@ -119,24 +126,32 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
     return plan
 
 
-def _midl_layer(module: nn.Module, lp: LayerPlan, init: bool) -> MIDLBase:
+# Each kind of sparse layer, by (side, target kind): the one place a new kind registers.
+LAYER_KINDS: dict[tuple[str, str], type[SparseLayer]] = {
+    ("output", "linear"): MIDLinear, ("output", "conv1d"): MIDLinear, ("output", "conv2d"): MIDLConv2d,
+    ("input", "linear"): InputMIDLinear, ("input", "conv1d"): InputMIDLinear, ("input", "conv2d"): InputMIDLConv2d,
+}
+
+
+def _midl_layer(module: nn.Module, lp: LayerPlan, init: bool) -> SparseLayer:
     layer = _new_layer(module, lp, init)
     layer.downstream = (lp.norm, lp.activation)
     layer.adaptive = lp.adaptive
     return layer
 
 
-def _new_layer(module: nn.Module, lp: LayerPlan, init: bool) -> MIDLBase:
+def _new_layer(module: nn.Module, lp: LayerPlan, init: bool) -> SparseLayer:
+    cls = LAYER_KINDS[(lp.side, lp.kind)]
     if init:
         if lp.kind == "conv2d":
-            return MIDLConv2d.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
-        return MIDLinear.from_linear(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
+            return cls.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
+        return cls.from_linear(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
     # Shapes only (weights are loaded next): skips the SVD when a saved model is rebuilt.
     w, bias = module.weight, module.bias is not None
     common = dict(keep=lp.keep, rank=lp.rank, granularity=lp.granularity, bias=bias, device=w.device, dtype=w.dtype)
     if lp.kind == "conv2d":
-        return MIDLConv2d(lp.in_features, lp.out_features, stride=module.stride, padding=module.padding, **common)
-    return MIDLinear(lp.in_features, lp.out_features, transposed=lp.kind == "conv1d", **common)
+        return cls(lp.in_features, lp.out_features, stride=module.stride, padding=module.padding, **common)
+    return cls(lp.in_features, lp.out_features, transposed=lp.kind == "conv1d", **common)
 
 
 def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -210,18 +225,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Turn every MID-L layer back into its original dense module (with the current ``W, b``)."""
     done: dict[int, nn.Module] = {}
     for path, mod in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(mod, MIDLBase):
-            dense = done.setdefault(id(mod), mod.merge_and_unload())
-            _set_module(model, path, dense)
+        if isinstance(mod, SparseLayer):
+            original = done.setdefault(id(mod), mod.merge_and_unload())
+            _set_module(model, path, original)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "midl_plan"):
         del config.midl_plan
     return model
 
 
-def midl_layers(model: nn.Module) -> dict[str, MIDLBase]:
-    """The MID-L layers of a converted model by path."""
-    return {p: m for p, m in model.named_modules() if isinstance(m, MIDLBase)}
+def midl_layers(model: nn.Module) -> dict[str, SparseLayer]:
+    """The sparse layers (either side) of a converted model by path."""
+    return sparse_layers(model)
 
 
-__all__ = ["LayerPlan", "Plan", "Target", "apply_plan", "convert", "make_plan", "merge_and_unload", "midl_layers", "plan_conversion"]
+__all__ = ["LAYER_KINDS", "LayerPlan", "Plan", "Target", "apply_plan", "convert", "dense", "make_plan", "merge_and_unload", "midl_layers",
+           "plan_conversion"]

@@ -39,6 +39,18 @@ def test_builtin_text_split_and_tokenisation(text):
     assert batch.inputs["input_ids"].shape[0] == 8 and "attention_mask" in batch.inputs
 
 
+def test_builtin_text_is_judged_on_another_source(text):
+    """Held-out sentences come from the King James Bible, which training (Python's help text) never reads."""
+    from midl_convert.data import kjv_sentences
+
+    data = load_data("builtin:text", text)
+    assert len(data.heldout) == 512 and set(data.heldout) <= set(kjv_sentences())
+    assert set(data.train) == set(text_sentences())  # every help sentence is training data now
+    assert not set(data.heldout) & set(data.train)
+    verses = kjv_sentences(5)
+    assert verses == kjv_sentences()[:5] and all(40 <= len(v) <= 300 and not v[0].isdigit() for v in verses)
+
+
 def test_builtin_digits_have_labels(vision):
     data = load_data("builtin:digits", vision)
     batch = data.heldout_batches(32)[0]

@@ -38,7 +38,7 @@ def test_calibration_reduces_error_before_any_step():
 
 
 def test_whitened_light_path_survives_fewer_rows_than_features():
-    from midl_convert.calibrate import whitened_factors
+    from midl_convert.fitting import whitened_factors
 
     torch.manual_seed(0)
     w = torch.randn(48, 64)

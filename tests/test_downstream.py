@@ -94,13 +94,15 @@ def test_gate_fitted_after_the_activation_leaves_less_error():
 def test_budget_fits_options_on_batches_it_does_not_judge(monkeypatch, tmp_path):
     monkeypatch.setenv("MIDL_CACHE_DIR", str(tmp_path))
     seen: list[int] = []
-    real = budget.calibrate_layer
+    from midl_convert.input_layers import InputMIDLBase
+    from midl_convert.layers import MIDLBase
 
-    def spy(layer, groups, *args, **kwargs):
-        seen.append(groups.shape[0] * groups.shape[1])
-        return real(layer, groups, *args, **kwargs)
+    for cls in (MIDLBase, InputMIDLBase):  # every kind's fit, on whichever side the budget tries
+        def spy(layer, groups, *args, _real=cls.calibrate_rows, **kwargs):
+            seen.append(groups.shape[0] * groups.shape[1])
+            return _real(layer, groups, *args, **kwargs)
 
-    monkeypatch.setattr(budget, "calibrate_layer", spy)
+        monkeypatch.setattr(cls, "calibrate_rows", spy)
     gen = torch.Generator().manual_seed(0)
     data = [Batch((torch.randn(n, 32, generator=gen),)) for n in (16, 48, 48)]  # judged on 16 rows, fitted on 96
     model = GeluMLP().eval()

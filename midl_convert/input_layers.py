@@ -1,0 +1,190 @@
+"""Input-side MID-L: per input, the exact path reads only the ``k`` input neurons that matter most,
+and a rank-r light path takes the rest (as TEAL / WINA at rank 0, R-Sparse with r > 0).
+
+    y = W (m * x) + U V ((1 - m) * x) + b,    m = TopK(s, k = ceil(keep * in)),   s_j = g_j |x_j| c_j
+
+``c_j`` is the norm of column j of what the exact path adds beyond the light path (``W - U V``;
+``W`` at rank 0) and ``g`` a learned gate over input neurons (starts at 1, trains straight
+through). The output-side gate reads only ``V x`` and, on layers that read or write a
+transformer's residual stream, chooses no better than a fixed set of neurons; the magnitude
+``|x_j|`` is what makes the choice visible here.
+
+``W`` is stored transposed in memory (``weight`` is an ``(out, in)`` view of a contiguous
+``(in, out)`` block), so each input neuron's column is one contiguous row that the exact path
+reads with no copy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fitting import calibrate_input_layer, fit_threshold
+from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_rank
+
+
+class InputMIDLBase(SparseLayer):
+    """The maths of input-side layers on rows ``(G, n, in)``; subclasses map their input to rows."""
+
+    side = "input"
+
+    def __init__(self, in_features: int, out_features: int, keep: float, rank: int, granularity: str,
+                 allowed: tuple[str, ...], bias: bool = True, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self._init_settings(in_features, out_features, keep, rank, granularity, allowed, device)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(in_features, out_features, **factory).T)  # columns contiguous
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.light_down = nn.Parameter(torch.zeros(rank, in_features, **factory))  # V
+        self.light_up = nn.Parameter(torch.zeros(out_features, rank, **factory))  # U
+        self.gate = nn.Parameter(torch.ones(in_features, **factory))  # g
+        self.register_buffer("column_norm", torch.ones(in_features, **factory))  # c
+
+    @torch.no_grad()
+    def init_from_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Copy ``W, b``; the light path starts as the SVD of ``W`` and ``c`` as the columns of ``W - U V``."""
+        from .layers import svd_factors
+
+        self.weight.copy_(weight)
+        if self.bias is not None and bias is not None:
+            self.bias.copy_(bias)
+        self.set_light_path(*svd_factors(self.weight, self.rank))
+
+    @torch.no_grad()
+    def set_light_path(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Take ``U, V`` and rescale the selection by the columns of what the exact path adds beyond them."""
+        self.light_up.copy_(u)
+        self.light_down.copy_(v)
+        rest = self.weight.float() - (u.float() @ v.float() if self.rank else 0.0)
+        self.column_norm.copy_(rest.norm(dim=0))
+
+    # ----- maths on rows (G, n, in) --------------------------------------------------------
+    def mask_scores(self, groups: torch.Tensor) -> torch.Tensor:
+        """Scores (G, in): a group's mean |x_j| times ``g_j c_j``; only the gate carries a gradient."""
+        size = groups.detach().abs().mean(1) if groups.shape[1] > 1 else groups.detach().abs()[:, 0]
+        return size * (self.gate * self.column_norm)
+
+    def _pick(self, s: torch.Tensor) -> torch.Tensor:
+        """Indices (G, k_max) of each group's exact inputs; with adaptive masks a group's surplus slots
+        repeat its best input, whose value is then taken once (``_exact_inputs`` zeroes repeats)."""
+        self.counts = None
+        s = s.detach()
+        if self._threshold is None:
+            return s.topk(self.k, dim=-1, sorted=False).indices
+        threshold = fit_threshold(s, self.keep) if self.training else self._threshold
+        counts = self._counts(s, threshold)
+        idx = s.topk(int(counts.max()), dim=-1, sorted=True).indices  # best first
+        slot = torch.arange(idx.shape[-1], device=idx.device)
+        self.counts = counts
+        return torch.where(slot < counts[:, None], idx, idx[:, :1])
+
+    def selection(self, groups: torch.Tensor) -> torch.Tensor:
+        """The hard mask (G, n, in) of the exact inputs, 1 where exact."""
+        idx = self._pick(self.mask_scores(groups))
+        mask = groups.new_zeros(groups.shape[0], self.in_features).scatter_(-1, idx, 1.0)
+        return mask[:, None, :].expand_as(groups)
+
+    def _light(self, rest: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(rest, self.light_down), self.light_up) if self.rank else 0.0
+
+    def rows_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer by its definition: full-size masks, dense products (also the training path)."""
+        s = self.mask_scores(x)
+        idx = self._pick(s)
+        self._record(self.counts if self.counts is not None else idx.shape[-1])
+        mask = torch.zeros_like(s).scatter_(-1, idx, 1.0)
+        if self.training and torch.is_grad_enabled():
+            kth = s.detach().gather(-1, idx).min(-1, keepdim=True).values.clamp_min(1e-12)
+            soft = torch.sigmoid(s / kth - 1.0)  # straight-through: d mask = d sigma(score / k-th score - 1)
+            mask = mask + soft - soft.detach()
+        exact = x * mask[:, None, :]
+        return F.linear(exact, self.weight, self.bias) + self._light(x - exact)
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        """A mask per group of many rows (sequence / sample): gather the k columns of x and the k
+        contiguous rows of ``W^T``, one small GEMM per group, no scatter."""
+        s = self.mask_scores(x)
+        idx = self._pick(s)
+        self._record(self.counts if self.counts is not None else idx.shape[-1])
+        wt = self.weight.T
+        outs = []
+        for g in range(x.shape[0]):
+            sel = idx[g] if self.counts is None else idx[g, : int(self.counts[g])]
+            xs = x[g].index_select(-1, sel)  # (n, k)
+            y = xs @ wt.index_select(0, sel)
+            if self.bias is not None:
+                y = y + self.bias
+            if self.rank:
+                h = F.linear(x[g], self.light_down) - xs @ self.light_down.T.index_select(0, sel)
+                y = y + F.linear(h, self.light_up)
+            outs.append(y)
+        return torch.stack(outs)
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        """A mask per row in eval: the masked input through dense products (what a CPU runs fastest
+        for many rows with their own masks; the fused kernel serves a few rows)."""
+        return self.rows_reference(x)
+
+    def mix_rows(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return F.linear(x, self.weight, self.bias)
+        if not self.training and x.shape[1] > 1:
+            return self._sparse(x)
+        return self._masked(x) if not self.training else self.rows_reference(x)
+
+    # ----- the interface (sparse.py) -------------------------------------------------------
+    def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
+        from .flops import input_flops_parts
+
+        return input_flops_parts(self.in_features, self.out_features, self.keep, self.rank, rows, groups,
+                                 self.k if k is None else k)
+
+    def trainable_names(self, train: str) -> tuple[str, ...]:
+        return ("gate",) if train == "gates" else ("gate", "light_up", "light_down")
+
+    def calibrate_rows(self, groups: torch.Tensor, **kwargs: Any) -> Any:
+        return calibrate_input_layer(self, groups, **kwargs)
+
+
+class InputMIDLinear(LinearRows, InputMIDLBase):
+    """Input-side MID-L replacement for ``nn.Linear`` and HF ``Conv1D``: ``token`` picks inputs per
+    row, ``sequence`` one set per sample from the mean |x| over its tokens."""
+
+    def __init__(self, in_features: int, out_features: int, keep: float = 0.5, rank: int = 0, granularity: str = "token",
+                 bias: bool = True, transposed: bool = False, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, keep, rank, granularity, LINEAR_GRANULARITIES, bias, device, dtype)
+        self.transposed = transposed
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, keep: float = 0.5, rank: int = 0, granularity: str = "token") -> "InputMIDLinear":
+        weight, bias, transposed = cls.dense_of(linear)
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, keep, check_rank(rank, in_f, out_f), granularity, bias is not None, transposed,
+                    weight.device, weight.dtype)
+        layer.init_from_dense(weight, bias)
+        return layer
+
+
+class InputMIDLConv2d(ConvRows, InputMIDLBase):
+    """Input-side MID-L replacement for a 1x1 ``nn.Conv2d``: ``pixel`` picks input channels per
+    pixel, ``sample`` one set of channel planes per image."""
+
+    def __init__(self, in_channels: int, out_channels: int, keep: float = 0.5, rank: int = 0, granularity: str = "pixel",
+                 bias: bool = True, stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_channels, out_channels, keep, rank, granularity, CONV_GRANULARITIES, bias, device, dtype)
+        self.stride, self.padding = tuple(stride), tuple(padding)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, keep: float = 0.5, rank: int = 0, granularity: str = "pixel") -> "InputMIDLConv2d":
+        cls.check_conv(conv)
+        out_c, in_c = conv.out_channels, conv.in_channels
+        layer = cls(in_c, out_c, keep, check_rank(rank, in_c, out_c), granularity, conv.bias is not None,
+                    conv.stride, conv.padding, conv.weight.device, conv.weight.dtype)
+        layer.init_from_dense(conv.weight.reshape(out_c, in_c), conv.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", stride={self.stride}, padding={self.padding}"

@@ -1,0 +1,302 @@
+"""The one interface every kind of sparse layer implements (as PEFT's ``BaseTunerLayer``).
+
+A sparse layer holds a dense layer's ``W, b`` and, per input, computes only ``k`` of some
+``width`` neurons exactly: output neurons for MID-L (``layers.py``), input neurons for input-side
+MID-L (``input_layers.py``). The rest of the package reads only what is declared here:
+
+- settings: ``side``, ``keep``, ``rank``, ``granularity``, ``adaptive``, ``threshold``, ``width``, ``k``;
+- ``flops_parts(rows, groups, k)``: its FLOPs on a call shape, gate, light path and selection counted;
+- ``trainable_names(train)``: the parameters distillation trains;
+- ``calibrate_rows(groups, ...)``: its closed-form calibration on real input rows;
+- ``mask_scores(groups)``: the scores a threshold is fitted on (adaptive masks);
+- ``dense_forward``, ``merge_and_unload`` and ``disabled`` (``dense(model)``: run as the original).
+
+``LinearRows`` and ``ConvRows`` map a Linear's or a 1x1 conv's input to rows grouped by mask
+``(G, n, in)``; a kind's maths (``mix_rows``) works on those rows only.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LINEAR_GRANULARITIES = ("token", "sequence")
+CONV_GRANULARITIES = ("pixel", "sample")
+
+
+def check_keep(keep: float) -> float:
+    """Validate a keep fraction: the share of neurons that take the exact path."""
+    if not isinstance(keep, (int, float)) or isinstance(keep, bool) or not 0.0 < float(keep) <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}; use e.g. keep=0.5")
+    return float(keep)
+
+
+def check_rank(rank: int, in_features: int, out_features: int) -> int:
+    """Validate a light-path rank against the layer's shape."""
+    limit = min(in_features, out_features)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= limit:
+        raise ValueError(
+            f"rank must be an int in [0, {limit}] (min of in={in_features}, out={out_features}), got {rank!r}"
+        )
+    return rank
+
+
+class SparseLayer(nn.Module):
+    """Settings, statistics and thresholds shared by every kind; the maths is the subclass's."""
+
+    side: ClassVar[str]  # "output" or "input": which neurons a mask picks
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_settings(self, in_features: int, out_features: int, keep: float, rank: int, granularity: str,
+                       allowed: tuple[str, ...], device: Any = None) -> None:
+        if granularity not in allowed:
+            raise ValueError(f"granularity must be one of {allowed} for {type(self).__name__}, got {granularity!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.keep = check_keep(keep)
+        self.rank = check_rank(rank, in_features, out_features)
+        self.granularity = granularity
+        # Adaptive masks: neurons whose score passes this threshold take the exact path, so the mask's
+        # size follows the input (NaN: exactly k per mask). ``calibrate`` sets it where ``adaptive``.
+        self.register_buffer("gate_threshold", torch.full((), float("nan"), device=device))
+        self._threshold: float | None = None
+        self.adaptive = False
+        self.disabled = False  # ``dense(model)``: run as the original layer
+        self.counts: torch.Tensor | None = None  # each mask's exact neurons in the last adaptive call
+        self.track_stats = False
+        # (BatchNorm path, activation) applied to this layer's output in the model, from the plan.
+        self.downstream: tuple[str | None, str | None] = (None, None)
+        self.reset_stats()
+
+    # ----- settings --------------------------------------------------------------------------
+    @property
+    def width(self) -> int:
+        """Neurons a mask chooses among."""
+        return self.out_features if self.side == "output" else self.in_features
+
+    @property
+    def k(self) -> int:
+        """Neurons per mask that take the exact path (on average, with adaptive masks)."""
+        return min(self.width, math.ceil(self.keep * self.width - 1e-9))
+
+    @property
+    def exact(self) -> bool:
+        """True when this layer runs as the original (keep 1, or disabled by ``dense``)."""
+        return self.disabled or self.keep >= 1.0
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated score threshold of adaptive masks, or None for exactly ``k`` per mask."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self.gate_threshold.fill_(float("nan") if value is None else value)
+        self._threshold = value
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001 - torch's signature
+        state_dict.setdefault(prefix + "gate_threshold", torch.full((), float("nan")))  # saved before adaptive masks
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        value = float(self.gate_threshold)
+        self._threshold = None if math.isnan(value) else value
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, side={self.side}, keep={self.keep}, "
+            f"rank={self.rank}, granularity={self.granularity}, bias={self.bias is not None}"
+        )
+
+    # ----- statistics ------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Forget the measured share of neurons on the exact path."""
+        self.last_active_fraction: float | None = None
+        self._active_sum = 0.0
+        self._active_calls = 0
+
+    @property
+    def active_fraction(self) -> float | None:
+        """Running mean, over calls since ``reset_stats``, of the share of neurons on the exact path."""
+        return self._active_sum / self._active_calls if self._active_calls else None
+
+    def _record(self, picked: int | torch.Tensor) -> None:
+        """Count the exact neurons of one call: ``k`` per mask, or each mask's count (adaptive)."""
+        if self.track_stats:
+            picked = picked.float().mean().item() if isinstance(picked, torch.Tensor) else picked
+            frac = picked / self.width
+            self.last_active_fraction = frac
+            self._active_sum += frac
+            self._active_calls += 1
+
+    @staticmethod
+    def _counts(s: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Exact neurons of each adaptive mask: the scores above the threshold, at least one."""
+        return (s > threshold).sum(-1).clamp_min(1)
+
+    # ----- what each kind declares -----------------------------------------------------------
+    def mix_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on rows grouped by mask ``(G, n, in)`` -> ``(G, n, out)``."""
+        raise NotImplementedError
+
+    def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
+        """FLOPs of each step over ``rows`` rows in ``groups`` masks, ``k`` exact neurons per mask."""
+        raise NotImplementedError
+
+    def trainable_names(self, train: str) -> tuple[str, ...]:
+        """Names of the parameters distillation trains (``train``: "gates" or "midl")."""
+        raise NotImplementedError
+
+    def mask_scores(self, groups: torch.Tensor) -> torch.Tensor:
+        """Scores ``(G, width)`` of each mask group's neurons, higher = exact path."""
+        raise NotImplementedError
+
+    def calibrate_rows(self, groups: torch.Tensor, **kwargs: Any) -> Any:
+        """Fit the light path and the gate in closed form on real input rows; returns a ``LayerCalibration``."""
+        raise NotImplementedError
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_and_unload(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class LinearRows:
+    """A Linear's (and HF ``Conv1D``'s) input as rows, features last: ``token`` gives a mask per row,
+    ``sequence`` one per sample from the middle (sequence) axes together."""
+
+    in_features: int
+    out_features: int
+    granularity: str
+    transposed: bool
+
+    @property
+    def target_kind(self) -> str:
+        """The kind of module this layer replaced, as the graph pass names it."""
+        return "conv1d" if self.transposed else "linear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.in_features} input features, got {x.shape[-1]} (input shape {tuple(x.shape)})"
+            )
+        if self.exact:
+            return self.dense_forward(x)
+        return self.mix_rows(self.groups_of(x)).reshape(*x.shape[:-1], self.out_features)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The original layer's output (every neuron exact)."""
+        return F.linear(x, self.weight, self.bias)
+
+    def groups_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Input rows grouped by mask (G, n, in): one group per token, or per sample for ``sequence``."""
+        if self.granularity == "sequence" and x.dim() >= 3:
+            return x.reshape(x.shape[0], -1, self.in_features)
+        return x.reshape(-1, 1, self.in_features)
+
+    def merge_and_unload(self) -> nn.Module:
+        """The original dense module (``nn.Linear`` or HF ``Conv1D``) with the current ``W, b``."""
+        if self.transposed:
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(self.out_features, self.in_features)
+            dense.weight = nn.Parameter(self.weight.detach().T.contiguous())
+            dense.bias = nn.Parameter(self.bias.detach().clone()) if self.bias is not None else None
+            return dense.to(self.weight.device)
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    @staticmethod
+    def dense_of(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """``(W (out, in), b, transposed)`` of an ``nn.Linear`` or an HF ``Conv1D`` (a Linear stored transposed)."""
+        transposed = type(linear).__name__ == "Conv1D" and not isinstance(linear, nn.Linear)
+        return (linear.weight.T if transposed else linear.weight), linear.bias, transposed
+
+
+class ConvRows:
+    """A 1x1 conv's input as rows, one per pixel: ``pixel`` gives a mask per pixel, ``sample`` one per image."""
+
+    in_features: int
+    out_features: int
+    granularity: str
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+    target_kind = "conv2d"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects (B, {self.in_features}, H, W) input, got shape {tuple(x.shape)}")
+        if self.exact:  # every neuron exact: the original conv, bit for bit
+            return self.dense_forward(x)
+        unbatched = x.dim() == 3
+        x = x[None] if unbatched else x
+        b, hh, ww = x.shape[0], *self.out_size(x)
+        y = self.mix_rows(self.groups_of(x)).reshape(b, hh, ww, self.out_features).permute(0, 3, 1, 2)
+        return y[0] if unbatched else y
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The original 1x1 conv's output (every filter exact)."""
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias, self.stride, self.padding)
+
+    def out_size(self, x: torch.Tensor) -> tuple[int, int]:
+        (h, w), (sh, sw), (ph, pw) = x.shape[-2:], self.stride, self.padding
+        return (h + 2 * ph - 1) // sh + 1, (w + 2 * pw - 1) // sw + 1
+
+    def groups_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels as rows grouped by mask (G, n, in): one group per pixel, or per sample for ``sample``."""
+        x = x[None] if x.dim() == 3 else x
+        if self.padding != (0, 0):
+            x = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+        if self.stride != (1, 1):
+            x = x[:, :, :: self.stride[0], :: self.stride[1]]
+        rows = x.permute(0, 2, 3, 1)  # channels last: each pixel is a row
+        if self.granularity == "sample":
+            return rows.reshape(x.shape[0], -1, self.in_features)
+        return rows.reshape(-1, 1, self.in_features)
+
+    def merge_and_unload(self) -> nn.Module:
+        """The original 1x1 ``nn.Conv2d`` with the current ``W, b``."""
+        dense = nn.Conv2d(self.in_features, self.out_features, 1, self.stride, self.padding,
+                          bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight.reshape(self.out_features, self.in_features, 1, 1))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    @staticmethod
+    def check_conv(conv: nn.Conv2d) -> None:
+        if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"a sparse 1x1 conv needs a 1x1 conv with groups=1 and numeric zero padding, got kernel_size="
+                f"{conv.kernel_size}, groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+            )
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseLayer]:
+    """The sparse layers of a converted model by path (each shared layer once)."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, SparseLayer)}
+
+
+@contextlib.contextmanager
+def dense(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every sparse layer as the original dense layer inside the block, like PEFT's
+    ``disable_adapter()``: a converted model is its own teacher with no deep copy."""
+    layers = [m for m in model.modules() if isinstance(m, SparseLayer)]
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.disabled = b

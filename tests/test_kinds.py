@@ -1,0 +1,201 @@
+"""Shared checks that every kind of sparse layer passes (as PEFT's testing_common runs on every method),
+and the input side's maths against a hand-written reference."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import midl_convert as mc
+from midl_convert.flops import input_flops_parts, midl_flops_parts
+from midl_convert.input_layers import InputMIDLConv2d, InputMIDLinear
+from midl_convert.layers import MIDLConv2d, MIDLinear
+from midl_convert.sparse import SparseLayer
+
+# (name, layer from a dense module, input); one row per kind and target shape.
+KINDS = [
+    ("output-linear", lambda m, **kw: MIDLinear.from_linear(m, **kw), lambda: nn.Linear(24, 32), (3, 5, 24)),
+    ("input-linear", lambda m, **kw: InputMIDLinear.from_linear(m, **kw), lambda: nn.Linear(24, 32), (3, 5, 24)),
+    ("output-conv", lambda m, **kw: MIDLConv2d.from_conv(m, granularity="pixel", **kw), lambda: nn.Conv2d(24, 32, 1),
+     (2, 24, 4, 4)),
+    ("input-conv", lambda m, **kw: InputMIDLConv2d.from_conv(m, granularity="pixel", **kw), lambda: nn.Conv2d(24, 32, 1),
+     (2, 24, 4, 4)),
+]
+IDS = [k[0] for k in KINDS]
+
+
+def _make(row, keep=0.5, rank=4):
+    _, build, dense, shape = row
+    torch.manual_seed(0)
+    d = dense().eval()
+    return d, build(d, keep=keep, rank=rank).eval(), torch.randn(*shape)
+
+
+@pytest.mark.parametrize("row", KINDS, ids=IDS)
+def test_keep_one_is_the_original_exactly(row):
+    dense, layer, x = _make(row, keep=1.0)
+    assert isinstance(layer, SparseLayer)
+    assert torch.equal(layer(x), dense(x))
+
+
+@pytest.mark.parametrize("row", KINDS, ids=IDS)
+def test_merge_and_unload_gives_the_original_module(row):
+    dense, layer, x = _make(row)
+    merged = layer.merge_and_unload()
+    assert type(merged) is type(dense) and torch.equal(merged(x), dense(x))
+
+
+@pytest.mark.parametrize("row", KINDS, ids=IDS)
+def test_state_dict_round_trip(row):
+    dense, layer, x = _make(row)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    fresh = copy.deepcopy(layer)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("row", KINDS, ids=IDS)
+def test_flops_follow_the_formula_and_count_the_exact_share(row):
+    dense, layer, x = _make(row)
+    parts = layer.flops_parts(rows=10, groups=10)
+    formula = midl_flops_parts if layer.side == "output" else input_flops_parts
+    assert parts == formula(layer.in_features, layer.out_features, layer.keep, layer.rank, 10, 10, layer.k)
+    assert parts["exact"] == 2 * layer.k * (layer.in_features if layer.side == "output" else layer.out_features) * 10
+    layer.track_stats = True
+    layer(x)
+    assert layer.last_active_fraction == pytest.approx(layer.k / layer.width)
+
+
+@pytest.mark.parametrize("row", KINDS, ids=IDS)
+def test_dense_context_runs_the_original_and_restores(row):
+    dense, layer, x = _make(row)
+    model = nn.Sequential(layer)
+    sparse_out = model(x)
+    with mc.dense(model):
+        assert torch.equal(model(x), dense(x))
+    assert torch.equal(model(x), sparse_out) and not torch.equal(sparse_out, dense(x))
+
+
+@pytest.mark.parametrize("row", KINDS, ids=IDS)
+def test_training_gives_the_gate_a_gradient(row):
+    _, layer, x = _make(row)
+    layer.train()
+    layer(x).pow(2).sum().backward()
+    gate = layer.gate if layer.side == "input" else layer.gate_weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    assert layer.weight.grad is not None  # W's gradient flows too (frozen only by distill's choice)
+
+
+def _input_side_by_hand(w, b, x, keep):
+    """y = W[:, S] x_S + b with S the top-k of |x_j| * ||W_:,j||, one row at a time."""
+    k = int(torch.tensor(keep * w.shape[1]).ceil())
+    out = []
+    for row in x.reshape(-1, w.shape[1]):
+        sel = (row.abs() * w.norm(dim=0)).topk(k).indices
+        out.append(w[:, sel] @ row[sel] + b)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_input_side_at_rank_zero_is_magnitude_times_column_norm_selection(granularity):
+    torch.manual_seed(1)
+    dense = nn.Linear(20, 12)
+    layer = InputMIDLinear.from_linear(dense, keep=0.3, rank=0, granularity=granularity).eval()
+    x = torch.randn(4, 6, 20)
+    y = layer(x)
+    if granularity == "token":
+        ref = _input_side_by_hand(dense.weight.detach(), dense.bias.detach(), x, 0.3).reshape(4, 6, 12)
+    else:  # one set per sample, chosen by the mean |x_j| over its tokens
+        k = 6
+        ref = []
+        for s in x:
+            sel = (s.abs().mean(0) * dense.weight.detach().norm(dim=0)).topk(k).indices
+            ref.append(s[:, sel] @ dense.weight.detach()[:, sel].T + dense.bias.detach())
+        ref = torch.stack(ref)
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_input_side_light_path_takes_the_left_out_inputs():
+    torch.manual_seed(2)
+    dense = nn.Linear(16, 8, bias=False)
+    layer = InputMIDLinear.from_linear(dense, keep=0.25, rank=8).eval()  # full rank: the light path is W itself
+    x = torch.randn(5, 16)
+    assert torch.allclose(layer(x), dense(x), atol=1e-4)
+    assert torch.allclose(layer.column_norm, torch.zeros(16), atol=1e-3)  # nothing left for the exact path to add
+
+
+def test_input_side_weight_columns_are_contiguous_and_survive_loading():
+    layer = InputMIDLinear.from_linear(nn.Linear(16, 8), keep=0.5)
+    assert layer.weight.shape == (8, 16) and layer.weight.T.is_contiguous()
+    fresh = InputMIDLinear(16, 8, keep=0.5)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.weight.T.is_contiguous() and torch.equal(fresh.weight, layer.weight)
+
+
+def test_input_side_conv_sample_matches_token_maths_on_pixels():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(12, 10, 1)
+    layer = InputMIDLConv2d.from_conv(conv, keep=0.5, rank=0, granularity="sample").eval()
+    x = torch.randn(2, 12, 3, 3)
+    y = layer(x)
+    w = conv.weight.detach().reshape(10, 12)
+    for i in range(2):
+        sel = (x[i].abs().mean((1, 2)) * w.norm(dim=0)).topk(6).indices
+        ref = torch.einsum("oc,chw->ohw", w[:, sel], x[i, sel]) + conv.bias.detach()[:, None, None]
+        assert torch.allclose(y[i], ref, atol=1e-5)
+
+
+def test_input_side_calibration_lowers_the_error_on_real_rows():
+    """Correlated inputs: the light path fitted (whitened) on the left-out inputs beats plain SVD."""
+    torch.manual_seed(4)
+    mix = torch.randn(32, 32)
+    x = torch.randn(512, 32) @ mix * torch.linspace(0.2, 2.0, 32)
+    dense = nn.Linear(32, 24)
+    model = nn.Sequential(InputMIDLinear.from_linear(dense, keep=0.4, rank=6)).eval()
+    before = (model(x) - dense(x)).pow(2).mean().item()
+    report = mc.calibrate(model, [mc.Batch((x,))])
+    after = (model(x) - dense(x)).pow(2).mean().item()
+    assert after < 0.8 * before and report[0].error_after < report[0].error_before
+
+
+def test_input_side_adaptive_threshold_keeps_the_share_on_average():
+    torch.manual_seed(5)
+    dense = nn.Linear(40, 16)
+    model = nn.Sequential(InputMIDLinear.from_linear(dense, keep=0.5, rank=0)).eval()
+    model[0].adaptive = True
+    x = torch.randn(400, 40) * torch.rand(400, 1) * 3  # rows of very different sizes
+    mc.calibrate(model, [mc.Batch((x,))])
+    assert model[0].threshold is not None
+    model[0].track_stats = True
+    model(x)
+    assert model[0].last_active_fraction == pytest.approx(0.5, abs=0.03)
+    counts = model[0].counts
+    assert counts.min() < counts.max()  # the mask's size follows the input
+
+
+def test_select_chooses_the_kind_and_overrides_pin_a_side():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    config = mc.MIDLConfig(keep=0.5, rank=0, select="input", skip_head=False,
+                           overrides=[mc.LayerOverride(match="2", select="output")])
+    converted, plan = mc.convert(copy.deepcopy(model), config, (torch.randn(1, 16),))
+    assert isinstance(converted[0], InputMIDLinear) and isinstance(converted[2], MIDLinear)
+    assert [lp.side for lp in plan.converted] == ["input", "output"]
+    with pytest.raises(ValueError, match="select='auto'.*flops_ratio"):
+        mc.MIDLConfig(select="auto")
+
+
+def test_input_side_saves_and_loads(tmp_path):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    x = torch.randn(3, 16)
+    converted, _ = mc.convert(copy.deepcopy(model), mc.MIDLConfig(keep=0.5, rank=2, select="input", skip_head=False),
+                              (x,))
+    mc.calibrate(converted, [mc.Batch((torch.randn(64, 16),))])
+    mc.save(converted, tmp_path / "out")
+    loaded = mc.load(tmp_path / "out", copy.deepcopy(model))
+    assert isinstance(loaded[0], InputMIDLinear) and torch.equal(loaded(x), converted.eval()(x))
