@@ -73,9 +73,10 @@ def tokens_per_second(models: dict, prompt: torch.Tensor, args: argparse.Namespa
     for model in models.values():  # warm-up: kernel build, allocator, caches
         generate_seconds(model, prompt, 8, pad_id)
     times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.repeats):
+    for i in range(args.repeats):
         for name, model in models.items():
             times[name].append(generate_seconds(model, prompt, args.new_tokens, pad_id))
+        print(f"round {i + 1}: " + ", ".join(f"{name} {args.new_tokens / t[-1]:.1f} tokens/s" for name, t in times.items()), flush=True)
     return {name: args.new_tokens / statistics.median(t) for name, t in times.items()}
 
 
@@ -148,7 +149,9 @@ def main() -> None:
     ids = heldout_ids(tok, args.ppl_tokens)
     prompt = ids[:, : args.prompt_tokens]
     flops = model_flops(student, teacher, {"input_ids": prompt})
+    t = time.perf_counter()
     ppl = {name: perplexity(m, ids, args.ppl_window) for name, m in (("dense", teacher), ("converted", student))}
+    print(f"perplexity dense {ppl['dense']:.2f}, converted {ppl['converted']:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
     speed = tokens_per_second({"dense": teacher, "converted": student}, prompt, args, tok.pad_token_id or 0)
     print(f"\n{args.model}: batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
           f"{args.threads} threads, median of {args.repeats} interleaved runs; perplexity on {ids.shape[1]} KJV tokens")
