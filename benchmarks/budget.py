@@ -27,7 +27,8 @@ from midl_convert.budget import option_flops, input_shapes
 from midl_convert.flops import count_flops, model_flops
 from midl_convert.quality import OUTPUT_KIND, compare
 from midl_convert.pipeline import budget_data
-from midl_convert.surgery import Plan, plan_conversion
+from midl_convert.conversion import plan_conversion
+from midl_convert.surgery import Plan
 
 MODELS = {
     "minilm": ("sentence-transformers/all-MiniLM-L6-v2", "builtin:text", ["pooler.dense"], ["cosine", "top10_overlap"]),

@@ -105,12 +105,12 @@ def minilm(args: argparse.Namespace) -> None:
     held = data.heldout_batches(64, limit=args.eval)
     t = time.perf_counter()
     if args.flops_ratio:
-        cfg = mc.MIDLConfig(flops_ratio=args.flops_ratio, granularity=args.granularity, adaptive=args.adaptive,
+        cfg = mc.MIDLConfig(flops_ratio=args.flops_ratio, granularity=args.granularity, adaptive=args.adaptive, select=args.select,
                             exclude=["pooler.dense"])
         _, plan = mc.convert(student, cfg, loaded.example_inputs, batches=budget_data(data, cfg), output="embedding")
         what = f"budget {args.flops_ratio}x ({plan.budget['seconds']:.0f}s to measure{', cached' if plan.budget['cached'] else ''})"
     else:
-        cfg = mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=args.granularity, adaptive=args.adaptive,
+        cfg = mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=args.granularity, adaptive=args.adaptive, select=args.select,
                             exclude=["pooler.dense"])
         _, plan = mc.convert(student, cfg, loaded.example_inputs)
         what = f"keep {args.keep}, rank {args.rank}"
@@ -138,11 +138,11 @@ def effnet(args: argparse.Namespace) -> None:
     calib = [data.train_batch(1_000_000 + i, args.batch_size) for i in range(args.calib_batches)]
     t = time.perf_counter()
     if args.flops_ratio:
-        cfg = mc.MIDLConfig(flops_ratio=args.flops_ratio, granularity=gran, adaptive=args.adaptive)
+        cfg = mc.MIDLConfig(flops_ratio=args.flops_ratio, granularity=gran, adaptive=args.adaptive, select=args.select)
         _, plan = mc.convert(student, cfg, loaded.example_inputs, batches=budget_data(data, cfg), output="logits")
         what = f"budget {args.flops_ratio}x ({plan.budget['seconds']:.0f}s to measure{', cached' if plan.budget['cached'] else ''})"
     else:
-        _, plan = mc.convert(student, mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=gran, adaptive=args.adaptive), loaded.example_inputs)
+        _, plan = mc.convert(student, mc.MIDLConfig(keep=args.keep, rank=args.rank, granularity=gran, adaptive=args.adaptive, select=args.select), loaded.example_inputs)
         what = f"keep {args.keep}, rank {args.rank}"
     flops = model_flops(student, teacher, loaded.example_inputs)
     print(f"EfficientNet-Lite0: {len(plan.converted)} of {len(plan.layers)} 1x1 convs / Linear converted, {what}, {gran} masks; "
@@ -234,6 +234,8 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--granularity", default="token")
+    p.add_argument("--select", choices=["output", "input", "auto"], default=None,
+                   help="which neurons the masks pick (default: auto under --flops-ratio, else output)")
     p.add_argument("--adaptive", action="store_true", help="adaptive masks (a calibrated threshold, keep on average)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)

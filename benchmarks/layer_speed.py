@@ -10,6 +10,11 @@ of W, and V, G and U, where dense reads all of W.
 
     python benchmarks/layer_speed.py                 # all shapes, keep 0.25 / 0.5 / 0.75
     python benchmarks/layer_speed.py --quick --threads 1
+    python benchmarks/layer_speed.py --input-only    # the input-side kernel alone
+
+The input-side table times the ``midl::input_rows`` op (keep 0.5, rank 0, one token) against
+``F.linear``: it reads the k picked columns of W, stored transposed so that each is contiguous,
+so its limit is 1 / (keep + r (in + out) / (in out)) and the last column is the share of it reached.
 
 On a machine shared with other CPU-heavy work, use --threads 1 or OMP_WAIT_POLICY=passive: with
 OpenMP's spinning waits every multi-threaded op there, dense ones included, stalls for a
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from midl_convert.kernels import fused_kernel
@@ -56,6 +62,7 @@ SHAPES = [
     Shape("7B decoder MLP", 4096, 11008),
 ]
 RANK = 32
+INPUT_SHAPES = [(768, 3072), (3072, 768), (4096, 11008), (576, 1536)]  # in x out, for the input-side kernel
 INPUT_BYTES = 64 << 20  # distinct inputs per row of the table, at most 16, taken in turn
 
 
@@ -131,12 +138,37 @@ def table_rows(shape: Shape, keeps: list[float], repeats: int, warmup: int) -> I
                    f"{t_dense:.0f} | {t_midl:.0f} | {t_dense / t_midl:.2f}x | {limit} | {path} |")
 
 
+def input_side(in_f: int, out_f: int, keep: float, rank: int) -> tuple[Callable, Callable]:
+    """Dense ``F.linear`` and the input-side op on the same random layer (scale: W's column norms)."""
+    torch.manual_seed(0)
+    w, b = torch.randn(out_f, in_f) / in_f**0.5, torch.randn(out_f)
+    wt, scale = w.T.contiguous(), w.norm(dim=0)
+    v, u = torch.randn(rank, in_f) / in_f**0.5, torch.randn(out_f, rank) / max(rank, 1) ** 0.5
+    k, op = max(1, round(keep * in_f)), torch.ops.midl.input_rows.default
+    return (lambda x: F.linear(x, w, b)), (lambda x: op(x, wt, b, v, u, scale, k, float("nan")))
+
+
+def input_rows_table(keep: float, rank: int, repeats: int, warmup: int) -> Iterator[str]:
+    """One markdown row per input-side shape at batch 1: times, speedup, traffic limit, share of it."""
+    for in_f, out_f in INPUT_SHAPES:
+        dense, sparse = input_side(in_f, out_f, keep, rank)
+        xs = [torch.randn(1, in_f) for _ in range(16)]
+        t_dense, t_input = interleaved([in_turn(dense, xs), in_turn(sparse, xs)], repeats, warmup)
+        limit = 1.0 / (keep + rank * (in_f + out_f) / (in_f * out_f))
+        speedup = t_dense / t_input
+        yield (f"| {in_f}x{out_f} | {keep} | {rank} | {t_dense:.0f} | {t_input:.0f} | {speedup:.2f}x | "
+               f"{limit:.2f}x | {speedup / limit:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="four shapes and fewer repeats, for development")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 50, quick 20)")
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--input-only", action="store_true", help="only the input-side kernel table")
+    parser.add_argument("--input-keep", type=float, default=0.5, help="keep of the input-side table (default 0.5)")
+    parser.add_argument("--input-rank", type=int, default=0, help="rank of the input-side table (default 0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (20 if args.quick else 50)
@@ -147,12 +179,19 @@ def main() -> None:
           f"fused kernel {kernel}; load average {os.getloadavg()[0]:.2f} at start")
     print(f"Rank {RANK}; medians of {repeats} interleaved calls after 5 warm-up calls, torch.inference_mode, "
           "inputs changing every call.\n")
-    print("| layer | in x out | batch | keep | dense µs | MID-L µs | speedup | limit | path |")
-    print("|---|---|---|---|---|---|---|---|---|")
     with torch.inference_mode():
-        for shape in shapes:
-            for row in table_rows(shape, args.keeps, repeats, warmup=5):
-                print(row, flush=True)
+        if not args.input_only:
+            print("| layer | in x out | batch | keep | dense µs | MID-L µs | speedup | limit | path |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for shape in shapes:
+                for row in table_rows(shape, args.keeps, repeats, warmup=5):
+                    print(row, flush=True)
+            print()
+        print("Input side, 1 token: F.linear against midl::input_rows.\n")
+        print("| in x out | keep | rank | dense µs | input kernel µs | speedup | limit | share of limit |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in input_rows_table(args.input_keep, args.input_rank, repeats, warmup=5):
+            print(row, flush=True)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 

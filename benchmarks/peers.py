@@ -1,148 +1,168 @@
-"""MID-L against two training-free peers at equal FLOPs on the real MiniLM: what input-dependence buys.
+"""Sparse-layer methods side by side at equal whole-model FLOPs on the real offline models.
 
-- static: magnitude pruning of output neurons, the same rows for every input (the rows with the
-  largest norms stay; the others give their bias). This is a rank-0 MID-L layer with its static gate.
-- teal: TEAL-style activation sparsity, each token's input entries below a per-layer magnitude
-  threshold set to zero, so those columns of W are skipped; the threshold is calibrated to keep
-  the share of columns that matches the FLOPs.
-- midl: MID-L at keep 0.5 and the given rank, calibrated in closed form (no training for anyone).
+Every method converts the same layers (MiniLM: the 36 encoder Linears; EfficientNet-Lite0: every
+1x1 conv but the classifier), with its keep set so the whole model costs ``dense / target`` FLOPs
+on the example input (gate, light path and selection counted), and is calibrated the same way
+(``mc.calibrate`` on the same batches); no training unless said. All of them are the package's
+own layers with the settings that make them the published method:
 
-Every method converts the same 36 encoder Linears at the same converted-layer FLOPs ratio (MID-L's
-own, gate and light path counted). Quality: cosine to the teacher's sentence embeddings and top-10
-retrieval overlap on held-out sentences. Speed: one 768x3072 layer at batch 1 with stock torch
-implementations of each (static: a dense Linear of the kept rows plus a scatter; teal: threshold,
-gather the kept columns, GEMV; midl: the layer's own eval path), medians of interleaved runs.
+- static: output neurons by row norm, the same for every input (output side, rank 0);
+- TEAL: input entries above a magnitude threshold calibrated to the keep (input side, rank 0,
+  adaptive masks, column scale 1); adaptive rows count their FLOPs on the first held-out batch;
+- WINA: top-k inputs by |x_j| ||W_:,j|| (input side, rank 0);
+- R-Sparse: input top-k, the rest through a rank-r SVD of W (input side, plain SVD, not refitted);
+- MID-L output side (the paper's): gate on V x, whitened light path, calibrated gate;
+- MID-L input side: top-k by |x_j| c_j, light path fitted to the left-out inputs (rank r), or rank 0 with
+  adaptive masks;
+- budget, select=auto: each layer's side, keep and rank (or dense) from measured damage; also after
+  ``--steps`` of distillation.
 
-    python benchmarks/peers.py
+Quality is judged on held-out data from a source neither calibration nor distillation reads:
+MiniLM on King James Bible verses (calibration and training read Python's help text), cosine to
+the teacher's sentence embeddings and top-10 retrieval overlap; EfficientNet-Lite0 per held-out
+photo, agreement on the crops the teacher is sure of (>= 0.5), and the worst photo.
+
+    python benchmarks/peers.py --ratio 1.5 --ratio 2.0
+    python benchmarks/peers.py --model effnet --ratio 1.2 --ratio 1.5 --ratio 1.8
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import midl_convert as mc
+from midl_convert.calibrate import fit_thresholds
 from midl_convert.flops import model_flops
+from midl_convert.pipeline import budget_data
 from midl_convert.quality import compare
 
-
-class TealLinear(nn.Module):
-    """A Linear whose input entries with magnitude below ``threshold`` are dropped (columns skipped)."""
-
-    def __init__(self, linear: nn.Linear, threshold: float) -> None:
-        super().__init__()
-        self.linear, self.threshold = linear, threshold
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(torch.where(x.abs() >= self.threshold, x, torch.zeros_like(x)))
+Method = tuple[str, Callable[[float], mc.MIDLConfig], Callable[[nn.Module], None]]
 
 
-def teal(model: nn.Module, paths: list[str], batches, density: float) -> None:
-    """Replace each Linear in ``paths`` with TEAL thresholding at ``density`` (share of input entries kept)."""
-    seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
-    hooks = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: seen[p].append(a[0].detach().abs().flatten()))
-             for p in paths]
-    with torch.no_grad():
-        for b in batches:
-            model(**b.inputs)
-    for h in hooks:
-        h.remove()
-    for p in paths:
-        mags = torch.cat(seen[p])
-        threshold = mags.kthvalue(max(1, int((1 - density) * mags.numel()))).values.item()
-        parent, _, name = p.rpartition(".")
-        setattr(model.get_submodule(parent), name, TealLinear(model.get_submodule(p), threshold))
+def _no_column_scale(model: nn.Module) -> None:
+    """TEAL reads |x| alone: the input side with its column scale set to 1."""
+    for layer in mc.midl_layers(model).values():
+        layer.column_norm.fill_(1.0)
 
 
-def median_us(fn, x, repeats: int = 200) -> float:
-    times = []
-    with torch.inference_mode():
-        for _ in range(20):
-            fn(x)
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+def methods(rank: float, exclude: list[str], granularity: str) -> list[Method]:
+    common = dict(exclude=exclude, skip_head=True, granularity=granularity)
+    nothing = lambda model: None  # noqa: E731
+    return [
+        ("static (output rows by norm)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="output", **common), nothing),
+        ("TEAL (input magnitude threshold)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", adaptive=True, **common),
+         _no_column_scale),
+        ("WINA (input top-k, |x| x column norm)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", **common), nothing),
+        (f"R-Sparse (input top-k + SVD, rank {rank:g})", lambda k: mc.MIDLConfig(keep=k, rank=rank, select="input", **common),
+         nothing),
+        (f"MID-L output side (rank {rank:g})", lambda k: mc.MIDLConfig(keep=k, rank=rank, select="output", **common), nothing),
+        (f"MID-L input side (rank {rank:g})", lambda k: mc.MIDLConfig(keep=k, rank=rank, select="input", **common), nothing),
+        ("MID-L input side (rank 0, adaptive)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", adaptive=True, **common),
+         nothing),
+    ]
 
 
-def layer_speed(rank: int, keep: float, density: float, teal_cols: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    dense = nn.Linear(768, 3072)
-    midl = mc.MIDLinear.from_linear(dense, keep=keep, rank=rank).eval()
-    k = midl.k
-    rows = dense.weight.norm(dim=1).topk(k).indices
-    w_kept, b_kept = dense.weight[rows].contiguous(), dense.bias[rows].contiguous()
+def convert_at(teacher: nn.Module, config_for: Callable[[float], mc.MIDLConfig], example, target: float,
+               ) -> tuple[nn.Module, float, float] | None:
+    """The converted copy whose whole-model ratio is closest to ``target`` from above (bisection on keep)."""
+    lo, hi, best = 0.02, 1.0, None
+    for _ in range(9):
+        keep = (lo + hi) / 2
+        student = copy.deepcopy(teacher)
+        mc.convert(student, config_for(keep), example)
+        ratio = model_flops(student, teacher, example).ratio
+        if ratio >= target:
+            best, lo = (student, keep, ratio), keep
+        else:
+            hi = keep
+    return best
 
-    def static(x):
-        out = dense.bias.expand(x.shape[0], -1).clone()
-        out[:, rows] = F.linear(x, w_kept, b_kept)
-        return out
 
-    w_t = dense.weight.T.contiguous()  # (in, out): kept input entries select rows of W^T
+def judge(model: nn.Module, teacher: nn.Module, held, kind: str, photos) -> dict[str, float]:
+    if kind == "embedding":
+        m = compare(model, teacher, held, kind)
+        return {"cosine": m["cosine"], "overlap": m["top10_overlap"]}
+    per = {name: compare(model, teacher, batches, "logits") for name, batches in photos.items()}
+    sure = {name: m.get("agreement_sure", float("nan")) for name, m in per.items()}
+    return {"worst": min(sure.values()), **{f"sure {n}": v for n, v in sure.items()}}
 
-    def teal_fn(x):
-        cols = x[0].abs().topk(teal_cols).indices  # stands in for a threshold that keeps this many
-        return (x[:, cols] @ w_t[cols]) + dense.bias
 
-    x = torch.randn(1, 768)
-    fns = {"dense": dense, "static": static, "teal": teal_fn, "midl": midl}
-    samples: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(5):  # interleaved rounds, so drift hits every method alike
-        for n, fn in fns.items():
-            samples[n].append(median_us(fn, x, 60))
-    return {n: statistics.median(v) for n, v in samples.items()}
+def row(name: str, ratio: float | None, q: dict[str, float], seconds: float) -> None:
+    shown = " | ".join(f"{v:.3f}" for v in q.values())
+    print(f"| {name} | {'' if ratio is None else f'{ratio:.3f}x'} | {shown} | {seconds:.0f} |", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--keep", type=float, default=0.5)
-    p.add_argument("--rank", type=int, default=24)
+    p.add_argument("--model", choices=["minilm", "effnet"], default="minilm")
+    p.add_argument("--ratio", type=float, action="append", help="whole-model FLOPs targets (repeat)")
+    p.add_argument("--rank", type=float, default=1 / 16, help="light-path rank (share of min(in, out))")
+    p.add_argument("--steps", type=int, default=300, help="distillation steps for the budget row (0: none)")
+    p.add_argument("--eval", type=int, default=512)
+    p.add_argument("--only", default="", help="comma-separated method name prefixes to run (default: all)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval", type=int, default=256)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = mc.load_model("sentence-transformers/all-MiniLM-L6-v2")
-    teacher = loaded.model
-    data = mc.load_data("builtin:text", loaded)
-    held = data.heldout_batches(64, limit=args.eval)
+    ratios = args.ratio or [1.5, 2.0]
+    if args.model == "minilm":
+        loaded = mc.load_model("sentence-transformers/all-MiniLM-L6-v2")
+        data = mc.load_data("builtin:text", loaded)
+        held, kind, photos, task = data.heldout_batches(64, limit=args.eval), "embedding", None, loaded.task
+        exclude, granularity = ["pooler.dense"], "token"
+    else:
+        from midl_convert.data import HELDOUT_PHOTOS, _heldout_crops, _image_collate
+
+        loaded = mc.load_model("tf_efficientnet_lite0")
+        data = mc.load_data("builtin:images", loaded)
+        collate = _image_collate(loaded)
+        photos = {name: [collate(_heldout_crops((name,), 48, seed=0), False)] for name in HELDOUT_PHOTOS}
+        held, kind, task = None, "logits", loaded.task
+        exclude, granularity = [], "pixel"
+    teacher, example = loaded.model.eval(), loaded.example_inputs
     calib = [data.train_batch(1_000_000 + i, 16) for i in range(4)]
-    cfg = mc.MIDLConfig(keep=args.keep, rank=args.rank, exclude=["pooler.dense"])
-    midl = copy.deepcopy(teacher)
-    _, plan = mc.convert(midl, cfg, loaded.example_inputs)
-    flops = model_flops(midl, teacher, loaded.example_inputs)
-    ratio = flops.converted_ratio
-    mc.calibrate(midl, calib)
-    adaptive = copy.deepcopy(teacher)
-    mc.convert(adaptive, cfg.model_copy(update={"adaptive": True}), loaded.example_inputs)
-    mc.calibrate(adaptive, calib)
-    adaptive_ratio = model_flops(adaptive, teacher, loaded.example_inputs).converted_ratio
-    paths = [lp.path for lp in plan.converted]
-    static = copy.deepcopy(teacher)
-    mc.convert(static, mc.MIDLConfig(keep=min(1.0, 1 / ratio), rank=0, exclude=["pooler.dense"]), loaded.example_inputs)
-    density = 1 / ratio
-    tealed = copy.deepcopy(teacher)
-    teal(tealed, paths, calib, density)
-    print(f"MiniLM, {len(paths)} encoder Linears at the same converted-layer FLOPs ratio {ratio:.3f}x "
-          f"(MID-L keep {args.keep}, rank {args.rank}; static keep {1 / ratio:.3f}; TEAL column density {density:.3f})")
-    speed = layer_speed(args.rank, args.keep, density, round(768 * density))
-    print()
-    print("| method | cosine | top-10 overlap | 768x3072 layer, batch 1 (µs) | vs dense |")
-    print("|---|---|---|---|---|")
-    print(f"| dense | 1.000 | 1.000 | {speed['dense']:.0f} | 1.00x |")
-    for name, model in (("static magnitude pruning", static), ("TEAL activation sparsity", tealed), ("MID-L (calibrated)", midl)):
-        m = compare(model, teacher, held, "embedding")
-        key = {"static magnitude pruning": "static", "TEAL activation sparsity": "teal", "MID-L (calibrated)": "midl"}[name]
-        print(f"| {name} | {m['cosine']:.3f} | {m['top10_overlap']:.3f} | {speed[key]:.0f} | {speed['dense'] / speed[key]:.2f}x |",
-              flush=True)
-    m = compare(adaptive, teacher, held, "embedding")
-    print(f"| MID-L adaptive masks (calibrated; {adaptive_ratio:.3f}x on the example input) | {m['cosine']:.3f} | "
-          f"{m['top10_overlap']:.3f} | not timed | |", flush=True)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    for target in ratios:
+        q_names = ["cosine", "top-10 overlap"] if kind == "embedding" else ["worst photo", *[f"sure {n}" for n in photos]]
+        print(f"\n{args.model}, whole-model target {target}x (held-out: {'KJV verses' if kind == 'embedding' else 'photos'})\n")
+        print(f"| method | whole-model ratio | {' | '.join(q_names)} | seconds |")
+        print("|" + "---|" * (3 + len(q_names)))
+        for name, config_for, tweak in methods(args.rank, exclude, granularity):
+            if only and not any(name.startswith(o) for o in only):
+                continue
+            t = time.perf_counter()
+            found = convert_at(teacher, config_for, example, target)
+            if found is None:
+                print(f"| {name} | unreachable | | |")
+                continue
+            student, keep, ratio = found
+            if not name.startswith("R-Sparse"):  # R-Sparse keeps its plain SVD
+                mc.calibrate(student, calib)
+            tweak(student)
+            fit_thresholds(student, calib)  # adaptive masks keep their share with the tweak in place
+            if "adaptive" in name or name.startswith("TEAL"):  # masks follow the input: count on held-out data
+                ratio = model_flops(student, teacher, (held[0] if held else next(iter(photos.values()))[0]).inputs).ratio
+            row(f"{name}, keep {keep:.3f}", ratio, judge(student, teacher, held, kind, photos), time.perf_counter() - t)
+        if only and not any("budget".startswith(o) for o in only):
+            continue
+        t = time.perf_counter()
+        student = copy.deepcopy(teacher)
+        cfg = mc.MIDLConfig(flops_ratio=target, select="auto", exclude=exclude, granularity=granularity)
+        _, plan = mc.convert(student, cfg, example, batches=budget_data(data, cfg), output=kind)
+        mc.calibrate(student, calib)
+        ratio = model_flops(student, teacher, example).ratio
+        sides = {s: sum(lp.side == s for lp in plan.converted) for s in ("input", "output")}
+        row(f"budget, select=auto ({sides['input']} input / {sides['output']} output side, "
+            f"{len(plan.layers) - len(plan.converted)} dense)", ratio, judge(student, teacher, held, kind, photos),
+            time.perf_counter() - t)
+        if args.steps:
+            res = mc.distill(student, teacher, data, task, steps=args.steps, log_every=50)
+            row(f"budget, select=auto, after {args.steps} steps", model_flops(student, teacher, example).ratio,
+                judge(student, teacher, held, kind, photos), res.seconds)
 
 
 if __name__ == "__main__":

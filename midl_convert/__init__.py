@@ -27,7 +27,8 @@ from .report import build_report as report
 from .saving import load, save
 from .sensitivity import neuron_sensitivity
 from .sparse import SparseLayer, dense
-from .surgery import LayerPlan, Plan, apply_plan, convert, merge_and_unload, midl_layers, plan_conversion
+from .conversion import convert, plan_conversion
+from .surgery import LayerPlan, Plan, apply_plan, merge_and_unload, midl_layers
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from .config import MIDLConfig, resolve_rank
 from .data import Batch
 from .errors import MIDLError
 from .flops import count_flops, dense_flops
+from .log import logger, progress_bar
 from .sparse import SparseLayer
 from .matching import matches
 from .quality import positions, distill_loss, model_output
@@ -204,7 +205,7 @@ def cache_dir() -> Path:
 @torch.no_grad()
 def measure_damage(
     model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Sequence[Batch], kind: str, whiten: bool = True,
-    progress: Callable[[str], None] | None = None, fit_batches: Sequence[Batch] = (),
+    progress: bool = True, fit_batches: Sequence[Batch] = (),
 ) -> dict[str, list[float]]:
     """Output loss on ``batches`` against the unchanged model with each layer alone converted at each
     of its options, each fitted (``calibrate_rows``) on ``fit_batches`` (on ``batches`` when none).
@@ -231,22 +232,23 @@ def measure_damage(
             for p, options in todo.items():
                 for a in aliases[p]:
                     _set_module(model, a, originals[p])
-            for i, (p, options) in enumerate(todo.items()):
-                x = groups[p].reshape(-1, options[0].in_features)
-                w = _dense_weight(originals[p]).float()
-                with linalg_threads(w.numel()):
-                    svd = whitened_svd(w, x) if whiten and any(o.rank and o.side == "output" for o in options) else None
-                damage[p] = []
-                for lp in options:
-                    layer = _sharing(originals[p], lp)
+            with progress_bar("layer budget", sum(len(o) for o in todo.values()), progress) as advance:
+                for i, (p, options) in enumerate(todo.items()):
+                    x = groups[p].reshape(-1, options[0].in_features)
+                    w = _dense_weight(originals[p]).float()
                     with linalg_threads(w.numel()):
-                        layer.calibrate_rows(groups[p], whiten=whiten, path=p, svd=svd, post=post_fn(model, lp.norm, lp.activation))
-                    _install(model, aliases[p], layer)
-                    loss = sum(damage_of(model_output(model, b, kind), t, kind, b) for b, t in zip(batches, targets))
-                    damage[p].append(loss / len(batches))
-                _install(model, aliases[p], originals[p])
-                if progress is not None:
-                    progress(f"measured {i + 1}/{len(todo)} layers: {p}")
+                        svd = whitened_svd(w, x) if whiten and any(o.rank and o.side == "output" for o in options) else None
+                    damage[p] = []
+                    for lp in options:
+                        layer = _sharing(originals[p], lp)
+                        with linalg_threads(w.numel()):
+                            layer.calibrate_rows(groups[p], whiten=whiten, path=p, svd=svd, post=post_fn(model, lp.norm, lp.activation))
+                        _install(model, aliases[p], layer)
+                        loss = sum(damage_of(model_output(model, b, kind), t, kind, b) for b, t in zip(batches, targets))
+                        damage[p].append(loss / len(batches))
+                        advance()
+                    _install(model, aliases[p], originals[p])
+                    logger.debug("measured %d/%d layers: %s", i + 1, len(todo), p)
         finally:
             for p in todo:
                 _install(model, aliases[p], originals[p])
@@ -316,7 +318,7 @@ def _sharing(module: nn.Module, lp: LayerPlan) -> SparseLayer:
 
 def measure(
     model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
-    whiten: bool = True, use_cache: bool = True, progress: Callable[[str], None] | None = None,
+    whiten: bool = True, use_cache: bool = True, progress: bool = True,
 ) -> Measurements:
     """FLOPs and damage of every candidate option (from the cache when the same inputs were measured).
 
@@ -449,9 +451,11 @@ def predicted_ratio(m: Measurements, choice: dict[str, Option | None]) -> float:
 
 def budget_plan(
     model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
-    whiten: bool = True, use_cache: bool = True, progress: Callable[[str], None] | None = None,
+    whiten: bool = True, use_cache: bool = True, progress: bool = True,
 ) -> Plan:
-    """``plan`` with each candidate's keep and rank chosen for ``config.flops_ratio`` (or dense, and why)."""
+    """``plan`` with each candidate's keep and rank chosen for ``config.flops_ratio`` (or dense, and why).
+
+    ``progress=False`` hides the measuring bar (it shows only on a terminal anyway)."""
     if config.flops_ratio is None:
         raise MIDLError("budget_plan needs MIDLConfig(flops_ratio=...), e.g. flops_ratio=1.5")
     m = measure(model, plan, config, batches, kind, example_inputs, whiten, use_cache, progress)

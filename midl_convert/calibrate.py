@@ -13,6 +13,7 @@ from torch import nn
 from .data import Batch
 from .downstream import post_fn
 from .fitting import LayerCalibration, calibrate_output_layer, fit_threshold, linalg_threads
+from .log import progress_bar
 from .sparse import SparseLayer, dense
 from .quality import OUTPUT_KIND, output_kind, run
 from .sensitivity import neuron_sensitivity
@@ -133,6 +134,7 @@ def cap_thresholds(model: nn.Module, example_inputs: Any) -> list[str]:
 
 def calibrate(
     model: nn.Module, batches: Iterable[Batch], whiten: bool = True, max_rows: int = 4096, kind: str | None = None,
+    progress: bool = True,
 ) -> list[LayerCalibration]:
     """Calibrate every MID-L layer of ``model`` in closed form on ``batches`` (no gradient steps).
 
@@ -143,7 +145,7 @@ def calibrate(
     keep predicting the error left after it, which already says what passes on. On MiniLM at
     keep 0.5 this lifts the calibrated embeddings' cosine from 0.789 to 0.826 and the distilled
     one only from 0.893 to 0.896 (``benchmarks/distill_quality.py --sensitivity``), so it is
-    not the default.
+    not the default. ``progress=False`` hides the bar (shown only on a terminal anyway).
     """
     kinds = ("auto", *sorted(set(OUTPUT_KIND.values())))
     if kind is not None and kind not in kinds:
@@ -156,15 +158,17 @@ def calibrate(
         layers = dict((p, m) for p, m in model.named_modules() if isinstance(m, SparseLayer))
         posts = {p: post_fn(model, *layers[p].downstream) for p in groups}
         weights: dict[str, torch.Tensor] = {}
-        plain = [p for p in groups if posts[p] is None and layers[p].side == "output" and layers[p].rank > 0 and layers[p].keep < 1.0]
+        plain = [p for p in groups if layers[p].keep < 1.0 and (layers[p].side == "input" or (posts[p] is None and layers[p].rank > 0))]
         if kind is not None and plain and batches:
             with dense_mode(model):
                 kind = output_kind(model, batches[0]) if kind == "auto" else kind
                 weights = {p: s.sqrt() for p, s in neuron_sensitivity(model, plain, batches, kind, probes=2).items()}
         out = []
-        for p, g in groups.items():
-            with linalg_threads(layers[p].weight.numel()):
-                out.append(layers[p].calibrate_rows(g, whiten=whiten, path=p, post=posts[p], weight=weights.get(p)))
+        with progress_bar("calibrating", len(groups), progress) as advance:
+            for p, g in groups.items():
+                with linalg_threads(layers[p].weight.numel()):
+                    out.append(layers[p].calibrate_rows(g, whiten=whiten, path=p, post=posts[p], weight=weights.get(p)))
+                advance()
         return out
     finally:
         model.train(was_training)

@@ -6,26 +6,80 @@ Exit codes: 0 done, 2 bad input (one line naming the problem and the fix), 1 une
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import __version__
+from .config import Granularity, Select
 from .errors import MIDLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Swap a model's Linear and 1x1 conv layers for MID-L layers, distil briefly, report.\n\n"
                        "Example: `midl-convert sentence-transformers/all-MiniLM-L6-v2 --keep 0.5`")
 COMMANDS = {"convert", "inspect", "report", "schema"}
+TOP_LEVEL = {"-h", "--help", "--version"}  # options of the program itself, not of `convert`
 console = Console(stderr=True)
 out = Console(width=None if Console().is_terminal else 150)  # files and pipes get whole table rows
 
+
+# ----- choices: enums so --help lists them, built from the config's own vocabulary ---------------
+GranularityChoice = Enum("GranularityChoice", {v: v for v in get_args(Granularity)}, type=str)
+SelectChoice = Enum("SelectChoice", {v: v for v in get_args(Select)}, type=str)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _device(value: str | None) -> str | None:
+    """auto | cpu | cuda | mps, and cuda:N for one GPU of several."""
+    if value is None or value in DEVICES or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(DEVICES)}, cuda:N")
+
+
+# ----- options every command shares -------------------------------------------------------------
+def _version(value: bool) -> None:
+    if value:
+        print(f"midl-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _program(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    """The program's own options; the app's help text stays the one shown."""
+
+
+QUIET = typer.Option(False, "--quiet", "-q", help="only warnings and errors; no progress bars")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="also debug lines (each layer the budget measures, ...)")
+JSON = typer.Option(False, "--json", help="print one JSON object on stdout instead of tables (for scripts)")
+DEBUG = typer.Option(False, "--debug", help="show tracebacks")
+TRUST = typer.Option(False, "--trust-remote-code", help="let a Hugging Face repository run its own code (as in transformers)")
+
+
+def _logging(quiet: bool, verbose: bool) -> None:
+    """The library logs through ``logging``; show it through rich's handler at the asked level."""
+    from .log import setup
+
+    if quiet and verbose:
+        raise MIDLError("--quiet and --verbose contradict each other; pass one")
+    setup(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
 # CLI option -> recipe key path (the one place the two vocabularies meet)
 OPTION_KEYS = {
-    "keep": ("midl", "keep"), "rank": ("midl", "rank"), "granularity": ("midl", "granularity"),
+    "keep": ("midl", "keep"), "rank": ("midl", "rank"), "granularity": ("midl", "granularity"), "select": ("midl", "select"),
     "flops_ratio": ("midl", "flops_ratio"), "adaptive": ("midl", "adaptive"),
     "include": ("targets", "include"), "exclude": ("targets", "exclude"),
     "steps": ("distill", "steps"), "lr": ("distill", "lr"), "data": ("distill", "data"),
@@ -54,6 +108,8 @@ def _overrides(options: dict[str, Any]) -> dict[str, Any]:
             continue
         if name == "include" and value == ["all-linear"]:
             value = "all-linear"
+        if isinstance(value, Enum):
+            value = value.value
         *parents, leaf = OPTION_KEYS[name]
         node = tree
         for p in parents:
@@ -136,7 +192,9 @@ def convert(
     flops_ratio: Optional[float] = typer.Option(None, "--flops-ratio", help="whole-model FLOPs target, e.g. 1.3: "
                                                 "each layer's keep and rank (or dense) chosen from measured damage"),
     rank: Optional[str] = typer.Option(None, help="light-path rank: an int, or a fraction of min(in, out)"),
-    granularity: Optional[str] = typer.Option(None, help="token | sequence (Linear), pixel | sample (1x1 conv)"),
+    granularity: Optional[GranularityChoice] = typer.Option(None, help="token | sequence (Linear), pixel | sample (1x1 conv)"),
+    select: Optional[SelectChoice] = typer.Option(None, help="which neurons a mask picks: output (MID-L), input "
+                                                  "(columns), auto (the budget measures both; needs --flops-ratio)"),
     adaptive: Optional[bool] = typer.Option(None, "--adaptive/--exact-k", help="masks whose size follows the input "
                                             "(a calibrated threshold keeps `keep` of the neurons on average)"),
     include: list[str] = typer.Option([], help="pattern of layers to convert (repeatable; 'all-linear')"),
@@ -148,34 +206,67 @@ def convert(
     weights: Optional[str] = typer.Option(None, help="local weights for a timm architecture, or a .gguf file (architecture and tokenizer included)"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights (nothing downloaded)"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="output folder (default midl-out)"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    device: Optional[str] = typer.Option(None, parser=_device, metavar="[auto|cpu|cuda|mps|cuda:N]",
+                                         help="where to distil and measure"),
     seed: Optional[int] = typer.Option(None),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and stop"),
     no_distill: bool = typer.Option(False, "--no-distill", help="calibrate only"),
-    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+    trust_remote_code: bool = TRUST,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+    debug: bool = DEBUG,
 ) -> None:
-    options = {"keep": keep, "flops_ratio": flops_ratio, "rank": rank, "granularity": granularity, "adaptive": adaptive, "include": include, "exclude": exclude,
+    options = {"keep": keep, "flops_ratio": flops_ratio, "rank": rank, "granularity": granularity, "select": select,
+               "adaptive": adaptive, "include": include, "exclude": exclude,
                "steps": steps, "lr": lr, "batch_size": batch_size, "data": data, "weights": weights,
                "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed}
 
     def go() -> None:
         from .pipeline import run
 
+        _logging(quiet, verbose)
         options["rank"] = _number(rank)
-        result = run(build_recipe(target, recipe, options, no_distill), dry_run=dry_run, console=console)
+        result = run(build_recipe(target, recipe, options, no_distill), dry_run=dry_run, progress=not quiet,
+                     trust_remote_code=trust_remote_code)
         if dry_run:
-            out.print(plan_table(result.plan, f"plan ({result.plan.method} trace): {len(result.plan.converted)} "
-                                              f"of {len(result.plan.layers)} layers converted"))
+            title = (f"plan ({result.plan.method} trace): {len(result.plan.converted)} "
+                     f"of {len(result.plan.layers)} layers converted")
+            _print_json(result.plan.to_dict()) if as_json else out.print(plan_table(result.plan, title))
             return
-        if result.distilled is not None:
-            from .distill import summary
-
-            console.print(f"distilled: {summary(result.distilled)}")
+        summary = run_summary(result)
+        if as_json:
+            _print_json(summary)
+            return
+        if summary["distilled"] is not None:
+            out.print(f"distilled: {summary['distilled']}")
         if result.report is not None:
             result.report.print(out)
-        out.print(f"wrote {result.out_dir}")
+        if summary["budget_cached"]:
+            out.print(f"layer budget: measurements read from the cache in {summary['budget_cache']}")
+        out.print(f"wrote {summary['out_dir']}: {', '.join(summary['files'])}", highlight=False, soft_wrap=True)
 
     _guard(go, debug)
+
+
+def run_summary(result: Any) -> dict[str, Any]:
+    """What a finished run did, as JSON-able data: the folder (absolute), its files, the headline numbers."""
+    from .budget import cache_dir
+    from .distill import summary
+
+    folder = Path(result.out_dir).resolve()
+    budget = result.plan.budget or {}
+    report = result.report.to_dict() if result.report is not None else None
+    return {
+        "out_dir": str(folder),
+        "files": sorted(p.name for p in folder.iterdir()),
+        "converted_layers": len(result.plan.converted), "layers": len(result.plan.layers), "trace": result.plan.method,
+        "budget": budget or None, "budget_cached": bool(budget.get("cached")),
+        "budget_cache": str(cache_dir()) if budget.get("cached") else None,
+        "distilled": summary(result.distilled) if result.distilled is not None else None,
+        "flops_ratio": report["flops"]["ratio"] if report else None,
+        "quality": {report["quality"]["headline"]: report["quality"]["value"]} if report else None,
+    }
 
 
 @app.command(help="List the layers that would be converted, with sizes and FLOPs share.\n\n"
@@ -186,16 +277,25 @@ def inspect(
     weights: Optional[str] = typer.Option(None),
     include: list[str] = typer.Option([]),
     exclude: list[str] = typer.Option([]),
-    debug: bool = typer.Option(False, "--debug"),
+    trust_remote_code: bool = TRUST,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+    debug: bool = DEBUG,
 ) -> None:
     def go() -> None:
         from .config import MIDLConfig
         from .models import load_model
-        from .surgery import plan_conversion
+        from .conversion import plan_conversion
 
-        loaded = load_model(model, weights=weights, random_init=random_init)
+        _logging(quiet, verbose)
+        loaded = load_model(model, weights=weights, random_init=random_init, trust_remote_code=trust_remote_code)
         cfg = MIDLConfig(include=("all-linear" if include == ["all-linear"] else include) or None, exclude=exclude)
         plan, table = plan_conversion(loaded.model, cfg, loaded.example_inputs)
+        if as_json:
+            _print_json({"model": model, "trace": table.method, "targets": len(table.targets),
+                         "target_flops": table.total_flops, "plan": plan.to_dict()})
+            return
         out.print(plan_table(plan, f"{model}: {len(table.targets)} targets ({table.method} trace), "
                                    f"{table.total_flops / 1e9:.3f} GFLOPs in targets"))
 
@@ -204,13 +304,15 @@ def inspect(
 
 @app.command(help="Print a saved report again.\n\nExample: `midl-convert report midl-out`")
 def report(directory: Path = typer.Argument(..., help="a folder written by midl-convert"),
-           debug: bool = typer.Option(False, "--debug")) -> None:
+           as_json: bool = JSON,
+           debug: bool = DEBUG) -> None:
     def go() -> None:
         from .report import Report
 
         if not (directory / "report.json").is_file():
             raise MIDLError(f"{str(directory)!r} has no report.json; pass the --out folder of a finished run")
-        Report.load(directory).print(out)
+        saved = Report.load(directory)
+        _print_json(saved.to_dict()) if as_json else saved.print(out)
 
     _guard(go, debug)
 
@@ -225,7 +327,7 @@ def schema() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``midl-convert MODEL ...`` is ``midl-convert convert MODEL ...``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h"):
+    if args and args[0] not in COMMANDS and args[0] not in TOP_LEVEL:
         args.insert(0, "convert")
     app(args=args, prog_name="midl-convert")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,12 +118,13 @@ class _LayerLoss:
 
 
 def _reporter(total: int, log_every: int):
-    """A rich progress bar on a terminal; a plain log line every ``log_every`` steps otherwise."""
-    from rich.console import Console
+    """A rich progress bar on a terminal (not under --quiet); a log line every ``log_every`` steps otherwise."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
-    if console.is_terminal:
+    from . import log as _log
+
+    console = _log.console()
+    if console.is_terminal and _log.bars_shown():
         progress = Progress(TextColumn("distil"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console)
         task = progress.add_task("distil", total=total, loss=float("nan"))
@@ -132,7 +132,7 @@ def _reporter(total: int, log_every: int):
         return (lambda step, loss: progress.update(task, completed=step, loss=loss)), progress.stop
     def log(step: int, loss: float) -> None:
         if step % log_every == 0 or step == total:
-            print(f"distil step {step}/{total} loss {loss:.5f}", file=sys.stderr, flush=True)
+            _log.logger.info(f"distil step {step}/{total} loss {loss:.5f}")
     return log, (lambda: None)
 
 

@@ -139,7 +139,7 @@ def calibrate_output_layer(
 
     def errors(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = groups @ v.T  # (G, n, r)
-        light = after(h.reshape(-1, layer.rank) @ u.T + bias)
+        light = after(h.reshape(x.shape[0], layer.rank) @ u.T + bias)  # rank 0: the bias alone
         return h, (exact - light).reshape(*groups.shape[:2], -1)  # signed light-path error
 
     h, err = errors(layer.light_up.float(), layer.light_down.float())
@@ -189,27 +189,38 @@ def calibrate_output_layer(
 
 @torch.no_grad()
 def calibrate_input_layer(layer: Any, groups: torch.Tensor, path: str = "", svd: WhitenedSVD | None = None,
-                          rounds: int = 2, **_: Any) -> LayerCalibration:
+                          weight: torch.Tensor | None = None, rounds: int = 2, **_: Any) -> LayerCalibration:
     """Fit an input-side layer to its real input groups (G, n, in): light path on the left-out inputs
-    (whitened), column scale from ``W - U V``, adaptive threshold. ``svd`` is unused (the left-out
-    inputs change the whitening), accepted so both kinds take the same call."""
+    (whitened), column scale from ``W - U V``, adaptive threshold. With ``weight`` (out,) both are
+    measured in the output metric ``diag(weight)``: the light path fits ``diag(weight) W`` and a column
+    counts by how far its error reaches the model's output (``sensitivity.py``). ``svd`` is unused (the
+    left-out inputs change the whitening), accepted so both kinds take the same call."""
     w = layer.weight.float()
     x = groups.reshape(-1, layer.in_features).float()
     exact = x @ w.T
     total = exact.pow(2).sum().item() or 1.0
+    if weight is not None and weight.shape != (layer.out_features,):
+        raise ValueError(f"weight must have shape ({layer.out_features},), one per output neuron, got {tuple(weight.shape)}")
+    scale = weight.float().clamp_min(1e-6) if weight is not None else None
 
     def error() -> float:
         return (exact - layer.rows_reference(groups.to(layer.weight.dtype)).reshape(exact.shape).float()).pow(2).sum().item()
 
+    layer.set_light_path(layer.light_up.detach().clone(), layer.light_down.detach().clone(), scale)  # c from W - U V
     before = error()
     if layer.keep < 1.0:
         for _ in range(rounds if layer.rank > 0 else 0):
             kept = layer.selection(groups.to(layer.weight.dtype)).float()  # (G, n, in) 1 = exact
             rest = (groups * (1 - kept)).reshape(-1, layer.in_features)
-            u, v = whitened_factors(w, rest, layer.rank)
-            layer.set_light_path(u, v)
+            if scale is None:
+                u, v = whitened_factors(w, rest, layer.rank)
+            else:  # fit diag(s) W, then map the output side back
+                u, v = whitened_factors(w * scale[:, None], rest, layer.rank)
+                u = u / scale[:, None]
+            layer.set_light_path(u, v, scale)
         if layer.adaptive:
             layer.threshold = fit_threshold(layer.mask_scores(groups.to(layer.weight.dtype)), layer.keep)
     after = error()
+    how = "magnitude" if layer.rank == 0 else "magnitude, whitened light path"
     return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (after / total) ** 0.5,
-                            "magnitude" if layer.rank == 0 else "magnitude, whitened light path")
+                            how + (", weighted" if scale is not None else ""))

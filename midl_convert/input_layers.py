@@ -15,6 +15,7 @@ reads with no copy.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fitting import calibrate_input_layer, fit_threshold
+from .kernels import NO_BIAS  # importing kernels registers the midl ops
 from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_rank
 
 
@@ -53,11 +55,14 @@ class InputMIDLBase(SparseLayer):
         self.set_light_path(*svd_factors(self.weight, self.rank))
 
     @torch.no_grad()
-    def set_light_path(self, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Take ``U, V`` and rescale the selection by the columns of what the exact path adds beyond them."""
+    def set_light_path(self, u: torch.Tensor, v: torch.Tensor, out_scale: torch.Tensor | None = None) -> None:
+        """Take ``U, V`` and rescale the selection by the columns of what the exact path adds beyond them
+        (each output row weighted by ``out_scale``, when given: its reach to the model's output)."""
         self.light_up.copy_(u)
         self.light_down.copy_(v)
         rest = self.weight.float() - (u.float() @ v.float() if self.rank else 0.0)
+        if out_scale is not None:
+            rest = rest * out_scale.float()[:, None]
         self.column_norm.copy_(rest.norm(dim=0))
 
     # ----- maths on rows (G, n, in) --------------------------------------------------------
@@ -66,23 +71,23 @@ class InputMIDLBase(SparseLayer):
         size = groups.detach().abs().mean(1) if groups.shape[1] > 1 else groups.detach().abs()[:, 0]
         return size * (self.gate * self.column_norm)
 
-    def _pick(self, s: torch.Tensor) -> torch.Tensor:
-        """Indices (G, k_max) of each group's exact inputs; with adaptive masks a group's surplus slots
-        repeat its best input, whose value is then taken once (``_exact_inputs`` zeroes repeats)."""
-        self.counts = None
+    def _pick(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Indices (G, k_max) of each group's exact inputs, and each group's count with adaptive
+        masks (None: exactly k); a group's surplus slots repeat its best input (a mask sets it once)."""
         s = s.detach()
         if self._threshold is None:
-            return s.topk(self.k, dim=-1, sorted=False).indices
+            self.counts = None
+            return s.topk(self.k, dim=-1, sorted=False).indices, None
         threshold = fit_threshold(s, self.keep) if self.training else self._threshold
         counts = self._counts(s, threshold)
         idx = s.topk(int(counts.max()), dim=-1, sorted=True).indices  # best first
         slot = torch.arange(idx.shape[-1], device=idx.device)
-        self.counts = counts
-        return torch.where(slot < counts[:, None], idx, idx[:, :1])
+        self.counts = counts  # kept for inspection only: the last call's mask sizes
+        return torch.where(slot < counts[:, None], idx, idx[:, :1]), counts
 
     def selection(self, groups: torch.Tensor) -> torch.Tensor:
         """The hard mask (G, n, in) of the exact inputs, 1 where exact."""
-        idx = self._pick(self.mask_scores(groups))
+        idx, _ = self._pick(self.mask_scores(groups))
         mask = groups.new_zeros(groups.shape[0], self.in_features).scatter_(-1, idx, 1.0)
         return mask[:, None, :].expand_as(groups)
 
@@ -92,8 +97,8 @@ class InputMIDLBase(SparseLayer):
     def rows_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The layer by its definition: full-size masks, dense products (also the training path)."""
         s = self.mask_scores(x)
-        idx = self._pick(s)
-        self._record(self.counts if self.counts is not None else idx.shape[-1])
+        idx, counts = self._pick(s)
+        self._record(counts if counts is not None else idx.shape[-1])
         mask = torch.zeros_like(s).scatter_(-1, idx, 1.0)
         if self.training and torch.is_grad_enabled():
             kth = s.detach().gather(-1, idx).min(-1, keepdim=True).values.clamp_min(1e-12)
@@ -105,13 +110,12 @@ class InputMIDLBase(SparseLayer):
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         """A mask per group of many rows (sequence / sample): gather the k columns of x and the k
         contiguous rows of ``W^T``, one small GEMM per group, no scatter."""
-        s = self.mask_scores(x)
-        idx = self._pick(s)
-        self._record(self.counts if self.counts is not None else idx.shape[-1])
+        idx, counts = self._pick(self.mask_scores(x))
+        self._record(counts if counts is not None else idx.shape[-1])
         wt = self.weight.T
         outs = []
         for g in range(x.shape[0]):
-            sel = idx[g] if self.counts is None else idx[g, : int(self.counts[g])]
+            sel = idx[g] if counts is None else idx[g, : int(counts[g])]
             xs = x[g].index_select(-1, sel)  # (n, k)
             y = xs @ wt.index_select(0, sel)
             if self.bias is not None:
@@ -122,17 +126,30 @@ class InputMIDLBase(SparseLayer):
             outs.append(y)
         return torch.stack(outs)
 
-    def _masked(self, x: torch.Tensor) -> torch.Tensor:
-        """A mask per row in eval: the masked input through dense products (what a CPU runs fastest
-        for many rows with their own masks; the fused kernel serves a few rows)."""
-        return self.rows_reference(x)
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A mask per row in eval, through ``midl::input_rows``: the fused kernel for a few rows (it
+        reads only the k picked rows of ``W^T``, no copy), one masked GEMM for many, and a graph
+        node that torch.compile and export keep whatever the row count."""
+        rows = x.reshape(x.shape[0], self.in_features)
+        scale = (self.gate * self.column_norm).float()
+        threshold = math.nan if self._threshold is None else self._threshold
+        bias = NO_BIAS if self.bias is None else self.bias
+        y = torch.ops.midl.input_rows.default(rows, self.weight.T, bias, self.light_down, self.light_up, scale,
+                                              self.k, threshold)
+        if self.track_stats:
+            self._record(self.k if self._threshold is None else self._counts(self.mask_scores(x), self._threshold))
+        return y.unsqueeze(1)
 
     def mix_rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:
             return F.linear(x, self.weight, self.bias)
-        if not self.training and x.shape[1] > 1:
+        if self.training and torch.is_grad_enabled():
+            return self.rows_reference(x)
+        if x.shape[1] > 1:
             return self._sparse(x)
-        return self._masked(x) if not self.training else self.rows_reference(x)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return self.rows_reference(x)  # the op has no autograd
+        return self._rows(x)
 
     # ----- the interface (sparse.py) -------------------------------------------------------
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:

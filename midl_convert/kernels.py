@@ -1,27 +1,58 @@
-"""The optional fused C++ kernel for MID-L rows with their own masks (batch 1, a few tokens).
+"""The optional fused C++ kernels for MID-L rows with their own masks (batch 1, a few tokens),
+as torch ops that ``torch.compile``, ``torch.export`` and ``FlopCounterMode`` can see.
 
-Built with ``torch.utils.cpp_extension.load`` on first use (about 10 s, once) and cached in
-torch's extension directory, so importing the package stays light and installing it needs no
-compiler. When the build fails (no compiler, no ninja) or ``MIDL_NO_KERNEL=1`` is set,
-``fused_kernel()`` returns None and the layers run their pure-torch paths, with one debug log
-line saying why.
+The kernels are built with ``torch.utils.cpp_extension.load`` on first use (about 10 s, once) and
+cached in torch's extension directory under a name keyed on the source version and the CPU's
+instruction set, so importing the package stays light, installing it needs no compiler, and a
+home directory shared between machines never loads a build this CPU cannot run. When the build
+fails (no compiler, no ninja) or ``MIDL_NO_KERNEL=1`` is set, ``fused_kernel()`` returns None, the
+layers run their pure-torch paths (with one debug log line saying why), and the ops run their
+pure-torch references, so exported and compiled graphs stay valid. Loading the build registers the
+ops' C++ CPU kernels for the rest of the process, so set ``MIDL_NO_KERNEL`` before the first call.
+
+The ops (``torch.ops.midl``), each with a fake implementation, an autocast rule (float32 inside)
+and a FLOP formula that counts what runs:
+
+- ``output_rows(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold, kernel_rows)``:
+  output-side MID-L on rows ``x (R, in)``; the kernel for 1 to ``kernel_rows`` rows (at most
+  ``KERNEL_ROW_LIMIT``), dense compute plus masking for any other count, so a graph with a
+  dynamic batch never branches on it.
+- ``input_rows(x, wt, bias, v, u, scale, k, threshold)``: input-side MID-L (see
+  ``input_rows_reference``); the kernel for 1 to ``KERNEL_MAX_ROWS`` rows, a masked GEMM otherwise.
+- ``top_k_rows(scores, k)``: ascending indices of each row's k largest scores.
+
+``threshold`` NaN means exactly ``k`` per row; otherwise each row's scores above it (at least one).
+An empty ``bias`` means none.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import math
 import os
+import platform
 from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "midl_kernel.cpp"
 # Part of the extension's name: bump it with any change to the source so a stale build is not reused.
-_VERSION = 15
-# Rows per call the kernel accepts (kMaxRows in the source).
+_VERSION = 16
+_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+# Rows per call the output-side kernel accepts (kMaxRows in the source).
 KERNEL_ROW_LIMIT = 64
+# Rows with their own masks up to which the kernels serve a call: up to 8 the output side beat
+# dense compute plus masking on the ViT-S and BERT-base MLP shapes (1 thread; at 16 they tie).
+KERNEL_MAX_ROWS = 8
+
+
+# Stands in for a missing bias in the ops' arguments.
+NO_BIAS = torch.empty(0)
 
 
 def kernel_disabled() -> bool:
@@ -43,9 +74,9 @@ def _build() -> ModuleType | None:
     try:
         cpp_extension = _quiet_import_cpp_extension()
         return cpp_extension.load(
-            name=f"midl_kernel_v{_VERSION}",
+            name=extension_name(_VERSION, cpu_isa()),
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=list(_CFLAGS),
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -53,6 +84,26 @@ def _build() -> ModuleType | None:
         first_line = " ".join(str(err).strip().splitlines()[:1])
         _log_once(f"could not be built ({type(err).__name__}: {first_line})")
         return None
+
+
+def cpu_isa() -> str:
+    """What a ``-march=native`` build may use here: the machine, torch's CPU capability and the
+    CPU's feature flags (``flags`` on x86, ``Features`` on ARM)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1] for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return " ".join([platform.machine(), torch.backends.cpu.get_cpu_capability(),
+                     *(sorted(flags.split()) or [platform.processor()])])
+
+
+def extension_name(version: int, isa: str) -> str:
+    """The build's name: the source version and a short hash of the instruction set and flags it
+    was compiled for, so each CPU kind gets its own build in a shared extension directory."""
+    digest = hashlib.sha1(" ".join([isa, *_CFLAGS]).encode()).hexdigest()[:12]
+    return f"midl_kernel_v{version}_{digest}"
 
 
 def _quiet_import_cpp_extension() -> ModuleType:
@@ -77,9 +128,189 @@ def kernel_applies(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
+def kernel_takes(x: torch.Tensor) -> bool:
+    """Rows the ops compute on: float32 on the CPU, or CPU autocast's dtype while it is on (the
+    ops' autocast rule casts them to float32, as the kernels compute)."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype == torch.float32 or (
+        torch.is_autocast_enabled("cpu") and x.dtype == torch.get_autocast_dtype("cpu"))
+
+
 def tracing() -> bool:
-    """True when something records the ops it cannot see inside the kernel: torch.compile,
-    torch.export, jit tracing, or a dispatch mode such as ``FlopCounterMode``."""
+    """True under torch.compile, torch.export or jit tracing: shapes may be symbolic, so the
+    layers leave the choice between kernel and dense compute to the op, at run time."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
-    return (torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
-            or torch._C._len_torch_dispatch_stack() > 0)
+    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
+
+
+# ----- pure-torch references: the ops' fallbacks, and what the kernels are tested against -------------
+def top_mask(s: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
+    """Boolean mask (R, n) of each row's ``k`` largest scores, or with a threshold (not NaN) of its
+    scores above it (at least one): the kernels' selection (NaN scores rank first, as in topk)."""
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    if s.shape[0] == 0:
+        return mask
+    if math.isnan(threshold):
+        return mask.scatter_(-1, s.topk(k, dim=-1, sorted=False).indices, True)
+    counts = (s > threshold).sum(-1, keepdim=True).clamp_min(1)
+    top = s.topk(int(counts.max()), dim=-1).indices  # best first
+    return mask.scatter_(-1, top, torch.arange(top.shape[-1], device=s.device) < counts)
+
+
+def output_scores(x: torch.Tensor, down: torch.Tensor, gate: torch.Tensor, gate_bias: torch.Tensor,
+                  gate_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output-side light projection ``h = V x`` and gate scores (R, out) of rows ``x``."""
+    h = F.linear(x, down)
+    s = F.linear(h, gate, gate_bias) if down.shape[0] else gate_bias.expand(x.shape[0], -1)
+    return h, torch.where(gate_abs.bool(), s.abs(), s)
+
+
+def output_rows_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, down: torch.Tensor,
+                          up: torch.Tensor, gate: torch.Tensor, gate_bias: torch.Tensor, gate_abs: torch.Tensor,
+                          k: int, threshold: float) -> torch.Tensor:
+    """Output-side MID-L on rows ``x (R, in)`` by dense compute plus masking (``midl::output_rows``' fallback)."""
+    b = bias if bias.numel() else None
+    h, s = output_scores(x, down, gate, gate_bias, gate_abs)
+    if down.shape[0]:
+        light = F.linear(h, up, b)
+    else:
+        light = x.new_zeros(x.shape[0], weight.shape[0]) + (b if b is not None else 0)
+    return torch.where(top_mask(s, k, threshold), F.linear(x, weight, b), light)
+
+
+def input_scores(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Input-side scores ``|x_j| scale_j`` (R, in)."""
+    return x.abs() * scale
+
+
+def input_rows_reference(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
+                         scale: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
+    """Input-side MID-L on rows ``x (R, in)``: the selected inputs through ``W`` (stored transposed,
+    ``wt (in, out)``), the rest through the light path ``u (v x_rest)``, plus ``bias`` (empty: none).
+    ``midl::input_rows``' fallback: a masked GEMM, which is also the fast way for many rows."""
+    mask = top_mask(input_scores(x, scale), k, threshold)
+    exact = torch.where(mask, x, 0.0)
+    y = exact @ wt if bias.numel() == 0 else torch.addmm(bias, exact, wt)
+    if v.shape[0]:
+        y = y + F.linear(F.linear(x - exact, v), u)
+    return y
+
+
+def top_k_rows_reference(s: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending indices (B, k) of each row's k largest scores (``midl::top_k_rows``' fallback)."""
+    return s.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+# ----- the ops -------------------------------------------------------------------------------------
+# Their CPU kernels are C++, registered by loading the build (no Python per call); the pure-torch
+# implementations below serve every other case: before the first load (they trigger it), without
+# a build (no compiler, MIDL_NO_KERNEL=1), and on other devices.
+torch.library.define(
+    "midl::output_rows",
+    "(Tensor x, Tensor weight, Tensor bias, Tensor down, Tensor up, Tensor gate, Tensor gate_bias, "
+    "Tensor gate_abs, int k, float threshold, int kernel_rows) -> Tensor",
+)
+torch.library.define(
+    "midl::input_rows",
+    "(Tensor x, Tensor wt, Tensor bias, Tensor v, Tensor u, Tensor scale, int k, float threshold) -> Tensor",
+)
+torch.library.define("midl::top_k_rows", "(Tensor scores, int k) -> Tensor")
+
+
+def _compiled(name: str, x: torch.Tensor) -> bool:
+    """True when op ``name`` has its C++ CPU kernel for ``x``; loads the build on first use."""
+    return (x.device.type == "cpu" and fused_kernel() is not None
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"midl::{name}", "CPU"))
+
+
+def _output_rows(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold, kernel_rows):  # noqa: ANN001
+    if _compiled("output_rows", x):
+        return torch.ops.midl.output_rows.default(x, weight, bias, down, up, gate, gate_bias, gate_abs, k,
+                                                  threshold, kernel_rows)
+    return output_rows_reference(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold)
+
+
+def _input_rows(x, wt, bias, v, u, scale, k, threshold):  # noqa: ANN001
+    if _compiled("input_rows", x):
+        return torch.ops.midl.input_rows.default(x, wt, bias, v, u, scale, k, threshold)
+    return input_rows_reference(x, wt, bias, v, u, scale, k, threshold)
+
+
+def _top_k_rows(scores, k):  # noqa: ANN001
+    if _compiled("top_k_rows", scores):
+        return torch.ops.midl.top_k_rows.default(scores, k)
+    return top_k_rows_reference(scores, k)
+
+
+for _name, _impl in (("output_rows", _output_rows), ("input_rows", _input_rows), ("top_k_rows", _top_k_rows)):
+    torch.library.impl(f"midl::{_name}", "CompositeExplicitAutograd", _impl)
+
+
+def _kernel_runs(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+    """Whether the C++ kernel (not the dense fallback) serves this call of op ``name``."""
+    return (0 < x.shape[0] <= max_rows and kernel_applies(x, weight)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"midl::{name}", "CPU"))
+
+
+@torch.library.register_fake("midl::output_rows")
+def _output_rows_fake(x, weight, *args):  # noqa: ANN001
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("midl::input_rows")
+def _input_rows_fake(x, wt, *args):  # noqa: ANN001
+    return x.new_empty(x.shape[0], wt.shape[1])
+
+
+@torch.library.register_fake("midl::top_k_rows")
+def _top_k_rows_fake(scores, k):  # noqa: ANN001
+    return scores.new_empty(scores.shape[0], k, dtype=torch.long)
+
+
+for _name in ("output_rows", "input_rows"):  # the kernels compute in float32: autocast's inputs are cast back
+    torch.library.register_autocast(f"midl::{_name}", "cpu", torch.float32)
+
+
+def _mean_picks(scores: torch.Tensor, k: int, threshold: float) -> float:
+    """Mean picks per row: ``k``, or the rows' counts above the threshold (fake tensors: ``k``)."""
+    if math.isnan(threshold) or scores.shape[0] == 0 or torch._subclasses.fake_tensor.is_fake(scores):
+        return k
+    return float((scores > threshold).sum(-1).clamp_min(1).float().mean())
+
+
+@register_flop_formula(torch.ops.midl.output_rows, get_raw=True)
+def _output_rows_flops(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold, kernel_rows,  # noqa: ANN001
+                       out_val=None) -> int:
+    """``midl_flops_parts`` for the rows; when dense compute plus masking ran, every row of W counts."""
+    from .flops import midl_flops_parts
+
+    (out_f, in_f), rows = weight.shape, x.shape[0]
+    if not _kernel_runs("output_rows", x, weight, min(kernel_rows, KERNEL_ROW_LIMIT)):
+        picked = out_f
+    elif math.isnan(threshold):
+        picked = k
+    else:
+        picked = _mean_picks(output_scores(x, down, gate, gate_bias, gate_abs)[1], k, threshold)
+    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
+    return sum(midl_flops_parts(in_f, out_f, 0.0, down.shape[0], rows, rows, picked).values())
+
+
+@register_flop_formula(torch.ops.midl.input_rows, get_raw=True)
+def _input_rows_flops(x, wt, bias, v, u, scale, k, threshold, out_val=None) -> int:  # noqa: ANN001
+    """``input_flops_parts`` for the rows; when the masked GEMM ran, every input counts."""
+    from .flops import input_flops_parts
+
+    (in_f, out_f), rows = wt.shape, x.shape[0]
+    if not _kernel_runs("input_rows", x, wt, KERNEL_MAX_ROWS):
+        picked = in_f
+    else:
+        picked = _mean_picks(input_scores(x, scale), k, threshold)
+    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
+    return sum(input_flops_parts(in_f, out_f, 0.0, v.shape[0], rows, rows, picked).values())
+
+
+@register_flop_formula(torch.ops.midl.top_k_rows)
+def _top_k_rows_flops(scores_shape, k, out_shape=None) -> int:  # noqa: ANN001
+    """One compare per score, as ``midl_flops_parts`` counts the selection."""
+    return scores_shape[0] * scores_shape[1]

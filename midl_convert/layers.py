@@ -26,6 +26,7 @@ choices are measured by ``benchmarks/layer_speed.py``.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fitting import fit_threshold, linalg_threads
-from .kernels import KERNEL_ROW_LIMIT, fused_kernel, kernel_applies, tracing
+from .kernels import KERNEL_MAX_ROWS, KERNEL_ROW_LIMIT, fused_kernel, kernel_applies, kernel_takes, tracing
+from .kernels import NO_BIAS as _NO_BIAS
 from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_keep, check_rank
 
 Granularity = Literal["token", "sequence", "pixel", "sample"]
@@ -42,9 +44,6 @@ ComputePath = Literal["auto", "reference", "sparse", "kernel"]
 # Rows of W gathered at once by the sparse path (elements), so a long batch of per-token
 # masks does not materialise a (tokens, k, in) copy of W in one go.
 _GATHER_CHUNK = 1 << 24
-# Rows with their own masks up to which ``auto`` uses the fused kernel: up to 8 it beat dense
-# compute plus masking on the ViT-S and BERT-base MLP shapes (1 thread; at 16 they tie).
-KERNEL_MAX_ROWS = 8
 
 
 def _channels_first(x: torch.Tensor) -> bool:
@@ -52,8 +51,6 @@ def _channels_first(x: torch.Tensor) -> bool:
     return x.shape[1] > 1 and x.transpose(1, 2).is_contiguous()
 
 
-# Stands in for a missing bias in the kernel's arguments.
-_NO_BIAS = torch.empty(0)
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +176,7 @@ class MIDLBase(SparseLayer):
         dense compute plus masking) or "reference". ``path="kernel"`` raises when the kernel
         cannot serve ``x``, rather than fall back unseen."""
         if self.path in ("auto", "kernel"):
-            blocker = self._kernel_blocker(x, KERNEL_MAX_ROWS if self.path == "auto" else KERNEL_ROW_LIMIT)
+            blocker = self._kernel_blocker(x, self._kernel_rows)
             if blocker is None:
                 return "kernel"
             if self.path == "kernel":
@@ -187,6 +184,11 @@ class MIDLBase(SparseLayer):
         if self.path == "sparse" or (self.path == "auto" and not self.training and self._sparse_pays(x)):
             return "sparse"
         return "masked" if self.path == "auto" and not self.training else "reference"
+
+    @property
+    def _kernel_rows(self) -> int:
+        """Rows with their own masks the kernel serves: up to where it pays (auto), or all it can (forced)."""
+        return KERNEL_MAX_ROWS if self.path == "auto" else KERNEL_ROW_LIMIT
 
     @staticmethod
     def _sparse_pays(x: torch.Tensor) -> bool:
@@ -196,21 +198,22 @@ class MIDLBase(SparseLayer):
         return x.shape[1] > 1
 
     def _kernel_blocker(self, x: torch.Tensor, max_rows: int) -> str | None:
-        """Why the fused kernel cannot serve ``x`` (None if it can). It has no autograd and reads raw
-        float32 CPU memory, and it is built (seconds, once) only when every other check passes."""
+        """Why the fused kernel's op cannot serve ``x`` (None if it can). It has no autograd and reads
+        raw float32 CPU memory, and it is built (seconds, once) only when every other check passes.
+        Under compile or export the op itself chooses, per call, between the kernel and dense
+        compute plus masking, so the graph never branches on the (maybe dynamic) row count."""
         if self.training:
             return "the layer is in training mode"
         if x.shape[1] != 1:
             return "rows share a mask (sequence / sample granularity); the sparse path serves them"
-        if x.shape[0] > max_rows:
+        traced = tracing()
+        if not traced and x.shape[0] > max_rows:
             return f"{x.shape[0]} rows with their own masks, more than {max_rows}"
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return "autograd is recording (run under torch.no_grad() or torch.inference_mode())"
-        if tracing():
-            return "the model is being traced or its ops counted"
-        if not (kernel_applies(x, self.weight) and self.weight.is_contiguous()):  # the kernel checks the rest
+        if not (kernel_takes(x) and kernel_applies(self.weight) and self.weight.is_contiguous()):
             return "it needs float32 CPU tensors and a contiguous weight (it never copies W)"
-        if fused_kernel() is None:
+        if not traced and fused_kernel() is None:
             return "the C++ kernel is disabled (MIDL_NO_KERNEL=1) or could not be built"
         return None
 
@@ -221,16 +224,14 @@ class MIDLBase(SparseLayer):
         bias = p.get("bias")  # absent when the layer has no bias
         bias = _NO_BIAS if bias is None else bias
         rows = x.reshape(x.shape[0], self.in_features)
-        args = (p["weight"], bias, p["light_down"], p["light_up"], p["gate_weight"], p["gate_bias"], self.gate_abs)
-        if self._threshold is None:
-            y = fused_kernel().midl_rows(rows, *args, self.k)
-            self._record(self.k)
-            return y.unsqueeze(1)
-        # Adaptive: each row's count of scores above the threshold, then the kernel on that row
-        # with its own k (the gate runs twice; r * (in + out) more, small beside k * in).
-        counts = self._counts(self.scores(F.linear(rows, self.light_down)), self._threshold)
-        self._record(counts)
-        y = torch.cat([fused_kernel().midl_rows(rows[i : i + 1], *args, int(c)) for i, c in enumerate(counts.tolist())])
+        threshold = math.nan if self._threshold is None else self._threshold
+        y = torch.ops.midl.output_rows.default(
+            rows, p["weight"], bias, p["light_down"], p["light_up"], p["gate_weight"], p["gate_bias"],
+            self.gate_abs, self.k, threshold, self._kernel_rows,
+        )
+        if self.track_stats:  # adaptive: each row's count above the threshold (the op counts its own)
+            self._record(self.k if self._threshold is None
+                         else self._counts(self.scores(F.linear(rows, self.light_down)), self._threshold))
         return y.unsqueeze(1)
 
     def _pick(self, s: torch.Tensor) -> torch.Tensor:
@@ -258,8 +259,8 @@ class MIDLBase(SparseLayer):
         return idx
 
     def _top(self, s: torch.Tensor, k: int) -> torch.Tensor:
-        if kernel_applies(s) and not tracing() and fused_kernel() is not None:
-            return fused_kernel().top_k_rows(s.detach().reshape(s.shape[0], -1), k).unsqueeze(1)
+        if kernel_applies(s) and (tracing() or fused_kernel() is not None):  # traced: the op decides at run time
+            return torch.ops.midl.top_k_rows.default(s.detach().reshape(s.shape[0], -1), k).unsqueeze(1)
         return s.topk(k, dim=-1, sorted=False).indices
 
     def _masked(self, x: torch.Tensor, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import MIDLError
 from .gguf_models import is_gguf
+from .marker import is_marked, unmark
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -189,20 +190,20 @@ def _load_timm(name: str, spec: str, weights: str | None, random_init: bool, mod
     import timm
 
     notes: list[str] = []
-    overlay: dict[str, Any] | None = None
+    overlay: dict[str, Any] = dict(model_kwargs.pop("pretrained_cfg_overlay", None) or {})  # the user's wins
     pretrained = not random_init and weights is None
-    if pretrained and not hub_reachable():
+    if pretrained and not hub_reachable() and not overlay.get("file"):
         cached = _timm_cached_file(name)
         arch = name.split(".", 1)[0]
         if cached:
-            overlay = {"file": cached}
+            overlay["file"] = cached
         elif arch in OFFLINE_PACKAGES and (pkg_path := OFFLINE_PACKAGES[arch][1]()) is not None:
             weights, pretrained = str(pkg_path), False
             notes.append(f"hub unreachable: using {arch} ImageNet weights from the {OFFLINE_PACKAGES[arch][0]} package")
         else:
             raise MIDLError(_offline_message(spec))
     try:
-        model = timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **model_kwargs)
+        model = timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay or None, **model_kwargs)
     except (RuntimeError, OSError) as exc:
         raise MIDLError(f"timm could not build {spec!r}: {str(exc).splitlines()[0][:200]}") from exc
     if weights is not None:
@@ -212,7 +213,8 @@ def _load_timm(name: str, spec: str, weights: str | None, random_init: bool, mod
     model.eval()
     data_config = timm.data.resolve_data_config({}, model=model)
     example = (torch.randn(1, *data_config["input_size"]),)
-    build = {"source": "timm", "name": name, "kwargs": model_kwargs}
+    shape = {k: v for k, v in overlay.items() if k != "file"}  # the overlay minus weights: input size, mean, std
+    build = {"source": "timm", "name": name, "kwargs": {**model_kwargs, **({"pretrained_cfg_overlay": shape} if shape else {})}}
     return LoadedModel(model, spec, "timm", "classifier", example, data_config=data_config, notes=notes, build=build)
 
 
@@ -244,29 +246,38 @@ def _hf_source(spec: str) -> tuple[str, bool, list[str]]:
     return spec, True, []  # the local cache may hold it
 
 
-def _load_hf(spec: str, random_init: bool, model_kwargs: dict) -> LoadedModel:
+def _load_hf(spec: str, random_init: bool, model_kwargs: dict, trust: bool) -> LoadedModel:
     import transformers
     from transformers import AutoConfig, AutoModel
 
     source, local_only, notes = _hf_source(spec)
     if is_gguf(source):
         return _load_gguf(source, spec, random_init, model_kwargs, notes)
+    folder = Path(source) if Path(source).is_dir() else None
+    if folder is not None and not trust and "auto_map" in _read_json(folder / "config.json"):
+        raise MIDLError(f"{spec!r} asks to run its own code (auto_map in config.json); pass --trust-remote-code "
+                        f"(trust_remote_code=True) if you trust it")
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only, trust_remote_code=trust)
     except (OSError, ValueError) as exc:
         if local_only and not Path(spec).is_dir():
             raise MIDLError(_offline_message(spec)) from exc
         raise MIDLError(_unknown_message(spec)) from exc
-    folder = Path(source) if Path(source).is_dir() else None
+    if is_marked(config):
+        if not random_init:
+            raise MIDLError(f"{spec!r} holds a converted MID-L model: load it with midl_convert.load({spec!r}), "
+                            f"or convert the original model")
+        unmark(config)  # the bare architecture; midl_convert.load replays the plan on it
     arch = (config.architectures or [None])[0]
     task = _hf_task(arch, folder)
     cls = AutoModel if task in ("embedding", "base") or not hasattr(transformers, str(arch)) else getattr(transformers, arch)
     if random_init:
-        model = cls.from_config(config, **model_kwargs) if cls is AutoModel else cls(config, **model_kwargs)
+        model = (cls.from_config(config, trust_remote_code=trust, **model_kwargs) if cls is AutoModel
+                 else cls(config, **model_kwargs))
     else:
-        model = cls.from_pretrained(source, local_files_only=local_only, **model_kwargs)
+        model = cls.from_pretrained(source, local_files_only=local_only, trust_remote_code=trust, **model_kwargs)
     model.eval()
-    tokenizer = _tokenizer(source, local_only)
+    tokenizer = _tokenizer(source, local_only, trust)
     return LoadedModel(model, spec, "hf", task, hf_example_inputs(model, tokenizer), tokenizer=tokenizer, notes=notes,
                        build={"source": "hf", "spec": spec, "task": task})
 
@@ -282,12 +293,12 @@ def _load_gguf(file: str, spec: str, random_init: bool, model_kwargs: dict, note
 SAMPLE_TEXT = "MID-L keeps the exact path for the neurons that matter most."
 
 
-def _tokenizer(source: str, local_only: bool) -> Any:
+def _tokenizer(source: str, local_only: bool, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, or None when it has none (or only an empty stand-in without a vocabulary)."""
     import transformers
 
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        tok = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=trust_remote_code)
         return tok if len(tok(SAMPLE_TEXT)["input_ids"]) > 0 else None
     except Exception:  # noqa: BLE001 - vision and audio models have no tokenizer
         return None
@@ -332,25 +343,64 @@ def hf_example_inputs(model: nn.Module, tokenizer: Any = None, seq_len: int = 16
 
 
 # ----- the front door --------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or ``{}`` when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MIDLError(f"{str(path)!r} is not valid JSON ({exc}); restore or delete it") from exc
+    return data if isinstance(data, dict) else {}
+
+
 def _is_timm_folder(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    data = json.loads(cfg.read_text())
+    data = _read_json(path / "config.json")
     return "architecture" in data and "model_type" not in data
+
+
+def check_remote_code(model_kwargs: dict[str, Any], trust_remote_code: bool) -> dict[str, Any]:
+    """``model_kwargs`` without ``trust_remote_code``, which only the caller's own argument may grant.
+
+    A recipe's or a saved folder's kwargs naming it must not run a repository's code on their own
+    (transformers asks for the same explicit consent).
+    """
+    kwargs = dict(model_kwargs)
+    if kwargs.pop("trust_remote_code", False) and not trust_remote_code:
+        raise MIDLError("the model kwargs ask for trust_remote_code: a repository's own code runs only with "
+                        "--trust-remote-code (trust_remote_code=True in Python)")
+    return kwargs
+
+
+def hub_folder(repo_id: str) -> Path:
+    """A local copy of a Hugging Face repository: the cache, else a download; offline, one line at once."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        if not hub_reachable():
+            raise MIDLError(_offline_message(repo_id)) from None
+    try:
+        return Path(snapshot_download(repo_id))
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise MIDLError(f"cannot download {repo_id!r} from the Hugging Face hub: {str(exc).splitlines()[0][:200]}") from exc
 
 
 def load_model(
     spec: str,
     weights: str | None = None,
     random_init: bool = False,
+    trust_remote_code: bool = False,
     **model_kwargs: Any,
 ) -> LoadedModel:
     """Load a model by spec: a timm name (``resnet50``, ``timm/vit_small_patch16_224.augreg_in21k``), a
     Hugging Face id or local folder, optionally with local ``weights`` for a timm architecture.
 
     ``random_init=True`` builds the architecture with random weights (nothing is downloaded for
-    timm names). ``model_kwargs`` go to ``timm.create_model`` or the HF class.
+    timm names). ``model_kwargs`` go to ``timm.create_model`` or the HF class; a repository's own
+    code runs only with ``trust_remote_code=True``.
     """
     path = Path(spec)
     if is_gguf(spec) or is_gguf(weights):  # a GGUF file holds the architecture and the tokenizer too
@@ -360,6 +410,9 @@ def load_model(
             f"{spec!r} is a weights file, not a model: name the architecture and pass the file as weights, "
             f"e.g. midl-convert resnet50 --weights {spec}"
         )
+    if path.is_dir() and (path / "midl_config.json").is_file() and not random_init:
+        raise MIDLError(f"{spec!r} holds a converted MID-L model: load it with midl_convert.load({spec!r}), "
+                        f"or convert the original model")
     if path.is_dir() and _is_timm_folder(path):
         arch = json.loads((path / "config.json").read_text())["architecture"]
         found = next((f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.is_file()), None)
@@ -375,4 +428,4 @@ def load_model(
         raise MIDLError(f"{spec!r} is a file but not a weights file ({', '.join(WEIGHT_SUFFIXES)})")
     if weights is not None:
         raise MIDLError(f"--weights applies to timm architectures and .gguf files; {spec!r} is a Hugging Face model (load the folder)")
-    return _load_hf(spec, random_init, model_kwargs)
+    return _load_hf(spec, random_init, model_kwargs, trust_remote_code)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from .calibrate import LayerCalibration, calibrate, cap_thresholds
@@ -19,11 +18,13 @@ from .config import MIDLConfig
 from .data import CALIBRATION_OFFSET, Batch, default_data, load_data
 from .distill import DistillConfig, DistillResult, distill
 from .graph import TargetTable
-from .models import LoadedModel, load_model
+from .log import logger
+from .models import LoadedModel, check_remote_code, load_model
 from .quality import OUTPUT_KIND
 from .recipe import Recipe
 from .saving import save
-from .surgery import Plan, apply_plan, plan_conversion
+from .conversion import plan_conversion
+from .surgery import Plan, apply_plan
 
 
 
@@ -53,14 +54,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -> RunResult:
-    """Run a recipe; with ``dry_run`` stop after the plan (the model is untouched)."""
-    console = console or Console(stderr=True)
+def run(recipe: Recipe, dry_run: bool = False, progress: bool = True, trust_remote_code: bool = False) -> RunResult:
+    """Run a recipe; with ``dry_run`` stop after the plan (the model is untouched). Steps are logged
+    (``midl_convert.log``); ``progress=False`` hides the bars. A recipe's ``model.kwargs`` may ask
+    for ``trust_remote_code`` only when ``trust_remote_code=True`` is passed."""
     torch.manual_seed(recipe.seed)
     m = recipe.model
-    loaded = load_model(m.spec, weights=m.weights, random_init=m.random_init, **m.kwargs)
+    loaded = load_model(m.spec, weights=m.weights, random_init=m.random_init, trust_remote_code=trust_remote_code,
+                        **check_remote_code(m.kwargs, trust_remote_code))
     for note in loaded.notes:
-        console.print(f"[dim]{note}[/]")
+        logger.info(note)
     config = recipe.midl_config()
     spec = recipe.distill.data or default_data(loaded)
     dcfg = DistillConfig(**recipe.distill.model_dump(exclude={"data", "enabled"}))
@@ -68,12 +71,16 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
     data = load_data(spec, loaded, seed=recipe.seed) if config.flops_ratio is not None or not dry_run else None
     budget_batches = None
     if config.flops_ratio is not None:
-        console.print(f"layer budget: fitting each option on {config.budget_fit_batches} batch(es) and measuring its damage "
-                      f"on {config.budget_batches} other batch(es) of {config.budget_batch_size} from {spec} for a "
-                      f"{config.flops_ratio:g}x FLOPs target")
+        logger.info(f"layer budget: fitting each option on {config.budget_fit_batches} batch(es) and measuring its damage "
+                    f"on {config.budget_batches} other batch(es) of {config.budget_batch_size} from {spec} for a "
+                    f"{config.flops_ratio:g}x FLOPs target")
         budget_batches = budget_data(data, config)
     plan, table = plan_conversion(loaded.model, config, loaded.example_inputs, budget_batches, OUTPUT_KIND[loaded.task],
-                                  progress=lambda line: console.print(f"[dim]{line}[/]"))
+                                  progress=progress)
+    if plan.budget is not None and plan.budget.get("cached"):
+        from .budget import cache_dir
+
+        logger.info(f"layer budget: measurements read from the cache ({cache_dir()}); delete it to measure again")
     result = RunResult(loaded, plan, table)
     if dry_run:
         return result
@@ -82,8 +89,9 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
     student = apply_plan(loaded.model, plan).eval()
     result.student, result.teacher = student, teacher
     if dcfg.calibration_batches:
-        console.print(f"calibrating {len(plan.converted)} layers on {dcfg.calibration_batches} batches of {spec}")
-        result.calibration = calibrate(student, [data.train_batch(CALIBRATION_OFFSET + i, bs) for i in range(dcfg.calibration_batches)])
+        logger.info(f"calibrating {len(plan.converted)} layers on {dcfg.calibration_batches} batches of {spec}")
+        result.calibration = calibrate(student, [data.train_batch(CALIBRATION_OFFSET + i, bs) for i in range(dcfg.calibration_batches)],
+                                       progress=progress)
     eval_data = load_data(recipe.report.data, loaded, seed=recipe.seed) if recipe.report.data else data
     eval_batches = eval_data.heldout_batches(recipe.report.batch_size, limit=recipe.report.eval_samples)
     out = Path(recipe.output.dir)
@@ -99,8 +107,8 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
     if config.flops_ratio is not None:
         raised = cap_thresholds(student, Batch(loaded.example_inputs).to(device).inputs)
         if raised:
-            console.print(f"[dim]adaptive thresholds raised on {len(raised)} layers so the example input meets the "
-                          f"{config.flops_ratio:g}x target (at most k exact neurons per mask there)[/]")
+            logger.info(f"adaptive thresholds raised on {len(raised)} layers so the example input meets the "
+                        f"{config.flops_ratio:g}x target (at most k exact neurons per mask there)")
     if recipe.report.enabled:
         from .report import build_report
 
@@ -108,7 +116,7 @@ def run(recipe: Recipe, dry_run: bool = False, console: Console | None = None) -
                     "device": str(device), "notes": loaded.notes}
         result.report = build_report(student, teacher, [b.to(device) for b in eval_batches], loaded.task, plan=plan,
                                      settings=settings, latency_batch_sizes=tuple(recipe.report.latency_batch_sizes),
-                                     example_inputs=Batch(loaded.example_inputs).to(device).inputs)
+                                     example_inputs=Batch(loaded.example_inputs).to(device).inputs, progress=progress)
     result.out_dir = save(student, out, build=loaded.build, recipe=recipe.model_dump(), tokenizer=loaded.tokenizer,
                           extra=result.report.save if result.report is not None else None)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is saved: its checkpoints are spent

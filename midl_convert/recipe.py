@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, check_keep_list, check_rank_list,
+from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, Select, check_keep_list, check_rank_list,
                      check_rank_setting)
 from .layers import check_keep
 from .distill import DistillConfig
@@ -38,6 +38,7 @@ class MidlSection(_Strict):
     keep: float = 0.5
     rank: Union[int, float] = 32
     granularity: Granularity = "token"
+    select: Select | None = Field(None, description=MIDLConfig.model_fields["select"].description)
     adaptive: bool = Field(False, description=MIDLConfig.model_fields["adaptive"].description)
     flops_ratio: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["flops_ratio"].description)
     budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
@@ -50,6 +51,15 @@ class MidlSection(_Strict):
     _rank = field_validator("rank")(check_rank_setting)
     _budget_keeps = field_validator("budget_keeps")(check_keep_list)
     _budget_ranks = field_validator("budget_ranks")(check_rank_list)
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> "MidlSection":
+        """MIDLConfig's checks across fields (select='auto' needs flops_ratio) fail here, at the edge."""
+        try:
+            MIDLConfig(**self.model_dump())
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return self
 
 
 class DistillSection(DistillConfig):

@@ -28,6 +28,7 @@ from torch import nn
 from .data import Batch
 from .errors import MIDLError
 from .flops import model_flops
+from .log import progress_bar
 from .sparse import SparseLayer
 from .quality import OUTPUT_KIND, compare, headline, run
 from .surgery import Plan, midl_layers
@@ -147,6 +148,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "active_fraction": {**_NUM, "description": "measured on the held-out data (layer stats); null if never recorded"},
                 "dense_flops": _INT, "midl_flops": _INT, "ratio": _NUM,
                 "flops_parts": {"type": "object", "additionalProperties": _INT},
+                "side": {"enum": ["output", "input"], "description": "output: the mask picks rows of W (MID-L); input: columns"},
             },
         }},
         "skipped": {"type": "array", "items": {
@@ -331,12 +333,13 @@ def build_report(
     latency_batch_sizes: Sequence[int] = (1,),
     repeats: int = 20,
     example_inputs: Any = None,
+    progress: bool = True,
 ) -> Report:
     """Measure a converted ``student`` against its original ``teacher`` on held-out ``batches``.
 
     ``task`` is a ``LoadedModel.task``; FLOPs are counted on ``example_inputs`` when given (the
     input a layer budget was planned on), else on one sample of the first batch; latency and
-    memory run on the device the student's weights are on.
+    memory run on the device the student's weights are on; ``progress=False`` hides the timing bar.
     """
     if task not in OUTPUT_KIND:
         raise MIDLError(f"unknown task {task!r}; use one of {', '.join(OUTPUT_KIND)}")
@@ -359,7 +362,8 @@ def build_report(
         flops_inputs = example_inputs if example_inputs is not None else one.inputs
         counted = model_flops(student, teacher, flops_inputs)
         quality, active = _quality_and_activity(layers, student, teacher, batches, task)
-        latency, memory = _runtime(student, teacher, batches[0], latency_batch_sizes, repeats, device)
+        with progress_bar("latency", len(latency_batch_sizes) * repeats, progress) as advance:
+            latency, memory = _runtime(student, teacher, batches[0], latency_batch_sizes, repeats, device, advance)
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
@@ -435,14 +439,15 @@ def _quality_and_activity(
 
 
 def _runtime(
-    student: nn.Module, teacher: nn.Module, batch: Batch, sizes: Sequence[int], repeats: int, device: torch.device
+    student: nn.Module, teacher: nn.Module, batch: Batch, sizes: Sequence[int], repeats: int, device: torch.device,
+    advance: Callable[[], None] = lambda: None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Latency (interleaved teacher/student runs) and peak memory at each batch size."""
     lat, mem = [], []
     for size in sizes:
         b = _resize(batch, size)
         warm = _warm_up((teacher, student), b, device)
-        times = _interleaved(teacher, student, b, repeats, device)
+        times = _interleaved(teacher, student, b, repeats, device, advance)
         t, s = _timing(times[0]), _timing(times[1])
         lat.append({"batch_size": size, "warmup_runs": warm, "teacher": t, "student": s,
                     "speedup": t["median_ms"] / s["median_ms"] if s["median_ms"] else None})
@@ -460,7 +465,8 @@ def _runtime(
 
 
 @torch.no_grad()
-def _interleaved(teacher: nn.Module, student: nn.Module, batch: Batch, repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
+def _interleaved(teacher: nn.Module, student: nn.Module, batch: Batch, repeats: int, device: torch.device,
+                 advance: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
     """Milliseconds per forward, teacher and student alternating (order flipped each round) so drift hits both."""
     models = (teacher, student)
     times: tuple[list[float], list[float]] = ([], [])
@@ -471,6 +477,7 @@ def _interleaved(teacher: nn.Module, student: nn.Module, batch: Batch, repeats: 
             run(models[j], batch)
             _sync(device)
             times[j].append((time.perf_counter() - start) * 1e3)
+        advance()
     return times
 
 

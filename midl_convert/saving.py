@@ -2,8 +2,10 @@
 
 A saved folder holds ``model.safetensors``, ``midl_config.json`` (how to rebuild the base model,
 the plan, the resolved recipe) and, for Hugging Face models, ``config.json`` (with the plan in
-``midl_plan``) and the tokenizer. ``load`` rebuilds the base architecture, replays the plan and
-loads the weights (as Torch-Pruning replays its pruning history). Folders are written under a
+``midl_plan`` and a marker that makes a dense ``from_pretrained`` raise, ``marker.py``),
+``generation_config.json`` and the tokenizer. ``load`` rebuilds the base architecture, replays
+the plan and loads the weights (as Torch-Pruning replays its pruning history); it is the one
+supported way back, for Hugging Face, timm and custom models alike. Folders are written under a
 temporary name and renamed into place, so a killed run leaves nothing half-written.
 """
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 from torch import nn
 
 from .errors import MIDLError
+from .marker import PLAN_KEY, mark
 from .sparse import SparseLayer
 from .surgery import LayerPlan, Plan, apply_plan
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "midl_config.json"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -88,8 +92,11 @@ def save(
     def write(tmp: Path) -> None:
         save_model(model, str(tmp / WEIGHTS_FILE))
         if is_hf:
-            hf_config.midl_plan = plan.to_dict()
+            mark(hf_config, plan.to_dict())
+            hf_config.architectures = hf_config.architectures or [type(model).__name__]  # as save_pretrained records
             hf_config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         meta = {"format_version": FORMAT_VERSION, "build": build, "plan": plan.to_dict(), "recipe": recipe}
@@ -100,46 +107,59 @@ def save(
     return write_atomic_dir(directory, write)
 
 
-def _rebuild(folder: Path, build: dict[str, Any]) -> nn.Module:
-    from .models import load_model
+def _rebuild(folder: Path, build: dict[str, Any], trust_remote_code: bool) -> nn.Module:
+    from .models import check_remote_code, load_model
 
     source = build.get("source")
     if source == "hf":
-        return load_model(str(folder), random_init=True).model
+        return load_model(str(folder), random_init=True, trust_remote_code=trust_remote_code).model
     if source == "timm":
         import timm
 
-        return timm.create_model(build["name"], pretrained=False, **build.get("kwargs", {})).eval()
+        kwargs = check_remote_code(build.get("kwargs", {}), trust_remote_code)
+        return timm.create_model(build["name"], pretrained=False, **kwargs).eval()
     raise MIDLError(f"{folder} holds a custom model: pass the base model, midl_convert.load({str(folder)!r}, model=MyModel())")
 
 
-def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
+def _folder(directory: str | Path) -> Path:
+    """A local folder, or a Hugging Face id fetched into the hub cache (as ``from_pretrained`` does)."""
+    folder = Path(directory)
+    if folder.exists() or not isinstance(directory, str) or directory.count("/") != 1 or directory.startswith((".", "/")):
+        return folder
+    from .models import hub_folder
+
+    return hub_folder(directory)
+
+
+def load(directory: str | Path, model: nn.Module | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Rebuild a saved converted model: base architecture, the recorded plan replayed, then the weights.
 
-    Pass ``model`` (an unconverted instance of the same architecture) for custom models. Only
-    safetensors are read: nothing is unpickled.
+    ``directory`` is a folder or a Hugging Face id. Pass ``model`` (an unconverted instance of the
+    same architecture) for custom models. Only safetensors are read: nothing is unpickled, and a
+    repository's own code runs only with ``trust_remote_code=True``.
     """
     from safetensors.torch import load_file
 
-    folder = Path(directory)
+    folder = _folder(directory)
     meta_file, hf_file = folder / CONFIG_FILE, folder / "config.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise MIDLError(f"{meta_file} has format_version {meta.get('format_version')!r}; this midl-convert reads {FORMAT_VERSION}")
         plan, build = Plan.from_dict(meta["plan"]), meta["build"]
-    elif hf_file.is_file() and "midl_plan" in json.loads(hf_file.read_text()):  # a save_pretrained folder
-        plan, build = Plan.from_dict(json.loads(hf_file.read_text())["midl_plan"]), {"source": "hf"}
+    elif hf_file.is_file() and PLAN_KEY in json.loads(hf_file.read_text()):  # a save_pretrained folder
+        plan, build = Plan.from_dict(json.loads(hf_file.read_text())[PLAN_KEY]), {"source": "hf"}
     else:
-        raise MIDLError(f"{str(folder)!r} is not a saved midl-convert model (no {CONFIG_FILE}, no config.json with midl_plan)")
+        raise MIDLError(f"{str(folder)!r} is not a saved midl-convert model (no {CONFIG_FILE}, no config.json with {PLAN_KEY})")
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise MIDLError(f"{str(weights)!r} is missing; save the model again with midl_convert.save")
-    base = model if model is not None else _rebuild(folder, build)
-    config = getattr(base, "config", None)
-    if config is not None and hasattr(config, "midl_plan"):
-        del config.midl_plan  # the plan is re-applied below
+    base = model if model is not None else _rebuild(folder, build, trust_remote_code)
     apply_plan(base, plan, init=False)
+    if (folder / GENERATION_FILE).is_file() and hasattr(base, "generation_config"):
+        from transformers import GenerationConfig
+
+        base.generation_config = GenerationConfig.from_pretrained(folder)
     state = load_file(str(weights))
     missing, unexpected = base.load_state_dict(state, strict=False)
     own = base.state_dict()

@@ -6,20 +6,19 @@ The model keeps its class, ``forward`` and config; only the chosen submodules ch
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import MIDLConfig, granularity_for, resolve_rank
-from .data import Batch
 from .errors import MIDLError
-from .graph import Target, TargetTable, find_targets
+from .graph import Target, TargetTable
 from .input_layers import InputMIDLConv2d, InputMIDLinear
 from .layers import MIDLConv2d, MIDLinear
+from .marker import mark, unmark
 from .sparse import SparseLayer, dense, sparse_layers
 from .matching import ALL_LINEAR, closest, matches, matches_any
-from .quality import output_kind
 
 
 @dataclass
@@ -179,46 +178,8 @@ def apply_plan(model: nn.Module, plan: Plan, init: bool = True) -> nn.Module:
             _set_module(model, path, new)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
-        config.midl_plan = plan.to_dict()
+        mark(config, plan.to_dict())
     return model
-
-
-def plan_conversion(
-    model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None,
-    batches: Sequence[Batch] | None = None, output: str | None = None, progress: Callable[[str], None] | None = None,
-) -> tuple[Plan, TargetTable]:
-    """The dry run: the graph pass and the plan, with the model untouched.
-
-    With ``config.flops_ratio`` the layer budget (``budget.py``) measures each layer on
-    ``batches`` and picks its keep and rank; ``output`` is what to compare (``logits``,
-    ``embedding`` or ``hidden``), read off the model's output when not given.
-    """
-    config = config or MIDLConfig()
-    table = find_targets(model, example_inputs)
-    if not table.targets:
-        raise MIDLError(f"{type(model).__name__} has no nn.Linear, HF Conv1D or 1x1 nn.Conv2d to convert")
-    plan = make_plan(table, config)
-    if config.flops_ratio is not None:
-        if not batches or example_inputs is None:
-            raise MIDLError("flops_ratio needs example_inputs and a few calibration batches to measure each layer's damage: "
-                            "convert(model, config, example_inputs, batches=[Batch(...), ...])")
-        from .budget import budget_plan
-
-        plan = budget_plan(model, plan, config, batches, output or output_kind(model, batches[0]), example_inputs,
-                           progress=progress)
-    return plan, table
-
-
-def convert(
-    model: nn.Module, config: MIDLConfig | None = None, example_inputs: Any = None,
-    batches: Sequence[Batch] | None = None, output: str | None = None,
-) -> tuple[nn.Module, Plan]:
-    """Replace the planned layers of ``model`` in place by MID-L layers; returns ``(model, plan)``.
-
-    ``batches`` (and ``output``) are needed only for a FLOPs budget (``config.flops_ratio``).
-    """
-    plan, _ = plan_conversion(model, config, example_inputs, batches, output)
-    return apply_plan(model, plan), plan
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -229,8 +190,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             original = done.setdefault(id(mod), mod.merge_and_unload())
             _set_module(model, path, original)
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "midl_plan"):
-        del config.midl_plan
+    if config is not None:
+        unmark(config)
     return model
 
 
@@ -239,5 +200,4 @@ def midl_layers(model: nn.Module) -> dict[str, SparseLayer]:
     return sparse_layers(model)
 
 
-__all__ = ["LAYER_KINDS", "LayerPlan", "Plan", "Target", "apply_plan", "convert", "dense", "make_plan", "merge_and_unload", "midl_layers",
-           "plan_conversion"]
+__all__ = ["LAYER_KINDS", "LayerPlan", "Plan", "Target", "apply_plan", "dense", "make_plan", "merge_and_unload", "midl_layers"]

@@ -159,3 +159,71 @@ def test_offline_minilm_recipe_runs_end_to_end(tmp_path):
     quality = report["quality"]["metrics"]
     assert 0.3 < quality["cosine"] <= 1.0 and "top10_overlap" in quality
     assert report["flops"]["converted_ratio"] > 1.0  # keep 0.5 at rank 32 saves FLOPs, gate included
+
+
+def test_version_and_short_help(capsys):
+    from midl_convert import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"midl-convert {__version__}"
+    assert invoke("-h").exit_code == 0 and "convert" in invoke("-h").output
+    text = runner.invoke(app, ["convert", "-h"], env={"COLUMNS": "300"}).output
+    for choices in ("token|sequence|pixel|sample", "output|input|auto", "auto|cpu|cuda|mps|cuda:N", "--quiet", "--json"):
+        assert choices in text
+
+
+@pytest.mark.parametrize("args", [["--granularity", "tokn"], ["--select", "both"], ["--device", "tpu"]])
+def test_choices_are_checked_at_parse_time(args, tmp_path):
+    res = invoke("convert", "test_vit", "--random-init", *args, "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_select_and_device_reach_the_recipe():
+    from midl_convert.cli import SelectChoice, build_recipe
+
+    recipe = build_recipe("test_vit", None, {"select": SelectChoice.input, "device": "cuda:1"}, False)
+    assert recipe.midl.select == "input" and recipe.midl_config().select == "input" and recipe.device == "cuda:1"
+    res = invoke("convert", "test_vit", "--random-init", "--select", "auto", "--dry-run")  # auto needs a budget
+    assert res.exit_code == 2 and "select='auto' chooses each layer's side" in " ".join(res.output.split())
+
+
+def test_json_everywhere_and_the_run_names_its_folder_and_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MIDL_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["convert", "--recipe", str(small_recipe(tmp_path)), "--include", "all-linear", "--flops-ratio", "1.2",
+            "--out", "rel-out", "--json"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert summary["out_dir"] == str(tmp_path / "rel-out") and Path(summary["out_dir"]).is_absolute()
+    assert {"model.safetensors", "midl_config.json", "report.json"} <= set(summary["files"])
+    assert summary["budget_cached"] is False and summary["quality"]
+    again = invoke(*args[:-1])  # the same budget again, as tables: measurements come from the cache, and it says so
+    assert again.exit_code == 0, again.output
+    text = " ".join(again.stdout.split())
+    assert f"wrote {tmp_path / 'rel-out'}: " in text and "model.safetensors" in text
+    assert "measurements read from the cache" in text
+    saved = json.loads((tmp_path / "rel-out" / "report.json").read_text())
+    assert json.loads(invoke("report", "rel-out", "--json").stdout) == saved
+    plan = json.loads(invoke("inspect", "test_vit", "--random-init", "--json").stdout)
+    assert plan["targets"] == len(plan["plan"]["layers"]) and plan["trace"] == "export"
+
+
+def test_quiet_hides_progress_lines_and_verbose_adds_debug(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIDL_CACHE_DIR", str(tmp_path / "cache"))  # measured here, not read from an earlier run's cache
+    args = ["convert", "--recipe", str(small_recipe(tmp_path)), "--include", "all-linear", "--no-distill"]
+    normal = invoke(*args)
+    assert normal.exit_code == 0 and "calibrating" in normal.stderr
+    quiet = invoke(*args, "--quiet")
+    assert quiet.exit_code == 0 and "calibrating" not in quiet.stderr
+    verbose = invoke(*args, "--verbose", "--flops-ratio", "1.2")
+    assert verbose.exit_code == 0 and "measured 1/" in verbose.stderr
+    assert invoke(*args, "--quiet", "--verbose").exit_code == 2
+
+
+def test_trust_remote_code_in_a_recipe_needs_the_flag(tmp_path):
+    recipe = small_recipe(tmp_path, model={"spec": "test_vit", "random_init": True, "kwargs": {"trust_remote_code": True}})
+    res = invoke("convert", str(recipe), "--dry-run")
+    assert res.exit_code == 2 and "--trust-remote-code" in " ".join(res.output.split())
+    assert invoke("convert", str(recipe), "--dry-run", "--trust-remote-code").exit_code == 0

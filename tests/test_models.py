@@ -1,4 +1,5 @@
 """Loading: timm names, HF folders and ids, the packaged MiniLM offline, weights files, bad specs."""
+import json
 import time
 
 import pytest
@@ -101,3 +102,31 @@ def test_hf_folder_random_init_and_example_inputs(tmp_path):
     assert lm.task == "causal-lm" and lm.source == "hf"
     assert lm.model(**lm.example_inputs).logits.shape[-1] == 40
     assert load_model(str(tmp_path), random_init=True).task == "causal-lm"
+
+
+def test_trust_remote_code_from_kwargs_or_a_folder_needs_the_argument(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    with pytest.raises(MIDLError, match=r"ask for trust_remote_code.*--trust-remote-code"):
+        models.check_remote_code({"num_classes": 3, "trust_remote_code": True}, trust_remote_code=False)
+    assert models.check_remote_code({"num_classes": 3, "trust_remote_code": True}, trust_remote_code=True) == {"num_classes": 3}
+    BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "evil.EvilModel"}}))
+    with pytest.raises(MIDLError, match=r"asks to run its own code \(auto_map in config.json\); pass --trust-remote-code"):
+        load_model(str(tmp_path), random_init=True)
+    with pytest.raises(OSError, match="evil.py"):  # trusted: transformers looks for the folder's code
+        load_model(str(tmp_path), random_init=True, trust_remote_code=True)
+
+
+def test_users_own_pretrained_cfg_overlay_merges(tmp_path):
+    """A recipe's own pretrained_cfg_overlay raised "multiple values for keyword argument"."""
+    model = timm.create_model("resnet18", num_classes=3)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    lm = load_model("resnet18", num_classes=3, 
+                    pretrained_cfg_overlay={"file": str(tmp_path / "w.safetensors"), "mean": (0.1, 0.2, 0.3), "num_classes": 3})
+    assert lm.data_config["mean"] == (0.1, 0.2, 0.3)
+    for a, b in zip(lm.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert lm.build["kwargs"] == {"num_classes": 3, "pretrained_cfg_overlay": {"mean": (0.1, 0.2, 0.3), "num_classes": 3}}

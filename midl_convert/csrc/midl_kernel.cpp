@@ -1,18 +1,28 @@
-// Fused MID-L eval forward for rows with their own masks (batch-1 decode, a few tokens).
+// Fused MID-L eval forwards for rows with their own masks (batch-1 decode, a few tokens), called
+// through the torch ops of kernels.py (midl::output_rows, midl::input_rows, midl::top_k_rows).
 //
-// Per row x: h = V x, s = G h + c (|s| when gate_abs) and the light output U h + b; the k largest
+// Output side, per row x: h = V x, s = G h + c (|s| when gate_abs) and the light output U h + b; the k largest
 // s by an O(out) branch-free selection; then y_i = W_i . x + b_i over the light output for those k.
 // Dense layers at batch 1 are bound by reading W, so reading only k of its rows is the saving;
 // stock torch (topk + index_select + GEMV) spends more on copies than it saves.
+// Input side, per row x: s_j = |x_j| scale_j, the k largest s, then y = b + sum_sel x_j Wt_j + U V x_rest,
+// with W stored transposed (Wt, (in, out)) so that each picked input's column is one contiguous row.
+// Loading the build registers these as the CPU kernels of the ops that kernels.py defines, so a
+// call from torch (eager, compiled or exported graphs) reaches them with no Python in between.
 // Only the headers used, not <torch/extension.h>: the build takes ~10 s instead of ~27 s.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <omp.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -81,6 +91,14 @@ inline float short_dot(const float* a, const float* b, int64_t n) {
 inline float short_dot(const float* a, const float* b, int64_t n) { return dot(a, b, n); }
 #endif
 
+// The selection's counting passes on 512-bit vectors where the CPU has them: gcc's -march=native
+// prefers 256-bit ones, which made these passes 2x slower (memory-bound loops do not care).
+#if defined(__GNUC__) && !defined(__clang__)
+#define WIDE_VECTORS __attribute__((target("prefer-vector-width=512")))
+#else
+#define WIDE_VECTORS
+#endif
+
 // Order-preserving map of a float to an unsigned key; NaN ranks above every number, as in torch.topk.
 inline uint32_t rank_key(float v) {
   uint32_t u;
@@ -93,7 +111,7 @@ inline uint32_t rank_key(float v) {
 // index order. The k-th largest key is found bit by bit, one branch-free counting pass per bit:
 // on fresh scores (a new token's) nth_element's unpredictable branches cost 5x more.
 // keys and picked hold n entries each.
-void top_k(const float* s, int64_t n, int64_t k, uint32_t* keys, int64_t* picked) {
+WIDE_VECTORS void top_k(const float* s, int64_t n, int64_t k, uint32_t* keys, int64_t* picked) {
   for (int64_t i = 0; i < n; ++i) keys[i] = rank_key(s[i]);
   uint32_t kth = 0;  // the largest t with at least k keys >= t, i.e. the k-th largest key
   for (int bit = 31; bit >= 0; --bit) {
@@ -103,7 +121,16 @@ void top_k(const float* s, int64_t n, int64_t k, uint32_t* keys, int64_t* picked
     for (int64_t i = 0; i < n; ++i) count += keys[i] >= t;
     if (count >= k) kth = t;
   }
-  int64_t ties = k, m = 0;
+  int64_t ties = k, m = 0, at_least = 0;
+#pragma omp simd reduction(+ : at_least)
+  for (int64_t i = 0; i < n; ++i) at_least += keys[i] >= kth;
+  if (at_least == k) {  // no tie at the k-th value is split: one short dependency chain (3x faster)
+    for (int64_t i = 0; i < n; ++i) {
+      picked[m] = i;
+      m += keys[i] >= kth;
+    }
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) ties -= keys[i] > kth;
   for (int64_t i = 0; i < n; ++i) {  // branch-free: always written, kept when `take` advances m
     const int64_t eq = keys[i] == kth, take = (keys[i] > kth) | (eq & (ties > 0));
@@ -123,7 +150,18 @@ struct Layer {
   const float *W, *b, *V, *U, *G, *c;  // b is null without a bias
   int64_t in, out, r, k;
   bool gate_abs;
+  float threshold;  // adaptive masks: the scores above it (NaN: exactly k per mask)
 };
+
+// Picks of one mask of n scores: k, or with a threshold the scores above it (at least one), as
+// the layer's torch paths count them (a NaN score is not above it).
+inline int64_t picks(const float* s, int64_t n, int64_t k, float threshold) {
+  if (std::isnan(threshold)) return k;
+  int64_t m = 0;
+#pragma omp simd reduction(+ : m)
+  for (int64_t i = 0; i < n; ++i) m += s[i] > threshold;
+  return std::max<int64_t>(m, 1);
+}
 
 // y[i] = W_i . x + b_i for the listed rows, four at a time.
 void exact_rows(const Layer& L, const float* x, const int64_t* rows, int64_t lo, int64_t hi, float* y) {
@@ -146,6 +184,7 @@ void one_row(const Layer& L, const float* x, float* y, int nt) {
   std::vector<float> h(L.r), s(L.out);
   std::vector<uint32_t> keys(L.out);
   std::vector<int64_t> picked(L.out);
+  int64_t k = L.k;
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
@@ -157,8 +196,11 @@ void one_row(const Layer& L, const float* x, float* y, int nt) {
       y[i] = (L.r ? short_dot(L.U + i * L.r, h.data(), L.r) : 0.f) + (L.b ? L.b[i] : 0.f);
     }
 #pragma omp single
-    top_k(s.data(), L.out, L.k, keys.data(), picked.data());
-    auto [lo, hi] = my_share(L.k);
+    {
+      k = picks(s.data(), L.out, L.k, L.threshold);
+      top_k(s.data(), L.out, k, keys.data(), picked.data());
+    }
+    auto [lo, hi] = my_share(k);
     exact_rows(L, x, picked.data(), lo, hi, y);
   }
 }
@@ -208,8 +250,9 @@ void few_rows(const Layer& L, const float* S, const float* X, int64_t B, float* 
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < B; ++row) {
       const int64_t o = row * L.out;
-      top_k(S + o, L.out, L.k, keys.data() + o, picked.data() + o);
-      for (int64_t t = 0; t < L.k; ++t) mask[o + picked[o + t]] = 1;
+      const int64_t k = picks(S + o, L.out, L.k, L.threshold);
+      top_k(S + o, L.out, k, keys.data() + o, picked.data() + o);
+      for (int64_t t = 0; t < k; ++t) mask[o + picked[o + t]] = 1;
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < L.out; ++i) {
@@ -223,7 +266,7 @@ void few_rows(const Layer& L, const float* S, const float* X, int64_t B, float* 
 
 // The kernel reads raw memory: float32 on the CPU, made contiguous here if it is not.
 at::Tensor checked(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "midl_rows: ", name,
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), "midl kernel: ", name,
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
   return t.contiguous();
 }
@@ -231,21 +274,23 @@ at::Tensor checked(const at::Tensor& t, const char* name) {
 }  // namespace
 
 // x (B, in) with B <= 64, weight W (out, in), bias b (out) or empty, down V (r, in), up U (out, r),
-// gate G (out, r), gate_bias c (out): float32 on the CPU; gate_abs: the layer's uint8 flag.
-// Returns y (B, out).
-at::Tensor midl_rows(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
-                     const at::Tensor& down_in, const at::Tensor& up_in, const at::Tensor& gate_in,
-                     const at::Tensor& gate_bias_in, const at::Tensor& gate_abs, int64_t k) {
+// gate G (out, r), gate_bias c (out): float32 on the CPU; gate_abs: the layer's uint8 flag; k picks
+// per row, or with a threshold (not NaN) each row's scores above it. Returns y (B, out).
+at::Tensor output_rows(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
+                       const at::Tensor& down_in, const at::Tensor& up_in, const at::Tensor& gate_in,
+                       const at::Tensor& gate_bias_in, const at::Tensor& gate_abs, int64_t k, double threshold) {
+  // Float32 throughout: the small GEMMs below must not be recast by an enclosing autocast.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto x = checked(x_in, "x"), weight = checked(weight_in, "weight"), bias = checked(bias_in, "bias");
   const auto down = checked(down_in, "light_down"), up = checked(up_in, "light_up");
   const auto gate = checked(gate_in, "gate_weight"), gate_bias = checked(gate_bias_in, "gate_bias");
   const int64_t B = x.size(0), in = x.size(1), out = weight.size(0), r = down.size(0);
-  TORCH_CHECK(k >= 1 && k <= out, "midl_rows: k must be in [1, ", out, "], got ", k);
-  TORCH_CHECK(B >= 1 && B <= kMaxRows, "midl_rows: 1 to ", kMaxRows, " rows per call, got ", B);
+  TORCH_CHECK(k >= 1 && k <= out, "output_rows: k must be in [1, ", out, "], got ", k);
+  TORCH_CHECK(B >= 1 && B <= kMaxRows, "output_rows: 1 to ", kMaxRows, " rows per call, got ", B);
   const Layer L{weight.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr,
                 down.data_ptr<float>(),   up.data_ptr<float>(),
                 gate.data_ptr<float>(),   gate_bias.data_ptr<float>(),
-                in, out, r, k, gate_abs.item<uint8_t>() != 0};
+                in, out, r, k, gate_abs.item<uint8_t>() != 0, static_cast<float>(threshold)};
   const int nt = B * k * in < kParallelWork ? 1 : std::max(1, at::get_num_threads());
   if (B == 1) {
     auto y = at::empty({1, out}, x.options());
@@ -278,7 +323,207 @@ at::Tensor top_k_rows(const at::Tensor& s_in, int64_t k) {
   return idx;
 }
 
+namespace {
+
+// Scratch of the calling thread, grown on demand and then reused: no allocation per call.
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+struct InputLayer {
+  const float *Wt, *b, *V, *U, *scale;  // b is null without a bias
+  int64_t in, out, r, k;
+  float threshold;  // adaptive masks: the scores above it (NaN: exactly k per row)
+};
+
+// y += sum_q x_{p_q} Wt_{p_q} over G picked inputs at once: one load and store of y per G rows
+// of Wt. Software prefetching of the next rows (their first lines, or line by line alongside
+// these) was measured no faster here, and slower on 44 KB rows: the hardware prefetcher follows.
+template <int G>
+inline void axpy_rows(float* y, const float* Wt, int64_t n, const int64_t* p, const float* x) {
+  const float* w[G];
+  float a[G];
+  for (int q = 0; q < G; ++q) {
+    w[q] = Wt + p[q] * n;
+    a[q] = x[p[q]];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float v = y[j];
+    for (int q = 0; q < G; ++q) v += a[q] * w[q][j];
+    y[j] = v;
+  }
+}
+
+inline void axpy(float* y, const float* w, float a, int64_t n) {
+#pragma omp simd
+  for (int64_t o = 0; o < n; ++o) y[o] += a * w[o];
+}
+
+// The calling thread's share of n outputs in whole cache lines (16 floats): no line of y is
+// written by two threads.
+inline std::pair<int64_t, int64_t> my_columns(int64_t n) {
+  auto [lo, hi] = my_share((n + 15) / 16);
+  return {std::min(n, lo * 16), std::min(n, hi * 16)};
+}
+
+// Rows X (R, in) into Y (R, out): the threads split each row's picked rows of Wt, each reads
+// whole rows (splitting the outputs instead, each thread reading a slice of every picked row,
+// measured 0.66 of the traffic limit on 3072x768 against 0.78 here: shorter runs for the prefetcher).
+// Every thread selects each row's inputs itself (a few µs, in parallel) rather than wait at a
+// barrier for one thread's: one barrier per call, where a sleeping OpenMP thread costs µs to wake.
+void input_kernel(const InputLayer& L, const float* X, int64_t R, float* Y, int nt) {
+  thread_local std::vector<float> s_buf, rest_buf, h_buf, part_buf;
+  thread_local std::vector<uint32_t> key_buf;
+  thread_local std::vector<int64_t> pick_buf;
+  const int64_t in = L.in, out = L.out, r = L.r;
+  float* S_all = scratch(s_buf, nt * in);
+  uint32_t* keys_all = scratch(key_buf, nt * in);
+  int64_t* picked_all = scratch(pick_buf, nt * R * in);
+  float* rest_all = r ? scratch(rest_buf, nt * in) : nullptr;
+  float* H_all = r ? scratch(h_buf, nt * R * r) : nullptr;
+  float* partial = scratch(part_buf, nt * R * out);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    float* s = S_all + tid * in;
+    uint32_t* keys = keys_all + tid * in;
+    float* rest = r ? rest_all + tid * in : nullptr;
+    float* H = r ? H_all + tid * R * r : nullptr;
+    for (int64_t row = 0; row < R; ++row) {  // scores, selection, light path; then this thread's share
+      const float* x = X + row * in;
+      int64_t* p = picked_all + (tid * R + row) * in;
+#pragma omp simd
+      for (int64_t j = 0; j < in; ++j) s[j] = std::abs(x[j]) * L.scale[j];
+      const int64_t k = picks(s, in, L.k, L.threshold);
+      top_k(s, in, k, keys, p);
+      if (r) {
+        std::copy(x, x + in, rest);
+        for (int64_t t = 0; t < k; ++t) rest[p[t]] = 0.f;
+        const auto [jlo, jhi] = my_share(r);  // this thread's part of h = V x_rest; summed below
+        for (int64_t j = 0; j < r; ++j) H[row * r + j] = j >= jlo && j < jhi ? dot(L.V + j * in, rest, in) : 0.f;
+      }
+      float* acc = partial + (tid * R + row) * out;
+      std::fill(acc, acc + out, 0.f);
+      const auto [lo, hi] = my_share(k);
+      int64_t t = lo;
+      for (; t + 4 <= hi; t += 4) axpy_rows<4>(acc, L.Wt, out, p + t, x);
+      for (; t < hi; ++t) axpy(acc, L.Wt + p[t] * out, x[p[t]], out);
+    }
+#pragma omp barrier
+    const auto [clo, chi] = my_columns(out);
+    thread_local std::vector<float> h_sum;
+    float* h = r ? scratch(h_sum, r) : nullptr;
+    for (int64_t row = 0; row < R; ++row) {
+      for (int64_t j = 0; j < r; ++j) {
+        h[j] = 0.f;
+        for (int q = 0; q < team; ++q) h[j] += H_all[(q * R + row) * r + j];
+      }
+      float* y = Y + row * out;
+      for (int64_t o = clo; o < chi; ++o) {
+        float v = (L.b ? L.b[o] : 0.f) + (r ? short_dot(L.U + o * r, h, r) : 0.f);
+        for (int q = 0; q < team; ++q) v += partial[(q * R + row) * out + o];
+        y[o] = v;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Input-side MID-L rows: x (R, in), wt = W^T (in, out), bias (out) or empty, v (r, in), u (out, r),
+// scale (in): float32 on the CPU. Per row, the k inputs with the largest |x_j| scale_j (or, with a
+// threshold that is not NaN, those above it, at least one) take the exact path:
+// y = b + sum_sel x_j wt_j + u (v x_rest). Returns y (R, out).
+at::Tensor input_rows(const at::Tensor& x_in, const at::Tensor& wt_in, const at::Tensor& bias_in,
+                      const at::Tensor& v_in, const at::Tensor& u_in, const at::Tensor& scale_in, int64_t k,
+                      double threshold) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto x = checked(x_in, "x"), wt = checked(wt_in, "wt"), bias = checked(bias_in, "bias");
+  const auto v = checked(v_in, "v"), u = checked(u_in, "u"), scale = checked(scale_in, "scale");
+  TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && wt.size(0) == x.size(1), "input_rows: x (R, in) and wt (in, out), got ",
+              x.sizes(), " and ", wt.sizes());
+  const int64_t R = x.size(0), in = x.size(1), out = wt.size(1), r = v.size(0);
+  TORCH_CHECK(scale.numel() == in && (bias.numel() == 0 || bias.numel() == out), "input_rows: scale (in,) and bias (out,) or empty");
+  TORCH_CHECK(v.dim() == 2 && u.dim() == 2 && u.size(1) == r && (r == 0 || (v.size(1) == in && u.size(0) == out)),
+              "input_rows: v (r, in) and u (out, r), got ", v.sizes(), " and ", u.sizes());
+  TORCH_CHECK(k >= 1 && k <= in, "input_rows: k must be in [1, ", in, "], got ", k);
+  auto y = at::empty({R, out}, x.options());
+  if (R == 0) return y;
+  const InputLayer L{wt.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr, v.data_ptr<float>(),
+                     u.data_ptr<float>(),  scale.data_ptr<float>(), in, out, r, k, static_cast<float>(threshold)};
+  const int nt = R * k * out < kParallelWork ? 1 : std::max(1, at::get_num_threads());
+  input_kernel(L, x.data_ptr<float>(), R, y.data_ptr<float>(), nt);
+  return y;
+}
+
+namespace {
+
+// Rows per call up to which midl::input_rows runs the kernel (KERNEL_MAX_ROWS in kernels.py);
+// more rows run one masked GEMM, which beats per-row axpys once rows share most of W's columns.
+constexpr int64_t kInputKernelRows = 8;
+
+bool all_float32(std::initializer_list<at::Tensor> ts) {
+  for (const auto& t : ts)
+    if (t.scalar_type() != at::kFloat || !t.device().is_cpu()) return false;
+  return true;
+}
+
+// Each row's k largest scores, or with a threshold (not NaN) its scores above it (at least one),
+// as a boolean mask: the selection of kernels.top_mask, for the dense fallbacks.
+at::Tensor top_mask(const at::Tensor& s, int64_t k, double threshold) {
+  auto mask = at::zeros_like(s, s.options().dtype(at::kBool));
+  if (s.size(0) == 0) return mask;
+  if (std::isnan(threshold)) return mask.scatter_(-1, std::get<1>(s.topk(k, -1, true, false)), true);
+  const auto counts = s.gt(threshold).sum(-1, true).clamp_min(1);
+  const auto top = std::get<1>(s.topk(counts.max().item<int64_t>(), -1, true, true));
+  return mask.scatter_(-1, top, at::arange(top.size(-1), counts.options()).lt(counts));
+}
+
+}  // namespace
+
+// midl::output_rows: the kernel for 1 to kernel_rows (at most 64) float32 rows; dense compute plus
+// masking for any other count, so a graph with a dynamic batch needs no branch on it.
+at::Tensor output_rows_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& down, const at::Tensor& up, const at::Tensor& gate,
+                          const at::Tensor& gate_bias, const at::Tensor& gate_abs, int64_t k, double threshold,
+                          int64_t kernel_rows) {
+  const int64_t B = x.size(0);
+  if (B >= 1 && B <= std::min(kernel_rows, kMaxRows) && all_float32({x, weight, gate_bias}))
+    return output_rows(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  auto [s, light] = gate_and_light(x, bias, down, up, gate, gate_bias, gate_abs.item<uint8_t>() != 0);
+  const auto dense = bias.numel() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+  return at::where(top_mask(s, k, threshold), dense, light);
+}
+
+// midl::input_rows: the kernel for 1 to 8 float32 rows, one masked GEMM otherwise.
+at::Tensor input_rows_op(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, const at::Tensor& v,
+                         const at::Tensor& u, const at::Tensor& scale, int64_t k, double threshold) {
+  const int64_t R = x.size(0);
+  if (R >= 1 && R <= kInputKernelRows && all_float32({x, wt, scale}))
+    return input_rows(x, wt, bias, v, u, scale, k, threshold);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto exact = at::where(top_mask(x.abs().mul(scale), k, threshold), x, 0.0);
+  auto y = bias.numel() ? at::addmm(bias, exact, wt) : at::mm(exact, wt);
+  if (v.size(0)) y = at::addmm(y, at::mm(x.sub(exact), v.t()), u.t());
+  return y;
+}
+
+// midl::top_k_rows: the O(n) selection on float32 scores, torch.topk (sorted ascending) otherwise.
+at::Tensor top_k_rows_op(const at::Tensor& s, int64_t k) {
+  if (all_float32({s})) return top_k_rows(s, k);
+  return std::get<0>(std::get<1>(s.topk(k, -1, true, false)).sort(-1));
+}
+
+TORCH_LIBRARY_IMPL(midl, CPU, m) {
+  m.impl("output_rows", &output_rows_op);
+  m.impl("input_rows", &input_rows_op);
+  m.impl("top_k_rows", &top_k_rows_op);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("midl_rows", &midl_rows, "Fused MID-L eval forward for up to 64 rows, each with its own top-k mask");
   m.def("top_k_rows", &top_k_rows, "Ascending indices of the k largest scores of each row (O(n) selection)");
 }
