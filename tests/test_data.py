@@ -98,3 +98,27 @@ def test_bad_files(tmp_path, vision):
     with pytest.raises(mc.MIDLError, match=r"text data needs a tokenizer"):
         (tmp_path / "t.txt").write_text("a\nb\nc\n")
         load_data(str(tmp_path / "t.txt"), vision)
+
+
+def decoder_tokenizer():
+    """A GPT-2-like tokenizer: no pad token, and padding on the left (as set for generation)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for s in text_sentences()[:400] for w in s.split()})
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<eos>", *words])}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    tok.padding_side = "left"
+    return tok
+
+
+def test_builtin_text_for_a_decoder_pads_on_the_right_with_eos():
+    tok = decoder_tokenizer()
+    loaded = mc.LoadedModel(torch.nn.Identity(), "tiny-decoder", "hf", "causal-lm", {}, tokenizer=tok)
+    batch = load_data("builtin:text", loaded).train_batch(0, 8)
+    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    assert set(batch.inputs) == {"input_ids", "attention_mask"} and ids.shape == mask.shape and ids.shape[0] == 8
+    assert (mask[:, 0] == 1).all() and (mask.diff(dim=1) <= 0).all()  # real tokens first, then padding
+    assert (mask == 0).any() and (ids[mask == 0] == tok.eos_token_id).all()
+    assert tok.pad_token is None and tok.padding_side == "left"  # the model's tokenizer is not changed
