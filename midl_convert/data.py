@@ -255,8 +255,7 @@ def kjv_sentences(limit: int | None = None, seed: int = 1234) -> list[str]:
 
 def builtin_text(loaded: LoadedModel, seed: int = 0, heldout: int = 512) -> Data:
     """Train on Python's help topics, judge on Bible verses: held-out data from another source, as a
-    user's own text would be (held-out help sentences flattered the product: 0.953 cosine there was
-    0.888 elsewhere). Without the Bible package, help sentences that training never reads, with a warning."""
+    user's own text would be (held-out sentences from the training source flatter a distilled student). Without the Bible package, help sentences that training never reads, with a warning."""
     sentences = text_sentences()
     rng = random.Random(1234)  # the split is fixed, whatever the seed
     order = list(range(len(sentences)))
