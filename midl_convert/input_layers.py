@@ -24,13 +24,14 @@ from torch import nn
 
 from .fitting import calibrate_input_layer, fit_threshold
 from .kernels import NO_BIAS  # importing kernels registers the midl ops
-from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_rank
+from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer
 
 
 class InputMIDLBase(SparseLayer):
     """The maths of input-side layers on rows ``(G, n, in)``; subclasses map their input to rows."""
 
     side = "input"
+    default_rank = 0
 
     def __init__(self, in_features: int, out_features: int, keep: float, rank: int, granularity: str,
                  allowed: tuple[str, ...], bias: bool = True, device: Any = None, dtype: torch.dtype | None = None) -> None:
@@ -174,15 +175,6 @@ class InputMIDLinear(LinearRows, InputMIDLBase):
         super().__init__(in_features, out_features, keep, rank, granularity, LINEAR_GRANULARITIES, bias, device, dtype)
         self.transposed = transposed
 
-    @classmethod
-    def from_linear(cls, linear: nn.Module, keep: float = 0.5, rank: int = 0, granularity: str = "token") -> "InputMIDLinear":
-        weight, bias, transposed = cls.dense_of(linear)
-        out_f, in_f = weight.shape
-        layer = cls(in_f, out_f, keep, check_rank(rank, in_f, out_f), granularity, bias is not None, transposed,
-                    weight.device, weight.dtype)
-        layer.init_from_dense(weight, bias)
-        return layer
-
 
 class InputMIDLConv2d(ConvRows, InputMIDLBase):
     """Input-side MID-L replacement for a 1x1 ``nn.Conv2d``: ``pixel`` picks input channels per
@@ -193,15 +185,3 @@ class InputMIDLConv2d(ConvRows, InputMIDLBase):
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(in_channels, out_channels, keep, rank, granularity, CONV_GRANULARITIES, bias, device, dtype)
         self.stride, self.padding = tuple(stride), tuple(padding)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, keep: float = 0.5, rank: int = 0, granularity: str = "pixel") -> "InputMIDLConv2d":
-        cls.check_conv(conv)
-        out_c, in_c = conv.out_channels, conv.in_channels
-        layer = cls(in_c, out_c, keep, check_rank(rank, in_c, out_c), granularity, conv.bias is not None,
-                    conv.stride, conv.padding, conv.weight.device, conv.weight.dtype)
-        layer.init_from_dense(conv.weight.reshape(out_c, in_c), conv.bias)
-        return layer
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", stride={self.stride}, padding={self.padding}"

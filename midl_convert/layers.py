@@ -82,6 +82,7 @@ class MIDLBase(SparseLayer):
     """The maths of output-side MID-L layers on rows ``(G, n, in)``; subclasses map their input to rows."""
 
     side = "output"
+    default_rank = 32
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -366,18 +367,6 @@ class MIDLinear(LinearRows, MIDLBase):
         # True when the original was an HF Conv1D (weight stored (in, out)); used to unload it.
         self.transposed = transposed
 
-    @classmethod
-    def from_linear(cls, linear: nn.Module, keep: float = 0.5, rank: int = 32, granularity: str = "token") -> "MIDLinear":
-        """Build from an ``nn.Linear`` or an HF ``Conv1D`` (a Linear with its weight transposed)."""
-        weight, bias, transposed = cls.dense_of(linear)
-        out_f, in_f = weight.shape
-        layer = cls(
-            in_f, out_f, keep, check_rank(rank, in_f, out_f), granularity, bias is not None,
-            transposed, weight.device, weight.dtype,
-        )
-        layer.init_from_dense(weight, bias)
-        return layer
-
 
 class MIDLConv2d(ConvRows, MIDLBase):
     """MID-L replacement for a 1x1 ``nn.Conv2d`` (groups 1, any stride and zero padding).
@@ -401,18 +390,3 @@ class MIDLConv2d(ConvRows, MIDLBase):
     ) -> None:
         super().__init__(in_channels, out_channels, keep, rank, granularity, CONV_GRANULARITIES, bias, device, dtype)
         self.stride, self.padding = tuple(stride), tuple(padding)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, keep: float = 0.5, rank: int = 32, granularity: str = "pixel") -> "MIDLConv2d":
-        """Build from a 1x1 ``nn.Conv2d`` with groups 1 and zero padding mode."""
-        cls.check_conv(conv)
-        out_c, in_c = conv.out_channels, conv.in_channels
-        layer = cls(
-            in_c, out_c, keep, check_rank(rank, in_c, out_c), granularity, conv.bias is not None,
-            conv.stride, conv.padding, conv.weight.device, conv.weight.dtype,
-        )
-        layer.init_from_dense(conv.weight.reshape(out_c, in_c), conv.bias)
-        return layer
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", stride={self.stride}, padding={self.padding}"

@@ -49,6 +49,7 @@ class SparseLayer(nn.Module):
     """Settings, statistics and thresholds shared by every kind; the maths is the subclass's."""
 
     side: ClassVar[str]  # "output" or "input": which neurons a mask picks
+    default_rank: ClassVar[int]  # the light path's rank when a builder is given none
     weight: nn.Parameter
     bias: nn.Parameter | None
 
@@ -214,6 +215,18 @@ class LinearRows:
                 dense.bias.copy_(self.bias)
         return dense
 
+    @classmethod
+    def from_linear(cls, linear: nn.Module, keep: float = 0.5, rank: int | None = None, granularity: str = "token"):
+        """Build from an ``nn.Linear`` or an HF ``Conv1D`` (a Linear with its weight transposed); ``rank``
+        defaults to the kind's ``default_rank``."""
+        weight, bias, transposed = cls.dense_of(linear)
+        out_f, in_f = weight.shape
+        rank = cls.default_rank if rank is None else rank
+        layer = cls(in_f, out_f, keep, check_rank(rank, in_f, out_f),
+                    granularity, bias is not None, transposed, weight.device, weight.dtype)
+        layer.init_from_dense(weight, bias)
+        return layer
+
     @staticmethod
     def dense_of(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """``(W (out, in), b, transposed)`` of an ``nn.Linear`` or an HF ``Conv1D`` (a Linear stored transposed)."""
@@ -272,6 +285,21 @@ class ConvRows:
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, keep: float = 0.5, rank: int | None = None, granularity: str = "pixel"):
+        """Build from a 1x1 ``nn.Conv2d`` with groups 1 and zero padding mode; ``rank`` defaults to the
+        kind's ``default_rank``."""
+        cls.check_conv(conv)
+        out_c, in_c = conv.out_channels, conv.in_channels
+        rank = cls.default_rank if rank is None else rank
+        layer = cls(in_c, out_c, keep, check_rank(rank, in_c, out_c), granularity, conv.bias is not None,
+                    conv.stride, conv.padding, conv.weight.device, conv.weight.dtype)
+        layer.init_from_dense(conv.weight.reshape(out_c, in_c), conv.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", stride={self.stride}, padding={self.padding}"
 
     @staticmethod
     def check_conv(conv: nn.Conv2d) -> None:
