@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 import midl_convert as mc
-from midl_convert.calibrate import calibrate_layer, collect_groups
+from midl_convert.calibrate import collect_groups
 from midl_convert.fitting import left_energy as _left_energy, lstsq as _lstsq, whitened_factors
 from midl_convert.downstream import post_fn
 
@@ -59,7 +59,7 @@ def main() -> None:
     with torch.no_grad():
         for path, layer in mc.midl_layers(student).items():
             post = post_fn(student, *layer.downstream)
-            calibrate_layer(layer, calib[path], path=path, post=post)
+            layer.calibrate_rows(calib[path], path=path, post=post)
             after = post if post is not None else (lambda y: y)
             w, b = layer.weight.float(), layer.bias.float()
             x, xh = calib[path][:, 0], held[path][:, 0]

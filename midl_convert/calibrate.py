@@ -12,16 +12,11 @@ from torch import nn
 
 from .data import Batch
 from .downstream import post_fn
-from .fitting import LayerCalibration, calibrate_output_layer, fit_threshold, linalg_threads
+from .fitting import LayerCalibration, fit_threshold, linalg_threads
 from .log import progress_bar
 from .sparse import SparseLayer, dense
 from .quality import OUTPUT_KIND, output_kind, run
 from .sensitivity import neuron_sensitivity
-
-
-# The output side's fit under its old name, and the dense context under the name the package used.
-calibrate_layer = calibrate_output_layer
-dense_mode = dense
 
 
 @torch.no_grad()
@@ -39,7 +34,7 @@ def collect_groups(model: nn.Module, batches: Iterable[Batch], max_rows: int = 4
 
     handles = [m.register_forward_pre_hook(lambda mod, inp, p=p: hook(mod, inp, p)) for p, m in layers.items()]
     try:
-        with dense_mode(model):
+        with dense(model):
             for batch in batches:
                 real[0] = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
                 run(model, batch)
@@ -160,7 +155,7 @@ def calibrate(
         weights: dict[str, torch.Tensor] = {}
         plain = [p for p in groups if layers[p].keep < 1.0 and (layers[p].side == "input" or (posts[p] is None and layers[p].rank > 0))]
         if kind is not None and plain and batches:
-            with dense_mode(model):
+            with dense(model):
                 kind = output_kind(model, batches[0]) if kind == "auto" else kind
                 weights = {p: s.sqrt() for p, s in neuron_sensitivity(model, plain, batches, kind, probes=2).items()}
         out = []

@@ -31,7 +31,7 @@ def neuron_sensitivity(
 ) -> dict[str, torch.Tensor]:
     """Each module's (at ``paths``) per-output-neuron sensitivity, normalised to mean 1 per layer.
 
-    The model runs as it is (call it in ``calibrate.dense_mode`` for the dense model's
+    The model runs as it is (call it in ``midl_convert.dense(model)`` for the dense model's
     sensitivities); its weights, their ``requires_grad`` flags and every module's train/eval
     mode are left as they were. A module called several times per forward counts every call.
     """
