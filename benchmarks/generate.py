@@ -12,7 +12,9 @@ is built by the package's own stages: ``load_model`` -> ``convert`` -> ``calibra
     python benchmarks/generate.py --keep 0.7 --rank 32                  # output side, calibrated
     python benchmarks/generate.py --select input --keep 0.7 --rank 0    # input side (MIDLConfig(select=...))
     python benchmarks/generate.py --keep 0.7 --steps 200                # + distillation on builtin:text
-    python benchmarks/generate.py --flops-ratio 1.3                     # the layer budget (slow on 210 layers)
+    python benchmarks/generate.py --select auto --flops-ratio 1.3       # the layer budget
+    python benchmarks/generate.py --select input --keep 0.7 --rank 0 --bound   # + the converted layers at zero cost
+    python benchmarks/generate.py --random 1b --select input --keep 0.5 --rank 0 --calib-batches 0 --new-tokens 32
 """
 from __future__ import annotations
 
@@ -69,6 +71,28 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, pad_id: int) 
     return seconds
 
 
+class Free(torch.nn.Module):
+    """A Linear that costs nothing: zeros of its output's shape. A model with every converted Linear
+    swapped for one shows the most any sparsity of those layers could give (the rest of a decode
+    step, attention, norms and the framework's own work per token, is untouched)."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def free_model(model: torch.nn.Module, paths: list[str]) -> torch.nn.Module:
+    """A copy of ``model`` whose modules at ``paths`` are ``Free``."""
+    free = copy.deepcopy(model)
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        setattr(free.get_submodule(parent), name, Free(free.get_submodule(path).out_features))
+    return free
+
+
 def tokens_per_second(models: dict, prompt: torch.Tensor, args: argparse.Namespace, pad_id: int) -> dict[str, float]:
     """Median tokens/s of each model over ``args.repeats`` rounds, the models taking turns within each
     round, and ``ratio``: the median over rounds of converted / dense, which a load that drifts between
@@ -81,14 +105,38 @@ def tokens_per_second(models: dict, prompt: torch.Tensor, args: argparse.Namespa
             times[name].append(generate_seconds(model, prompt, args.new_tokens, pad_id))
         print(f"round {i + 1}: " + ", ".join(f"{name} {args.new_tokens / t[-1]:.1f} tokens/s" for name, t in times.items()), flush=True)
     speed = {name: args.new_tokens / statistics.median(t) for name, t in times.items()}
-    speed["ratio"] = statistics.median(d / c for d, c in zip(times["dense"], times["converted"]))
+    for name in [n for n in models if n != "dense"]:
+        speed[f"{name} ratio"] = statistics.median(d / c for d, c in zip(times["dense"], times[name]))
     return speed
+
+
+# Random weights in the shape of a larger decoder, for speed only: SmolLM2-135M's fp32 weights (0.54 GB)
+# nearly fit this machine's 480 MB L3 cache, so its decode steps do not wait on memory the way a larger
+# model's do. These shapes are TinyLlama-1.1B's with SmolLM2's vocabulary (its tokenizer feeds them).
+RANDOM_SHAPES = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                            num_key_value_heads=4)}
+
+
+def random_like(loaded, size: str):
+    """``loaded`` with its model replaced by a random-weight Llama of ``RANDOM_SHAPES[size]`` (same
+    tokenizer and vocabulary). Its perplexity means nothing; its tokens/s are the physics."""
+    import dataclasses
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=loaded.model.config.vocab_size, max_position_embeddings=2048,
+                         tie_word_embeddings=True, **RANDOM_SHAPES[size])
+    model = LlamaForCausalLM(config).eval()
+    print(f"random-weight Llama, {size} shapes: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters "
+          f"(speed only: its perplexity means nothing)", flush=True)
+    return dataclasses.replace(loaded, model=model)
 
 
 def midl_config(args: argparse.Namespace) -> mc.MIDLConfig:
     common = {"select": args.select, "skip_head": not args.include_head}
-    if args.flops_ratio:
-        return mc.MIDLConfig(flops_ratio=args.flops_ratio, **common)
+    if args.flops_ratio or args.speedup:
+        return mc.MIDLConfig(flops_ratio=args.flops_ratio, speedup=args.speedup, **common)
     return mc.MIDLConfig(keep=args.keep, rank=args.rank, **common)
 
 
@@ -98,9 +146,9 @@ def build_student(loaded, args: argparse.Namespace):
     data = mc.load_data("builtin:text", loaded, seed=args.seed)
     cfg = midl_config(args)
     t = time.perf_counter()
-    if args.flops_ratio:
+    if cfg.budgeted:
         _, plan = mc.convert(student, cfg, loaded.example_inputs, batches=budget_data(data, cfg), output="logits")
-        setting = f"budget {args.flops_ratio}x"
+        setting = f"budget {args.flops_ratio}x FLOPs" if args.flops_ratio else f"budget {args.speedup}x measured speed-up"
     else:
         _, plan = mc.convert(student, cfg, loaded.example_inputs)
         setting = f"keep {args.keep}, rank {args.rank}"
@@ -116,7 +164,7 @@ def build_student(loaded, args: argparse.Namespace):
                          eval_batches=data.heldout_batches(args.batch_size, limit=64), log_every=50)
         print(f"distilled {args.steps} steps in {res.seconds:.0f}s", flush=True)
         setting += f", {args.steps} steps"
-    if args.flops_ratio:
+    if cfg.budgeted:
         mc.cap_thresholds(student, loaded.example_inputs)
     return student.eval(), setting
 
@@ -127,6 +175,8 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.7)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--flops-ratio", type=float, default=None, help="a whole-model FLOPs budget instead of one keep")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="a speed-up budget instead: options timed at batch-1 decode on this machine (MIDLConfig(speedup=...))")
     p.add_argument("--select", default="output", choices=["output", "input", "auto"],
                    help="which side of W a layer skips: output rows, input columns, or (with --flops-ratio) chosen per layer")
     p.add_argument("--include-head", action="store_true", help="convert lm_head too (a fifth of the weights read per token)")
@@ -141,6 +191,10 @@ def main() -> None:
     p.add_argument("--ppl-window", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random", choices=sorted(RANDOM_SHAPES), default=None,
+                   help="time a random-weight decoder of these shapes instead (larger than the CPU's cache; speed only)")
+    p.add_argument("--bound", action="store_true",
+                   help="also time the dense model with the converted layers costing nothing: the most their sparsity can give")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -148,6 +202,8 @@ def main() -> None:
     loaded = mc.load_model(args.model)
     for note in loaded.notes:
         print(note)
+    if args.random:
+        loaded = random_like(loaded, args.random)
     print(f"loaded {type(loaded.model).__name__} in {time.perf_counter() - t:.0f}s", flush=True)
     teacher, tok = loaded.model.eval(), loaded.tokenizer
     student, setting = build_student(loaded, args)
@@ -157,14 +213,18 @@ def main() -> None:
     t = time.perf_counter()
     ppl = {name: perplexity(m, ids, args.ppl_window) for name, m in (("dense", teacher), ("converted", student))}
     print(f"perplexity dense {ppl['dense']:.2f}, converted {ppl['converted']:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
-    speed = tokens_per_second({"dense": teacher, "converted": student}, prompt, args, tok.pad_token_id or 0)
+    models = {"dense": teacher, "converted": student}
+    if args.bound:
+        models["bound"] = free_model(teacher, list(mc.midl_layers(student)))
+    speed = tokens_per_second(models, prompt, args, tok.pad_token_id or 0)
     print(f"\n{args.model}: batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
           f"{args.threads} threads, median of {args.repeats} interleaved runs; perplexity on {ids.shape[1]} KJV tokens")
+    bound = f"{speed['bound ratio']:.2f}x" if args.bound else "not run (--bound)"
     print("| setting | FLOPs ratio, converted layers / whole model | tokens/s dense | tokens/s converted | ratio (median of rounds) "
-          "| perplexity dense | perplexity converted | + |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| bound: those layers free | perplexity dense | perplexity converted | + |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {setting} | {flops.converted_ratio:.2f}x / {flops.ratio:.2f}x | {speed['dense']:.1f} | {speed['converted']:.1f} "
-          f"| {speed['ratio']:.2f}x | {ppl['dense']:.2f} | {ppl['converted']:.2f} "
+          f"| {speed['converted ratio']:.2f}x | {bound} | {ppl['dense']:.2f} | {ppl['converted']:.2f} "
           f"| {100 * (ppl['converted'] / ppl['dense'] - 1):+.1f}% |")
 
 

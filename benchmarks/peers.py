@@ -106,6 +106,9 @@ def main() -> None:
     p.add_argument("--eval", type=int, default=512)
     p.add_argument("--only", default="", help="comma-separated method name prefixes to run (default: all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--judge", type=int, default=None,
+                   help="options per layer the budget judges at the output after screening (0: every option; "
+                        "default: MIDLConfig's, every option on a grid of at most 1000)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ratios = args.ratio or [1.5, 2.0]
@@ -151,12 +154,14 @@ def main() -> None:
             continue
         t = time.perf_counter()
         student = copy.deepcopy(teacher)
-        cfg = mc.MIDLConfig(flops_ratio=target, select="auto", exclude=exclude, granularity=granularity)
+        cfg = mc.MIDLConfig(flops_ratio=target, select="auto", exclude=exclude, granularity=granularity,
+                            budget_judge=args.judge)
         _, plan = mc.convert(student, cfg, example, batches=budget_data(data, cfg), output=kind)
         mc.calibrate(student, calib)
         ratio = model_flops(student, teacher, example).ratio
         sides = {s: sum(lp.side == s for lp in plan.converted) for s in ("input", "output")}
-        row(f"budget, select=auto ({sides['input']} input / {sides['output']} output side, "
+        judged = {None: "default judging", 0: "every option judged"}.get(args.judge, f"{args.judge} judged per layer")
+        row(f"budget, select=auto, {judged} ({sides['input']} input / {sides['output']} output side, "
             f"{len(plan.layers) - len(plan.converted)} dense)", ratio, judge(student, teacher, held, kind, photos),
             time.perf_counter() - t)
         if args.steps:

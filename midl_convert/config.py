@@ -1,7 +1,7 @@
 """What to convert and how: one typed config, validated once at the edge and passed down."""
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -99,6 +99,9 @@ class MIDLConfig(BaseModel):
                                             description="keeps the layer budget tries on the input side")
     budget_input_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_INPUT_RANKS),
                                                         description="ranks the layer budget tries on the input side")
+    budget_judge: Optional[int] = Field(None, ge=0, description="options per layer the layer budget judges at the model's "
+                                        "output, the rest screened out by the layer's own error; 0: judge every option; "
+                                        "None: every option up to 1000 in all, else 6 per layer")
     budget_batches: int = Field(1, ge=1, description="batches the layer budget measures each option's damage on "
                                                       "(each option costs one forward of them)")
     budget_fit_batches: int = Field(4, ge=0, description="other batches each option's light path and gate are fitted on "

@@ -132,7 +132,7 @@ class InputMIDLBase(SparseLayer):
         reads only the k picked rows of ``W^T``, no copy), one masked GEMM for many, and a graph
         node that torch.compile and export keep whatever the row count."""
         rows = x.reshape(x.shape[0], self.in_features)
-        scale = (self.gate * self.column_norm).float()
+        scale = self._selection_scale()
         threshold = math.nan if self._threshold is None else self._threshold
         bias = NO_BIAS if self.bias is None else self.bias
         y = torch.ops.midl.input_rows.default(rows, self.weight.T, bias, self.light_down, self.light_up, scale,
@@ -140,6 +140,18 @@ class InputMIDLBase(SparseLayer):
         if self.track_stats:
             self._record(self.k if self._threshold is None else self._counts(self.mask_scores(x), self._threshold))
         return y.unsqueeze(1)
+
+    def _selection_scale(self) -> torch.Tensor:
+        """``g * c`` in float32, remembered until either tensor changes: at one row per call (decoding)
+        recomputing it is a measurable share of the call."""
+        g, c = self.gate, self.column_norm
+        if torch.compiler.is_compiling() or g.is_inference() or c.is_inference():  # no version counter to trust
+            return (g * c).float()
+        memo = self.__dict__.get("_scale_memo")  # (g, its version, c, its version, g * c): holding g and c
+        if memo is None or memo[0] is not g or memo[2] is not c or memo[1] != g._version or memo[3] != c._version:
+            memo = (g, g._version, c, c._version, (g * c).float().detach())  # keeps their addresses from reuse
+            self.__dict__["_scale_memo"] = memo
+        return memo[4]
 
     def mix_rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:

@@ -3,7 +3,7 @@ path and the line in the file."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -44,6 +44,7 @@ class MidlSection(_Strict):
     speedup: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["speedup"].description)
     budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
     budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS))
+    budget_judge: Optional[int] = Field(None, ge=0, description=MIDLConfig.model_fields["budget_judge"].description)
     budget_batches: int = Field(1, ge=1, description=MIDLConfig.model_fields["budget_batches"].description)
     budget_fit_batches: int = Field(4, ge=0, description=MIDLConfig.model_fields["budget_fit_batches"].description)
     budget_batch_size: int = Field(8, ge=1, description=MIDLConfig.model_fields["budget_batch_size"].description)

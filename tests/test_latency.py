@@ -88,10 +88,12 @@ def test_unreachable_speedup_fails_before_any_damage_is_measured(monkeypatch):
 
 def fake_clock(monkeypatch, factor: dict[str, float]):
     """Options take ``factor[side]`` of the dense layer's 1 ms; the model takes 1 ms more than its layers."""
-    calls = []
+    calls, sets = [], []
+    monkeypatch.setattr(latency, "working_sets", sets, raising=False)
 
-    def time_options(shape, call, options, use_cache=True):
+    def time_options(shape, call, options, use_cache=True, working_set=0):
         calls.append(tuple(call))
+        sets.append(working_set)
         return 1e-3, [factor[o.side] * 1e-3 for o in options]
 
     monkeypatch.setattr(latency, "time_options", time_options)
@@ -107,6 +109,8 @@ def test_speedup_budget_allocates_on_measured_time(monkeypatch):
     plan, _ = plan_conversion(Stack(), MIDLConfig(speedup=1.2, **SMALL_GRID), (torch.randn(16, 32),), batches())
     assert plan.budget["axis"] == "time" and plan.budget["predicted_ratio"] >= 1.2
     assert plan.budget["call"] == "example input" and set(calls) == {(16, 32)}
+    weights = sum(p.numel() * 4 for p in Stack().parameters())
+    assert set(latency.working_sets) == {weights}  # each option timed over the model's weights, not hot
     assert all(lp.side == "input" for todo in measured for options in todo.values() for lp in options)
     assert all(lp.side == "input" for lp in plan.converted)
 
@@ -129,7 +133,7 @@ def test_causal_lm_is_timed_at_batch_1_decode_and_measured_end_to_end(monkeypatc
         first, second = step().logits, step().logits
     assert torch.equal(first, second)  # the cache is cropped back: every step decodes the same position
     calls = []
-    monkeypatch.setattr(latency, "time_options", lambda s, call, options, use_cache=True: calls.append(call) or
+    monkeypatch.setattr(latency, "time_options", lambda s, call, options, use_cache=True, working_set=0: calls.append(call) or
                         (1e-3, [0.5e-3] * len(options)))
     monkeypatch.setattr(latency, "model_time", lambda m, i: 10e-3)
     data = [Batch({"input_ids": torch.randint(0, 64, (2, 8))}) for _ in range(2)]
@@ -223,7 +227,7 @@ def test_cli_speedup_run_measures_prints_and_stores_the_speedup(tmp_path, monkey
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models.hub_reachable.cache_clear()
-    monkeypatch.setattr(latency, "time_options", lambda s, call, options, use_cache=True: (1e-3, [
+    monkeypatch.setattr(latency, "time_options", lambda s, call, options, use_cache=True, working_set=0: (1e-3, [
         (0.4e-3 if o.side == "input" else 2e-3) for o in options]))
     monkeypatch.setattr(latency, "model_time", lambda m, i: 0.1)
     out = tmp_path / "run"
@@ -235,3 +239,20 @@ def test_cli_speedup_run_measures_prints_and_stores_the_speedup(tmp_path, monkey
     assert saved.flops["budget"]["axis"] == "time" and saved.flops["budget"]["measured"]["speedup"] > 0
     assert saved.latency["call_shape"]["call"] == "example input"
     assert saved.flops["ran"] > 0 and all(lr.dense_ms is not None for lr in saved.layers)
+
+
+def test_layers_are_timed_over_the_working_set_of_the_model(monkeypatch):
+    layer = torch.nn.Linear(64, 32)
+    size = (64 * 32 + 32) * 4
+    assert len(latency._copies(layer, 0)) == 1
+    copies = latency._copies(layer, 10 * size + 1)
+    assert len(copies) == 11 and copies[0] is layer and copies[1] is not layer
+    assert torch.equal(copies[5].weight, layer.weight) and copies[5].weight.data_ptr() != layer.weight.data_ptr()
+    assert len(latency._copies(layer, 1 << 40)) == latency.MAX_COPIES
+    seen = []
+    monkeypatch.setattr(latency, "interleaved", lambda fns, repeats: [seen.append(f()) or 1.0 for f in fns])
+    shape = latency.LayerShape("linear", 32, 32, True)
+    option = budget.replace(plan_conversion(Stack(), MIDLConfig(), (torch.randn(1, 32),))[0].converted[0], keep=0.5, rank=0,
+                            side="input")
+    dense, times = latency.time_options(shape, (1, 1, 32), [option, option], use_cache=False, working_set=4 * size)
+    assert dense == 1.0 and times == [1.0, 1.0] and len(seen) == 4  # each option against dense, in its own run
