@@ -217,7 +217,8 @@ def main() -> None:
     if args.bound:
         models["bound"] = free_model(teacher, list(mc.midl_layers(student)))
     speed = tokens_per_second(models, prompt, args, tok.pad_token_id or 0)
-    print(f"\n{args.model}: batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+    name = f"random-weight Llama, {args.random} shapes (perplexity meaningless)" if args.random else args.model
+    print(f"\n{name}: batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
           f"{args.threads} threads, median of {args.repeats} interleaved runs; perplexity on {ids.shape[1]} KJV tokens")
     bound = f"{speed['bound ratio']:.2f}x" if args.bound else "not run (--bound)"
     print("| setting | FLOPs ratio, converted layers / whole model | tokens/s dense | tokens/s converted | ratio (median of rounds) "

@@ -53,8 +53,8 @@ from .replay import BlockReplay
 from .screening import own_error, pick_options
 from .surgery import LayerPlan, Plan, _midl_layer, _set_module
 
-CACHE_VERSION = 5  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation; 4: sides;
-# 5: options screened by own error (damage None when not judged)
+CACHE_VERSION = 6  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation; 4: sides;
+# 5: options screened by own error (damage None when not judged); 6: low-rank whitened SVD
 JUDGE_ALL_UP_TO, DEFAULT_JUDGE = 1000, 6  # MIDLConfig.budget_judge=None: judge a grid this small whole, else 6 per layer
 SCREEN_ROWS = 1024  # input rows per layer, from the judged batches, that each option's own error is measured on
 TOO_SENSITIVE = "too sensitive: the budget is met with less damage elsewhere"
@@ -303,7 +303,7 @@ def measure_damage(
                     def fitted(j: int) -> SparseLayer:
                         layer = _sharing(originals[p], options[j])
                         with linalg_threads(w.numel()):
-                            layer.calibrate_rows(groups[p], whiten=whiten, path=p, svd=svd, post=post[j])
+                            layer.calibrate_rows(groups[p], whiten=whiten, path=p, svd=svd, post=post[j], report=False)
                         return layer
 
                     chosen, made = range(len(options)), {}

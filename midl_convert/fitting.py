@@ -20,6 +20,8 @@ beyond it (``W - U V``) become the selection's scale; two rounds, since each dep
 """
 from __future__ import annotations
 
+import math
+
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -134,7 +136,7 @@ def left_energy(scores: torch.Tensor, err2: torch.Tensor, k: int, adaptive: bool
 @torch.no_grad()
 def calibrate_output_layer(
     layer: Any, groups: torch.Tensor, whiten: bool = True, path: str = "", svd: WhitenedSVD | None = None,
-    post: Downstream | None = None, weight: torch.Tensor | None = None,
+    post: Downstream | None = None, weight: torch.Tensor | None = None, report: bool = True,
 ) -> LayerCalibration:
     """Fit one layer's light path and gate to its real input groups (G, n, in); ``svd`` is
     ``whitened_svd`` of this layer on these rows, when already computed. With ``post`` (the
@@ -200,7 +202,8 @@ def calibrate_output_layer(
 
 @torch.no_grad()
 def calibrate_input_layer(layer: Any, groups: torch.Tensor, path: str = "", svd: WhitenedSVD | None = None,
-                          weight: torch.Tensor | None = None, rounds: int = 2, **_: Any) -> LayerCalibration:
+                          weight: torch.Tensor | None = None, rounds: int = 2, report: bool = True,
+                          **_: Any) -> LayerCalibration:
     """Fit an input-side layer to its real input groups (G, n, in): light path on the left-out inputs
     (whitened), column scale from ``W - U V``, adaptive threshold. With ``weight`` (out,) both are
     measured in the output metric ``diag(weight)``: the light path fits ``diag(weight) W`` and a column
@@ -208,13 +211,15 @@ def calibrate_input_layer(layer: Any, groups: torch.Tensor, path: str = "", svd:
     left-out inputs change the whitening), accepted so both kinds take the same call."""
     w = layer.weight.float()
     x = groups.reshape(-1, layer.in_features).float()
-    exact = x @ w.T
-    total = exact.pow(2).sum().item() or 1.0
+    exact = x @ w.T if report else None
+    total = exact.pow(2).sum().item() or 1.0 if report else 1.0
     if weight is not None and weight.shape != (layer.out_features,):
         raise ValueError(f"weight must have shape ({layer.out_features},), one per output neuron, got {tuple(weight.shape)}")
     scale = weight.float().clamp_min(1e-6) if weight is not None else None
 
-    def error() -> float:
+    def error() -> float:  # the layer's error on every row: a dense product, so only when reported
+        if not report:
+            return math.nan
         return (exact - layer.rows_reference(groups.to(layer.weight.dtype)).reshape(exact.shape).float()).pow(2).sum().item()
 
     layer.set_light_path(layer.light_up.detach().clone(), layer.light_down.detach().clone(), scale)  # c from W - U V

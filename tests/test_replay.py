@@ -134,3 +134,20 @@ def test_default_judges_a_small_grid_whole_and_screens_a_large_one():
     assert budget.judged_per_layer(0, 4830) is None and budget.judged_per_layer(4, 10) == 4
     with pytest.raises(ValueError):
         MIDLConfig(budget_judge=-1)
+
+
+def test_fitting_without_the_report_fits_the_same_layer():
+    import math
+
+    from midl_convert.input_layers import InputMIDLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 24)
+    groups = torch.randn(256, 1, 48) * torch.rand(48)
+    a = InputMIDLinear.from_linear(linear, keep=0.5, rank=4)
+    b = InputMIDLinear.from_linear(linear, keep=0.5, rank=4)
+    reported = a.calibrate_rows(groups)
+    silent = b.calibrate_rows(groups, report=False)
+    assert reported.error_after < reported.error_before and math.isnan(silent.error_after)
+    for name in ("light_up", "light_down", "column_norm"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
