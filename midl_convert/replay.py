@@ -43,6 +43,8 @@ def block_stack(model: nn.Module, paths: Sequence[str]) -> tuple[str, list[nn.Mo
 def _copy(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes its fields as arguments
+        return type(value)(*(_copy(v) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_copy(v) for v in value)
     return value

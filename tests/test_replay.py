@@ -151,3 +151,15 @@ def test_fitting_without_the_report_fits_the_same_layer():
     assert reported.error_after < reported.error_before and math.isnan(silent.error_after)
     for name in ("light_up", "light_down", "column_norm"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_played_back_outputs_are_copies_of_every_container():
+    from collections import namedtuple
+
+    from midl_convert.replay import _copy
+
+    Pair = namedtuple("Pair", "hidden extra")
+    t = torch.ones(3)
+    out = _copy(Pair(t, [t, (t, 1)]))
+    assert isinstance(out, Pair) and torch.equal(out.hidden, t) and out.hidden is not t
+    assert out.extra[1][1] == 1 and out.extra[0] is not t
