@@ -95,8 +95,8 @@ def free_model(model: torch.nn.Module, paths: list[str]) -> torch.nn.Module:
 
 def tokens_per_second(models: dict, prompt: torch.Tensor, args: argparse.Namespace, pad_id: int) -> dict[str, float]:
     """Median tokens/s of each model over ``args.repeats`` rounds, the models taking turns within each
-    round, and ``ratio``: the median over rounds of converted / dense, which a load that drifts between
-    rounds on a shared machine moves less than a ratio of medians."""
+    round, and ``<name> ratio`` for each model but dense: the median over rounds of dense time / its
+    time, which a load that drifts between rounds on a shared machine moves less than a ratio of medians."""
     for model in models.values():  # warm-up: kernel build, allocator, caches
         generate_seconds(model, prompt, 8, pad_id)
     times: dict[str, list[float]] = {name: [] for name in models}

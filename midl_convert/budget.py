@@ -484,7 +484,7 @@ def _time_options(
     m.call = latency.DECODE if causal else "example input"
     memo: dict[Any, tuple[float, list[float]]] = {}
     start = time.perf_counter()
-    working_set = sum(t.numel() * t.element_size() for t in model.parameters())  # weights read per call, at most
+    working_set = latency.weight_bytes(model)  # the weights a call reads, at most
 
     def layer_seconds(lp: LayerPlan, options: Sequence[LayerPlan]) -> tuple[float, list[float]]:
         shape = latency.LayerShape.of(model.get_submodule(lp.path), lp.kind, lp.in_features, lp.out_features)

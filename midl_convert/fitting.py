@@ -20,9 +20,8 @@ beyond it (``W - U V``) become the selection's scale; two rounds, since each dep
 """
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -85,9 +84,8 @@ def whitened_svd(weight: torch.Tensor, x: torch.Tensor, rank: int | None = None)
             chol = factor
             break
     target = weight @ chol
-    if rank is not None and 0 < rank and 4 * (rank + LOWRANK_OVERSAMPLE) <= min(target.shape):
-        gen = torch.random.fork_rng()  # reproducible, and the caller's random stream untouched
-        with gen:
+    if rank and 4 * (rank + LOWRANK_OVERSAMPLE) <= min(target.shape):
+        with torch.random.fork_rng():  # reproducible, and the caller's random stream untouched
             torch.manual_seed(0)
             p, s, q = torch.svd_lowrank(target, q=rank + LOWRANK_OVERSAMPLE, niter=LOWRANK_ITERS)
         return p, s, q.T, chol
@@ -139,7 +137,8 @@ def calibrate_output_layer(
     post: Downstream | None = None, weight: torch.Tensor | None = None, report: bool = True,
 ) -> LayerCalibration:
     """Fit one layer's light path and gate to its real input groups (G, n, in); ``svd`` is
-    ``whitened_svd`` of this layer on these rows, when already computed. With ``post`` (the
+    ``whitened_svd`` of this layer on these rows, when already computed (``report`` is taken so both
+    kinds answer the same call; this fit needs its errors either way). With ``post`` (the
     BatchNorm and activation after the layer) the gate predicts the error left after them; with
     ``weight`` (out,) it predicts each neuron's error times its weight (``sensitivity.py``: the
     share of the error that reaches the model's output)."""
@@ -212,7 +211,7 @@ def calibrate_input_layer(layer: Any, groups: torch.Tensor, path: str = "", svd:
     w = layer.weight.float()
     x = groups.reshape(-1, layer.in_features).float()
     exact = x @ w.T if report else None
-    total = exact.pow(2).sum().item() or 1.0 if report else 1.0
+    total = (exact.pow(2).sum().item() or 1.0) if report else 1.0
     if weight is not None and weight.shape != (layer.out_features,):
         raise ValueError(f"weight must have shape ({layer.out_features},), one per output neuron, got {tuple(weight.shape)}")
     scale = weight.float().clamp_min(1e-6) if weight is not None else None

@@ -166,11 +166,15 @@ def _option_layer(dense: nn.Module, lp: Any) -> nn.Module:
     return layer.eval()
 
 
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers (each tensor once)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 def _copies(module: nn.Module, working_set: int) -> list[nn.Module]:
     """``module`` and enough deep copies that together they hold ``working_set`` bytes (at most
     ``MAX_COPIES``): calling them in turn meets the memory as the model's own pass does."""
-    size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-    n = max(1, min(MAX_COPIES, -(-min(working_set, MAX_WORKING_SET) // max(size, 1))))
+    n = max(1, min(MAX_COPIES, -(-working_set // max(weight_bytes(module), 1))))
     return [module, *(copy.deepcopy(module) for _ in range(n - 1))]
 
 
@@ -187,7 +191,7 @@ def time_options(shape: LayerShape, call: tuple[int, ...], options: Sequence[Any
     ``working_set``: the bytes of weights the model reads per call. Each variant runs as that many
     bytes of copies called in turn, so a layer of a model larger than the CPU's cache is timed with
     its weights coming from memory, as in the model. Timed alone and hot, SmolLM2's 576x576 layers
-    ran 4x faster than in its decode step, and the input side's short column reads looked slower
+    ran about 4x faster than in its decode step (``benchmarks/decode_layers.py``), and the input side's short column reads looked slower
     than dense where from memory they are faster. Each option is timed against the dense layer in
     its own interleaved run (two working sets in memory at a time); the dense time is their median.
     """

@@ -155,7 +155,8 @@ class SparseLayer(nn.Module):
         raise NotImplementedError
 
     def calibrate_rows(self, groups: torch.Tensor, **kwargs: Any) -> Any:
-        """Fit the light path and the gate in closed form on real input rows; returns a ``LayerCalibration``."""
+        """Fit the light path and the gate in closed form on real input rows; returns a ``LayerCalibration``
+        (``report=False``: its errors may be NaN, for callers such as the layer budget that do not read them)."""
         raise NotImplementedError
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
