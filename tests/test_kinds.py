@@ -257,3 +257,42 @@ def test_input_side_eval_rows_through_the_op_equal_the_definition(rows, adaptive
     with torch.inference_mode(), torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         layer(x)
     assert counter.get_total_flops() > 0  # the op reports what it runs (its formula)
+
+
+def test_input_side_decode_step_follows_every_change_to_the_layer():
+    """One row in eval with gradients off (a decoding step) takes a short path with the op's arguments
+    remembered; it must still see in-place edits, new settings, swapped tensors and dtype changes."""
+    torch.manual_seed(3)
+    layer = InputMIDLinear.from_linear(nn.Linear(64, 48), keep=0.5, rank=4).eval()
+    x = torch.randn(1, 1, 64)
+    calls, decode = [], layer._decode
+    layer._decode = lambda rows: calls.append(1) or decode(rows)
+
+    def step() -> torch.Tensor:
+        with torch.no_grad():
+            y = layer(x)
+            ref = layer.rows_reference(x.reshape(1, 1, 64).to(layer.weight.dtype)).reshape(1, 1, 48)
+        assert y.shape == (1, 1, 48) and torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+        return y
+
+    outputs = [step()]
+    with torch.no_grad():
+        layer.gate.mul_(torch.rand(64) * 4)  # in place: the selection scale must follow
+    outputs.append(step())
+    layer.keep = 0.25
+    outputs.append(step())
+    layer.threshold = float(layer.mask_scores(x.reshape(1, 1, 64)).median())
+    outputs.append(step())
+    layer.weight.data = torch.randn(64, 48).T  # new storage under the same Parameter
+    outputs.append(step())
+    layer._parameters["light_up"] = nn.Parameter(torch.randn(48, 4))  # swapped as accelerate does
+    outputs.append(step())
+    assert len(calls) == len(outputs)
+    assert all(not torch.allclose(a, b) for a, b in zip(outputs, outputs[1:]))
+    layer.double()
+    x = x.double()
+    outputs.append(step())
+    assert outputs[-1].dtype == torch.float64
+    layer.track_stats = True  # statistics go through the general path, which counts them
+    step()
+    assert layer.last_active_fraction is not None and len(calls) == len(outputs)
