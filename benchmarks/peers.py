@@ -15,7 +15,8 @@ own layers with the settings that make them the published method:
 - MID-L input side: top-k by |x_j| c_j, light path fitted to the left-out inputs (rank r), or rank 0 with
   adaptive masks;
 - budget, select=auto: each layer's side, keep and rank (or dense) from measured damage; also after
-  ``--steps`` of distillation.
+  ``--steps`` of distillation; ``--adaptive`` gives its layers adaptive masks (FLOPs then counted
+  on held-out data, like the other adaptive rows).
 
 Quality is judged on held-out data from a source neither calibration nor distillation reads:
 MiniLM on King James Bible verses (calibration and training read Python's help text), cosine to
@@ -24,6 +25,7 @@ photo, agreement on the crops the teacher is sure of (>= 0.5), and the worst pho
 
     python benchmarks/peers.py --ratio 1.5 --ratio 2.0
     python benchmarks/peers.py --model effnet --ratio 1.2 --ratio 1.5 --ratio 1.8
+    python benchmarks/peers.py --model effnet --ratio 1.8 --only budget --steps 0 --adaptive
 """
 from __future__ import annotations
 
@@ -109,6 +111,8 @@ def main() -> None:
     p.add_argument("--judge", type=int, default=None,
                    help="options per layer the budget judges at the output after screening (0: every option; "
                         "default: MIDLConfig's, every option on a grid of at most 1000)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="the budget row with adaptive masks (thresholds calibrated, then capped on the example input)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ratios = args.ratio or [1.5, 2.0]
@@ -155,18 +159,24 @@ def main() -> None:
         t = time.perf_counter()
         student = copy.deepcopy(teacher)
         cfg = mc.MIDLConfig(flops_ratio=target, select="auto", exclude=exclude, granularity=granularity,
-                            budget_judge=args.judge)
+                            budget_judge=args.judge, adaptive=args.adaptive)
         _, plan = mc.convert(student, cfg, example, batches=budget_data(data, cfg), output=kind)
         mc.calibrate(student, calib)
-        ratio = model_flops(student, teacher, example).ratio
+        if args.adaptive:
+            mc.cap_thresholds(student, example)
+        counted = (held[0] if held else next(iter(photos.values()))[0]).inputs if args.adaptive else example
+        ratio = model_flops(student, teacher, counted).ratio  # adaptive masks: counted on held-out data, as above
         sides = {s: sum(lp.side == s for lp in plan.converted) for s in ("input", "output")}
         judged = {None: "default judging", 0: "every option judged"}.get(args.judge, f"{args.judge} judged per layer")
+        judged += ", adaptive masks" if args.adaptive else ""
         row(f"budget, select=auto, {judged} ({sides['input']} input / {sides['output']} output side, "
             f"{len(plan.layers) - len(plan.converted)} dense)", ratio, judge(student, teacher, held, kind, photos),
             time.perf_counter() - t)
         if args.steps:
             res = mc.distill(student, teacher, data, task, steps=args.steps, log_every=50)
-            row(f"budget, select=auto, after {args.steps} steps", model_flops(student, teacher, example).ratio,
+            if args.adaptive:
+                mc.cap_thresholds(student, example)
+            row(f"budget, select=auto, after {args.steps} steps", model_flops(student, teacher, counted).ratio,
                 judge(student, teacher, held, kind, photos), res.seconds)
 
 

@@ -179,11 +179,14 @@ def _copies(module: nn.Module, working_set: int) -> list[nn.Module]:
 
 
 def _in_turn(modules: list[nn.Module], x: torch.Tensor) -> Callable[[], Any]:
+    """Call the copies in turn, each called once first: a sample may reach a copy only once, and a
+    layer's first call (building what it remembers between calls) must not be what is timed."""
+    for module in modules:
+        module(x)
     turn = itertools.cycle(modules)
     return lambda: next(turn)(x)
 
 
-@torch.inference_mode()
 def time_options(shape: LayerShape, call: tuple[int, ...], options: Sequence[Any], use_cache: bool = True,
                  repeats: int = REPEATS, working_set: int = 0) -> tuple[float, list[float]]:
     """Seconds per call of the dense layer and of each option (a ``LayerPlan``) on an input of shape ``call``.
@@ -201,17 +204,23 @@ def time_options(shape: LayerShape, call: tuple[int, ...], options: Sequence[Any
     if all(k in cached for k in keys):
         return cached[keys[0]], [cached[k] for k in keys[1:]]
     torch.manual_seed(0)
-    dense = _copies(shape.dense().eval(), ws)
+    # Layers built outside inference mode, as a model's are: an inference tensor has no version
+    # counter, so a layer built from them recomputes what it would remember (see input_layers).
+    with torch.no_grad():
+        dense = _copies(shape.dense().eval(), ws)
     x = torch.randn(call)
     dense_times, times = [], []
     for option in options:
-        layers = _copies(_option_layer(dense[0], option), ws)
-        d, t = interleaved([_in_turn(dense, x), _in_turn(layers, x)], repeats)
+        with torch.no_grad():
+            layers = _copies(_option_layer(dense[0], option), ws)
+        with torch.inference_mode():
+            d, t = interleaved([_in_turn(dense, x), _in_turn(layers, x)], repeats)
         dense_times.append(d)
         times.append(t)
         del layers
     if not options:
-        dense_times = interleaved([_in_turn(dense, x)], repeats)
+        with torch.inference_mode():
+            dense_times = interleaved([_in_turn(dense, x)], repeats)
     times = [statistics.median(dense_times), *times]
     if use_cache:
         _write_cache(dict(zip(keys, times)))

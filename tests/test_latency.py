@@ -256,3 +256,28 @@ def test_layers_are_timed_over_the_working_set_of_the_model(monkeypatch):
                             side="input")
     dense, times = latency.time_options(shape, (1, 1, 32), [option, option], use_cache=False, working_set=4 * size)
     assert dense == 1.0 and times == [1.0, 1.0] and len(seen) == 4  # each option against dense, in its own run
+
+
+def test_timed_copies_are_each_called_once_first_and_built_outside_inference_mode(monkeypatch):
+    """A sample may reach each copy once, so a layer's first call (building what it remembers) is made
+    before timing; and the layers are built as a model's are, with version counters to trust."""
+    calls = []
+
+    class Counted(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(self)
+            return super().forward(x)
+
+    copies = latency._copies(Counted(8, 4), 5 * (8 * 4 + 4) * 4)
+    step = latency._in_turn(copies, torch.randn(1, 8))
+    assert len(calls) == 5 and {id(m) for m in calls} == {id(m) for m in copies}
+    step()
+    assert calls[-1] is copies[0]
+    built = []
+    real = latency._option_layer
+    monkeypatch.setattr(latency, "_option_layer", lambda *a: built.append(real(*a)) or built[-1])
+    monkeypatch.setattr(latency, "interleaved", lambda fns, repeats: [1.0 for _ in fns])
+    option = budget.replace(plan_conversion(Stack(), MIDLConfig(), (torch.randn(1, 32),))[0].converted[0], keep=0.5, rank=0,
+                            side="input")
+    latency.time_options(latency.LayerShape("linear", 32, 32, True), (1, 1, 32), [option], use_cache=False)
+    assert built and not any(t.is_inference() for t in built[0].parameters())
