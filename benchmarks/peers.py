@@ -111,6 +111,8 @@ def main() -> None:
     p.add_argument("--judge", type=int, default=None,
                    help="options per layer the budget judges at the output after screening (0: every option; "
                         "default: MIDLConfig's, every option on a grid of at most 1000)")
+    p.add_argument("--budget-batches", type=int, default=None,
+                   help="batches the budget judges each option's damage on (default: MIDLConfig's)")
     p.add_argument("--adaptive", action="store_true",
                    help="the budget row with adaptive masks (thresholds calibrated, then capped on the example input)")
     args = p.parse_args()
@@ -159,7 +161,8 @@ def main() -> None:
         t = time.perf_counter()
         student = copy.deepcopy(teacher)
         cfg = mc.MIDLConfig(flops_ratio=target, select="auto", exclude=exclude, granularity=granularity,
-                            budget_judge=args.judge, adaptive=args.adaptive)
+                            budget_judge=args.judge, adaptive=args.adaptive,
+                            **({"budget_batches": args.budget_batches} if args.budget_batches else {}))
         _, plan = mc.convert(student, cfg, example, batches=budget_data(data, cfg), output=kind)
         mc.calibrate(student, calib)
         if args.adaptive:
@@ -169,6 +172,7 @@ def main() -> None:
         sides = {s: sum(lp.side == s for lp in plan.converted) for s in ("input", "output")}
         judged = {None: "default judging", 0: "every option judged"}.get(args.judge, f"{args.judge} judged per layer")
         judged += ", adaptive masks" if args.adaptive else ""
+        judged += f", damage on {cfg.budget_batches} batches" if args.budget_batches else ""
         row(f"budget, select=auto, {judged} ({sides['input']} input / {sides['output']} output side, "
             f"{len(plan.layers) - len(plan.converted)} dense)", ratio, judge(student, teacher, held, kind, photos),
             time.perf_counter() - t)

@@ -102,8 +102,9 @@ class MIDLConfig(BaseModel):
     budget_judge: Optional[int] = Field(None, ge=0, description="options per layer the layer budget judges at the model's "
                                         "output, the rest screened out by the layer's own error; 0: judge every option; "
                                         "None: every option up to 1000 in all, else 6 per layer")
-    budget_batches: int = Field(1, ge=1, description="batches the layer budget measures each option's damage on "
-                                                      "(each option costs one forward of them)")
+    budget_batches: Optional[int] = Field(None, ge=1, description="batches the layer budget measures each option's damage "
+                                          "on (each option costs one forward of them); None: 2 when the model takes "
+                                          "images, 1 otherwise")
     budget_fit_batches: int = Field(4, ge=0, description="other batches each option's light path and gate are fitted on "
                                                          "first (0: fit on the measured batches, which flatters every option)")
     budget_batch_size: int = Field(8, ge=1, description="samples per budget batch")

@@ -59,10 +59,13 @@ def history(result: RunResult) -> dict[str, Any]:
 
 
 def budget_data(data: Any, config: MIDLConfig) -> list[Batch]:
-    """The batches a run's layer budget measures on (first ``budget_batches``) and fits on (the rest),
+    """The batches a run's layer budget measures on (the first ``damage_batches``) and fits on (the rest),
     from the part of the data stream training never draws."""
-    count = config.budget_batches + config.budget_fit_batches
-    return [data.train_batch(CALIBRATION_OFFSET + i, config.budget_batch_size) for i in range(count)]
+    from .budget import damage_batches
+
+    first = [data.train_batch(CALIBRATION_OFFSET, config.budget_batch_size)]
+    count = damage_batches(config, first) + config.budget_fit_batches
+    return first + [data.train_batch(CALIBRATION_OFFSET + i, config.budget_batch_size) for i in range(1, count)]
 
 
 def measure_speedup(teacher: nn.Module, student: nn.Module, example_inputs: Any, plan: Plan) -> dict[str, Any]:
@@ -128,10 +131,11 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
     budget_batches = None
     if config.budgeted:
         axis, target = config.target
-        logger.info(f"layer budget: fitting each option on {config.budget_fit_batches} batch(es) and measuring its damage "
-                    f"on {config.budget_batches} other batch(es) of {config.budget_batch_size} from {spec} for a "
-                    f"{target:g}x {'FLOPs' if axis == 'flops' else 'measured speed-up'} target")
         budget_batches = budget_data(data, config)
+        judged = len(budget_batches) - config.budget_fit_batches
+        logger.info(f"layer budget: fitting each option on {config.budget_fit_batches} batch(es) and measuring its damage "
+                    f"on {judged} other batch(es) of {config.budget_batch_size} from {spec} for a "
+                    f"{target:g}x {'FLOPs' if axis == 'flops' else 'measured speed-up'} target")
     plan, table = plan_conversion(loaded.model, config, loaded.example_inputs, budget_batches, OUTPUT_KIND[loaded.task],
                                   progress=progress)
     if plan.budget is not None and plan.budget.get("cached"):

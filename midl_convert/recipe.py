@@ -45,7 +45,7 @@ class MidlSection(_Strict):
     budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
     budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS))
     budget_judge: Optional[int] = Field(None, ge=0, description=MIDLConfig.model_fields["budget_judge"].description)
-    budget_batches: int = Field(1, ge=1, description=MIDLConfig.model_fields["budget_batches"].description)
+    budget_batches: Optional[int] = Field(None, ge=1, description=MIDLConfig.model_fields["budget_batches"].description)
     budget_fit_batches: int = Field(4, ge=0, description=MIDLConfig.model_fields["budget_fit_batches"].description)
     budget_batch_size: int = Field(8, ge=1, description=MIDLConfig.model_fields["budget_batch_size"].description)
 

@@ -503,7 +503,8 @@ def slower_reason(latency: dict[str, Any], layers: Sequence[LayerReport], ran: R
     if masked:
         rows = sorted({r for lr in masked for r in ran.rows[lr.path]} if ran is not None
                       else {lr.rows // max(1, lr.calls) for lr in masked})
-        why = (f"per-{'token' if masked[0].granularity in ('token', 'pixel') else 'sample'} masks on "
+        unit = {"token": "token", "pixel": "pixel"}.get(masked[0].granularity, "sample")
+        why = (f"per-{unit} masks on "
                f"{'/'.join(map(str, rows))}-row calls run as dense compute plus masking ({len(masked)} of {len(layers)} "
                f"converted layers)")
     elif slow:

@@ -225,3 +225,28 @@ def test_cli_dry_run_prints_the_budget(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "cannot be reached" in res.output
     res = CliRunner().invoke(app, ["convert", "test_vit", "--random-init", "--flops-ratio", "0.5", "--dry-run"])
     assert res.exit_code == 2 and "--flops-ratio" in res.output
+
+
+def test_image_models_are_judged_on_two_batches_unless_set():
+    """Eight images judge an option noisily, a batch of sentences is many token rows: unset, the budget
+    judges damage on two batches of images and one of anything else; a setting always wins."""
+    from midl_convert.pipeline import budget_data
+
+    images, tokens = Batch((torch.randn(8, 3, 16, 16),)), Batch({"input_ids": torch.ones(8, 12, dtype=torch.long)})
+    assert budget.damage_batches(MIDLConfig(flops_ratio=1.5), [images]) == 2
+    assert budget.damage_batches(MIDLConfig(flops_ratio=1.5), [tokens]) == 1
+    assert budget.damage_batches(MIDLConfig(flops_ratio=1.5), [Batch((torch.randn(8, 16),))]) == 1
+    assert budget.damage_batches(MIDLConfig(flops_ratio=1.5, budget_batches=3), [images]) == 3
+
+    class Stream:
+        def __init__(self, make):
+            self.make, self.offsets = make, []
+
+        def train_batch(self, offset, size):
+            self.offsets.append(offset)
+            return self.make(size)
+
+    for make, judged in ((lambda n: Batch((torch.randn(n, 3, 8, 8),)), 2), (lambda n: Batch((torch.randn(n, 5),)), 1)):
+        stream = Stream(make)
+        got = budget_data(stream, MIDLConfig(flops_ratio=1.5, budget_fit_batches=3))
+        assert len(got) == judged + 3 and len(set(stream.offsets)) == judged + 3  # each a different batch
