@@ -160,7 +160,8 @@ class InputMIDLBase(SparseLayer):
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """One row in eval with gradients off (a decoding step): straight to the op, skipping the
-        general path's reshapes and checks (about 10 µs of a 10-60 µs layer at SmolLM2's sizes)."""
+        general path's reshapes and checks (3.5 µs around the op instead of 9-10 µs, on layers that
+        take 10-150 µs at SmolLM2's sizes)."""
         y = torch.ops.midl.input_rows.default(x.reshape(1, self.in_features), *self._kernel_args())
         return y.view(*x.shape[:-1], self.out_features)
 

@@ -42,7 +42,7 @@ from torch.utils.flop_counter import register_flop_formula
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "midl_kernel.cpp"
 # Part of the extension's name: bump it with any change to the source so a stale build is not reused.
-_VERSION = 20
+_VERSION = 21
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 # Rows per call the output-side kernel accepts (kMaxRows in the source).
 KERNEL_ROW_LIMIT = 64

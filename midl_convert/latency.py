@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import MIDLError
 
-CACHE_VERSION = 3  # 2: timed over the model's working set of weights, each option against dense; 3: one-row decode path
+CACHE_VERSION = 3  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode
 REPEATS = 15  # interleaved rounds per timing; the median is kept
 SAMPLE_S = 1e-3  # one timed sample repeats the call until it lasts about this long (timer resolution, call overhead)
 MAX_CALLS = 2000  # ... but never more calls than this per sample

@@ -339,9 +339,10 @@ struct InputLayer {
 };
 
 // y += sum_q x_{p_q} Wt_{p_q} over G picked inputs at once: one load and store of y per G rows
-// of Wt, and G streams from memory in flight. From memory, G = 8 measured up to 5% faster than 4 on
-// 576x1536 (16 no faster again), and one row at a time 0.6-0.7x as fast. Software prefetching of the next rows (their first lines, or line by line alongside
-// these) was measured no faster here, and slower on 44 KB rows: the hardware prefetcher follows.
+// of Wt, and G streams from memory in flight. From memory, G = 8 measured up to 5% faster than 4
+// on 576x1536 (16 no faster again), and one row at a time 0.6-0.7x as fast. Software prefetching
+// of the next rows (their first lines, or line by line alongside these) was measured no faster
+// here, and slower on 44 KB rows: the hardware prefetcher follows.
 template <int G>
 inline void axpy_rows(float* y, const float* Wt, int64_t n, const int64_t* p, const float* x) {
   const float* w[G];
