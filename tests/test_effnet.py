@@ -34,8 +34,10 @@ def test_packaged_weights_load_offline_and_classify_real_photos():
     with torch.no_grad():
         cat = loaded.model(transform(Image.fromarray(photos.chelsea()))[None]).argmax().item()
         coffee = loaded.model(transform(Image.fromarray(photos.coffee()))[None]).argmax().item()
+        moped = loaded.model(transform(Image.fromarray(photos.stereo_motorcycle()[0]))[None]).argmax().item()
     assert cat in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
     assert coffee == 967  # espresso
+    assert moped in (665, 670)  # moped, motor scooter: the third held-out photo is one ImageNet knows
 
 
 def test_cli_budget_run_offline_writes_report(tmp_path):
