@@ -143,7 +143,7 @@ def midl_config(args: argparse.Namespace) -> mc.MIDLConfig:
 def build_student(loaded, args: argparse.Namespace):
     """The converted model, through the package's stages; returns (student, setting in words)."""
     student = copy.deepcopy(loaded.model)
-    data = mc.load_data("builtin:text", loaded, seed=args.seed)
+    data = mc.load_data(args.data, loaded, seed=args.seed)
     cfg = midl_config(args)
     t = time.perf_counter()
     if cfg.budgeted:
@@ -153,6 +153,8 @@ def build_student(loaded, args: argparse.Namespace):
         _, plan = mc.convert(student, cfg, loaded.example_inputs)
         setting = f"keep {args.keep}, rank {args.rank}"
     setting = f"{args.select} side, {setting}{', lm_head too' if args.include_head else ''}"
+    if args.data != "builtin:text":
+        setting += f", on {args.data}"
     print(f"converted {len(plan.converted)} layers ({setting}) in {time.perf_counter() - t:.0f}s", flush=True)
     if args.calib_batches:
         t = time.perf_counter()
@@ -181,7 +183,9 @@ def main() -> None:
                    help="which side of W a layer skips: output rows, input columns, or (with --flops-ratio) chosen per layer")
     p.add_argument("--include-head", action="store_true", help="convert lm_head too (a fifth of the weights read per token)")
     p.add_argument("--calib-batches", type=int, default=8, help="closed-form calibration batches (0: none)")
-    p.add_argument("--steps", type=int, default=0, help="distillation steps on builtin:text")
+    p.add_argument("--data", default="builtin:text", choices=["builtin:text", "builtin:teacher"],
+                   help="calibration, budget and distillation text: Python's help topics, or the model's own samples")
+    p.add_argument("--steps", type=int, default=0, help="distillation steps on --data")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=32)

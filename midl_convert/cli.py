@@ -214,7 +214,7 @@ def convert(
     steps: Optional[int] = typer.Option(None, help="distillation steps"),
     lr: Optional[float] = typer.Option(None, help="learning rate of gates and light paths"),
     batch_size: Optional[int] = typer.Option(None, help="distillation batch size"),
-    data: Optional[str] = typer.Option(None, help="builtin:text | builtin:images | builtin:digits | folder | file"),
+    data: Optional[str] = typer.Option(None, help="builtin:text | builtin:teacher (a causal LM's own samples) | builtin:images | builtin:digits | folder | file"),
     weights: Optional[str] = typer.Option(None, help="local weights for a timm architecture, or a .gguf file (architecture and tokenizer included)"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights (nothing downloaded)"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="output folder (default midl-out); an existing folder "

@@ -1,7 +1,8 @@
 """Data for calibration, distillation and evaluation, from one spec string.
 
 Specs: ``builtin:images`` (augmented crops of scikit-image's photos), ``builtin:text`` (trained on
-sentences from Python's own ``pydoc_data.topics``, judged on King James Bible verses), ``builtin:digits`` (scikit-learn's labelled digits), an
+sentences from Python's own ``pydoc_data.topics``, judged on King James Bible verses), ``builtin:teacher`` (a causal LM's own samples,
+judged on the same verses), ``builtin:digits`` (scikit-learn's labelled digits), an
 image folder (ImageFolder layout), a ``datasets`` folder saved with ``save_to_disk``, a ``.txt``
 file (one sample per line) or a ``.csv`` / ``.json`` / ``.jsonl`` / ``.parquet`` data file.
 Preprocessing comes from the model (timm data config, HF tokenizer). Training batch ``i`` depends
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -271,6 +273,21 @@ def builtin_text(loaded: LoadedModel, seed: int = 0, heldout: int = 512) -> Data
     return Data("builtin:text", train, held, _text_collate(loaded), seed)
 
 
+def builtin_teacher(loaded: LoadedModel, seed: int = 0, heldout: int = 512) -> Data:
+    """Train on text the causal LM samples itself (``sampling.sample_texts``), judge on Bible verses as
+    ``builtin:text`` does: for a decoder, its own samples carry over to other text where help topics do not."""
+    from . import sampling
+
+    if loaded.task != "causal-lm":
+        raise MIDLError(f"builtin:teacher samples text from a causal language model and {loaded.spec!r} is a "
+                        f"{loaded.task} model; use builtin:text or your own text file")
+    t = time.perf_counter()
+    texts = sampling.sample_texts(loaded.model, loaded.tokenizer, sampling.SAMPLES, sampling.SAMPLE_TOKENS, seed=seed)
+    log.info("builtin:teacher: sampled %d texts from the model in %.0fs", len(texts), time.perf_counter() - t)
+    held = kjv_sentences(heldout) if _kjv_db() is not None else text_sentences()[:heldout]
+    return Data("builtin:teacher", texts, held, _text_collate(loaded), seed)
+
+
 def builtin_digits(loaded: LoadedModel, seed: int = 0) -> Data:
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -301,6 +318,7 @@ def _digits_collate(loaded: LoadedModel):
 BUILTINS: dict[str, Callable[..., Data]] = {
     "builtin:images": builtin_images,
     "builtin:text": builtin_text,
+    "builtin:teacher": builtin_teacher,
     "builtin:digits": builtin_digits,
 }
 

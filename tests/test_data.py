@@ -122,3 +122,50 @@ def test_builtin_text_for_a_decoder_pads_on_the_right_with_eos():
     assert (mask[:, 0] == 1).all() and (mask.diff(dim=1) <= 0).all()  # real tokens first, then padding
     assert (mask == 0).any() and (ids[mask == 0] == tok.eos_token_id).all()
     assert tok.pad_token is None and tok.padding_side == "left"  # the model's tokenizer is not changed
+
+
+def _tiny_causal_lm(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from midl_convert.models import LoadedModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    ids = tokenizer(["a short prompt"], return_tensors="pt")["input_ids"]
+    return LoadedModel(model, "tiny-llama", "hf", "causal-lm", {"input_ids": ids}, tokenizer=tokenizer)
+
+
+def test_builtin_teacher_samples_the_model_itself_and_judges_on_bible_verses(text, monkeypatch):
+    import copy
+
+    from midl_convert import sampling
+
+    from midl_convert.data import kjv_sentences
+    from midl_convert.sampling import sample_texts
+
+    tok = copy.deepcopy(text.tokenizer)
+    lm = _tiny_causal_lm(tok)
+    with pytest.raises(mc.MIDLError, match="start"):  # BERT's tokenizer has neither bos nor eos
+        sample_texts(lm.model, tok, count=2, tokens=4)
+    tok.bos_token = "[CLS]"
+    state = torch.random.get_rng_state()
+    a = sample_texts(lm.model, tok, count=5, tokens=6, seed=1, batch=2)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
+    assert len(a) == 5 and all(a)
+    assert a == sample_texts(lm.model, tok, count=5, tokens=6, seed=1, batch=2)
+    assert a != sample_texts(lm.model, tok, count=5, tokens=6, seed=2, batch=2)
+    # each text is 6 sampled tokens after the start token: it tokenises back to about that many
+    assert all(1 <= len(tok(t, add_special_tokens=False)["input_ids"]) <= 12 for t in a)
+    monkeypatch.setattr(sampling, "SAMPLES", 40)
+    monkeypatch.setattr(sampling, "SAMPLE_TOKENS", 8)
+    data = load_data("builtin:teacher", lm, seed=1)
+    assert len(data.train) == 40 and not set(data.train) & set(data.heldout)
+    assert data.heldout == kjv_sentences(512)
+    assert data.train_batch(0, 4).inputs["input_ids"].shape[0] == 4
+
+
+def test_builtin_teacher_refuses_a_model_that_does_not_generate(text):
+    with pytest.raises(mc.MIDLError, match="builtin:text"):
+        load_data("builtin:teacher", text)
