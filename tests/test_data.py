@@ -141,7 +141,6 @@ def test_builtin_teacher_samples_the_model_itself_and_judges_on_bible_verses(tex
     import copy
 
     from midl_convert import sampling
-
     from midl_convert.data import kjv_sentences
     from midl_convert.sampling import sample_texts
 
