@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -43,7 +42,7 @@ from .downstream import post_fn
 from .config import MIDLConfig, resolve_rank
 from .data import Batch
 from .errors import MIDLError
-from .files import write_atomic
+from .files import cache_dir, write_atomic
 from .flops import count_flops, dense_flops
 from .log import logger, progress_bar
 from .sparse import SparseLayer
@@ -233,12 +232,6 @@ def cache_key(model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Seque
     for t in [t for b in batches for t in _tensors(b.inputs)]:
         _digest(h, t)
     return h.hexdigest()[:32]
-
-
-def cache_dir() -> Path:
-    """Where measurements are kept: ``$MIDL_CACHE_DIR``, else ``$XDG_CACHE_HOME/midl_convert`` (``~/.cache``)."""
-    root = os.environ.get("MIDL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "midl_convert"
-    return Path(root) / "budget"
 
 
 @torch.no_grad()
@@ -703,5 +696,5 @@ def budget_plan(
     return new
 
 
-__all__ = ["AXES", "LayerCost", "Measurements", "Option", "allocate", "budget_plan", "cache_dir", "check_flops_reachable", "check_reachable", "grid",
+__all__ = ["AXES", "LayerCost", "Measurements", "Option", "allocate", "budget_plan", "check_flops_reachable", "check_reachable", "grid",
            "max_ratio", "measure", "measure_damage", "option_flops", "predicted_ratio"]

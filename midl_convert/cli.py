@@ -271,7 +271,7 @@ def convert(
 
 def run_summary(result: Any) -> dict[str, Any]:
     """What a finished run did, as JSON-able data: the folder (absolute), its files, the headline numbers."""
-    from .budget import cache_dir
+    from .files import cache_dir
     from .distill import summary
 
     folder = Path(result.out_dir).resolve()

@@ -59,14 +59,26 @@ class LayerOverride(BaseModel):
     _rank = field_validator("rank")(check_rank_setting)
 
 
-class MIDLConfig(BaseModel):
-    """Settings of a conversion.
+class TargetSettings(BaseModel):
+    """Which layers are converted (a recipe's ``targets`` section): ``include`` is a list of patterns
+    (PEFT style: exact path, dotted suffix, or full-match regex) or ``"all-linear"``; ``None`` means
+    every target."""
+
+    model_config = ConfigDict(extra="forbid")
+    include: Union[list[str], Literal["all-linear"], None] = None
+    exclude: list[str] = Field(default_factory=list)
+    overrides: list[LayerOverride] = Field(default_factory=list)
+    min_size: int = Field(0, ge=0, description="skip layers with fewer than this many weights (in*out)")
+    skip_head: bool = True
+
+
+class LayerSettings(BaseModel):
+    """How each converted layer is built, or how the layer budget chooses (a recipe's ``midl`` section).
 
     ``rank`` is an int, or a float in (0, 1] taken as a share of ``min(in, out)``; an int larger
     than a layer allows is clipped to ``min(in, out)``. ``granularity`` ``token``/``pixel`` gives a
     mask per position, ``sequence``/``sample`` one mask per sample; each layer kind takes the
-    equivalent of its own. ``include`` is a list of patterns (PEFT style: exact path, dotted
-    suffix, or full-match regex) or ``"all-linear"``; ``None`` means every target.
+    equivalent of its own.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -79,11 +91,6 @@ class MIDLConfig(BaseModel):
                           "'auto' under flops_ratio, else 'output'")
     adaptive: bool = Field(False, description="masks whose size follows the input: each layer keeps the neurons whose "
                                               "score passes a threshold calibrated to keep `keep` of them on average")
-    include: Union[list[str], Literal["all-linear"], None] = None
-    exclude: list[str] = Field(default_factory=list)
-    overrides: list[LayerOverride] = Field(default_factory=list)
-    min_size: int = Field(0, ge=0, description="skip layers with fewer than this many weights (in*out)")
-    skip_head: bool = True
     flops_ratio: float | None = Field(
         None, gt=1.0, description="whole-model FLOPs target (dense / converted, e.g. 1.5): each layer's keep and rank "
                                   "(or dense) are chosen from measured damage; keep and rank are then ignored")
@@ -113,7 +120,7 @@ class MIDLConfig(BaseModel):
     _rank = field_validator("rank")(check_rank_setting)
 
     @model_validator(mode="after")
-    def _auto_needs_budget(self) -> "MIDLConfig":
+    def _auto_needs_budget(self) -> "LayerSettings":
         if self.flops_ratio is not None and self.speedup is not None:
             raise ValueError("flops_ratio (--flops-ratio) and speedup (--speedup) both set the layer budget's target; "
                              "pass one of them")
@@ -143,6 +150,13 @@ class MIDLConfig(BaseModel):
     _budget_ranks = field_validator("budget_ranks")(check_rank_list)
     _budget_input_keeps = field_validator("budget_input_keeps")(check_keep_list)
     _budget_input_ranks = field_validator("budget_input_ranks")(check_rank_list)
+
+
+class MIDLConfig(LayerSettings, TargetSettings):
+    """Settings of a conversion: which layers (``TargetSettings``) and how (``LayerSettings``); a recipe's
+    ``targets`` and ``midl`` sections are those two halves, so every setting is declared once."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def resolve_rank(rank: Union[int, float], in_features: int, out_features: int) -> int:

@@ -118,7 +118,18 @@ def _image_transforms(loaded: LoadedModel):
     return train, evaluate
 
 
-def _image_collate(loaded: LoadedModel):
+def takes_images(loaded: LoadedModel) -> bool:
+    """A timm model, or a Hugging Face model whose config has an image size (a vision model)."""
+    if loaded.source != "hf":
+        return loaded.tokenizer is None
+    config = loaded.model.config
+    return hasattr(getattr(config, "vision_config", None) or config, "image_size")
+
+
+def _image_collate(loaded: LoadedModel, spec: str = "image data"):
+    if not takes_images(loaded):
+        raise MIDLError(f"{spec} holds images and {loaded.spec!r} reads text (task: {loaded.task}); pass text data "
+                        f"(builtin:text, a .txt file, or a table with a text column)")
     train_tf, eval_tf = _image_transforms(loaded)
     hf = loaded.source == "hf"
 
@@ -135,9 +146,17 @@ def _image_collate(loaded: LoadedModel):
 
 def _open(img: Any) -> Any:
     """Image folders hold paths (opened when drawn); built-ins and datasets hold PIL images."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    return Image.open(img) if isinstance(img, (str, Path)) else img
+    if not isinstance(img, (str, Path)):
+        return img
+    try:
+        opened = Image.open(img)
+        opened.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise MIDLError(f"data file {str(img)!r} is not an image PIL can read ({type(exc).__name__}); remove it from the "
+                        f"image folder") from None
+    return opened
 
 
 def _padding_tokenizer(tok: Any) -> Any:
@@ -210,8 +229,9 @@ def _heldout_crops(photos: Sequence[str], count: int, seed: int) -> list[Any]:
 
 
 def builtin_images(loaded: LoadedModel, seed: int = 0, heldout: int = 64) -> Data:
+    collate = _image_collate(loaded, "builtin:images")
     photos = [_photo(p) for p in TRAIN_PHOTOS]
-    return Data("builtin:images", photos, _heldout_crops(HELDOUT_PHOTOS, heldout, seed), _image_collate(loaded), seed)
+    return Data("builtin:images", photos, _heldout_crops(HELDOUT_PHOTOS, heldout, seed), collate, seed)
 
 
 def text_sentences() -> list[str]:
@@ -332,6 +352,34 @@ def _split(items: list[Any], seed: int = 1234, heldout_share: float = 0.2) -> tu
     return [items[i] for i in order[cut:]], [items[i] for i in order[:cut]]
 
 
+def _lines(path: Path, most: int) -> int:
+    """How many non-blank lines ``path`` has, counting up to ``most``."""
+    seen = 0
+    with open(path, "rb") as f:
+        for line in f:
+            seen += bool(line.strip())
+            if seen >= most:
+                break
+    return seen
+
+
+def _is_class_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _records(spec: str, read: Callable[[], Any]) -> list[dict]:
+    """Rows from a ``datasets`` reader; one ``MIDLError`` line for a file it cannot read, whatever it raises."""
+    try:
+        return list(read())
+    except MIDLError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets, pandas and pyarrow each raise their own types
+        cause = exc.__cause__ or exc  # datasets wraps the parser's own error
+        detail = str(cause).strip().splitlines()[-1][:160] if str(cause).strip() else type(cause).__name__
+        raise MIDLError(f"data {spec!r} cannot be read ({type(cause).__name__}: {detail}); pass a valid .csv/.json/.jsonl/"
+                        f".parquet file or a datasets folder saved with save_to_disk") from None
+
+
 def _from_records(spec: str, records: list[dict], loaded: LoadedModel, seed: int) -> Data:
     if not records:
         raise MIDLError(f"data {spec!r} is empty")
@@ -345,8 +393,13 @@ def _from_records(spec: str, records: list[dict], loaded: LoadedModel, seed: int
             f"or a text column ({', '.join(TEXT_COLUMNS)})"
         )
     col = img_col or txt_col
+    if label is not None and (bad := next((r[label] for r in records if not _is_class_index(r[label])), None)) is not None:
+        raise MIDLError(f"data {spec!r}: column {label!r} holds {bad!r}, not a class index; map labels to integers "
+                        f"0..N-1 (or rename the column)")
+    if txt_col and not img_col and (bad := next((r[col] for r in records if not isinstance(r[col], str)), None)) is not None:
+        raise MIDLError(f"data {spec!r}: column {col!r} holds {type(bad).__name__} {bad!r}, not text; pass text in that column")
     items = [(r[col], int(r[label])) if label else r[col] for r in records]
-    collate = _image_collate(loaded) if img_col else _text_collate(loaded)
+    collate = _image_collate(loaded, f"data {spec!r}") if img_col else _text_collate(loaded)
     return Data(spec, *_split(items), collate, seed)
 
 
@@ -377,14 +430,26 @@ def load_data(spec: str, loaded: LoadedModel, seed: int = 0) -> Data:
         import datasets
 
         kind = {".jsonl": "json"}.get(path.suffix, path.suffix[1:])
-        return _from_records(spec, list(datasets.load_dataset(kind, data_files=str(path), split="train")), loaded, seed)
+        if path.stat().st_size == 0:
+            raise MIDLError(f"data {spec!r} is an empty file; pass a {path.suffix} file with a header and rows")
+        if path.suffix == ".csv" and _lines(path, 2) < 2:
+            raise MIDLError(f"data {spec!r} has a header but no rows; pass a .csv file with a header and rows")
+        rows = _records(spec, lambda: datasets.load_dataset(kind, data_files=str(path), split="train"))
+        return _from_records(spec, rows, loaded, seed)
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         import datasets
 
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[next(iter(ds))]
-        return _from_records(spec, list(ds), loaded, seed)
+        def read() -> Any:
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if not ds:
+                    raise MIDLError(f"data {spec!r} is a DatasetDict with no splits; save one with rows")
+                ds = ds[next(iter(ds))]
+            if not isinstance(ds, datasets.Dataset):
+                raise MIDLError(f"data {spec!r} holds a {type(ds).__name__}, not a Dataset or DatasetDict")
+            return ds
+
+        return _from_records(spec, _records(spec, read), loaded, seed)
     if path.is_dir():
         from torchvision.datasets import ImageFolder
 
@@ -393,7 +458,7 @@ def load_data(spec: str, loaded: LoadedModel, seed: int = 0) -> Data:
         except (FileNotFoundError, RuntimeError) as exc:
             raise MIDLError(f"data folder {spec!r} is not an image folder (class sub-folders of images) nor a datasets folder") from exc
         items = list(folder.samples)  # (path, class index); images open when drawn
-        return Data(spec, *_split(items), _image_collate(loaded), seed)
+        return Data(spec, *_split(items), _image_collate(loaded, f"data folder {spec!r}"), seed)
     raise MIDLError(f"data {spec!r}: unsupported file type {path.suffix!r}; use .txt, .csv, .json, .jsonl or .parquet")
 
 

@@ -25,11 +25,12 @@ from torch import nn
 from .calibrate import fit_thresholds
 from .data import CALIBRATION_OFFSET, Batch, Data
 from .errors import MIDLError
-from .files import atomic_path
+from .files import atomic_path, make_own_dir
 from .sparse import SparseLayer
 from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output
 
 CHECKPOINT = "distill_checkpoint.pt"
+CHECKPOINT_PURPOSE = "checkpoints"  # the marker of a checkpoint folder this tool made (files.make_own_dir)
 EXPLODING = 10.0  # a loss this many times the run's first (or 1e-3) is diverging: no checkpoint keeps it
 NOT_RESULT = {"log_every", "checkpoint_every"}  # settings that leave the trained weights unchanged
 
@@ -264,7 +265,8 @@ def distill(
             every = cfg.checkpoint_every
             if (ckpt is not None and every and (step + 1) % every == 0 and acc.is_main_process
                     and _healthy(losses, max(0, step + 1 - every), midl_params + rest)):
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                if not ckpt.parent.exists():
+                    make_own_dir(ckpt.parent, CHECKPOINT_PURPOSE)
                 trained = {n for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
                 with atomic_path(ckpt) as tmp:
                     torch.save({

@@ -1,19 +1,34 @@
 """The files midl-convert writes: each written atomically (a temporary name, then one rename) with the
 user's umask, and read back with one-line errors.
 
-Temporary files and folders are named ``.NAME.tmp-PID...`` beside their target, so a run killed
-mid-write leaves a name that says whose it was; ``clean_stale`` removes those of dead processes.
+Temporary files and folders are named ``.NAME.tmp-PID-RANDOM`` beside their target, so a run killed
+mid-write leaves a name that says whose it was, and no name a user already has is ever reused.
+A folder of this tool's own (a temporary folder, a checkpoint folder) carries a marker file that
+names what it is for; ``clean_stale`` and ``remove_own_dir`` delete only what carries that marker,
+as ``git clean`` leaves what it does not track: a user's folder of the same shape is left alone.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import MIDLError
+
+log = logging.getLogger(__name__)
+MARKER_FILE = ".midl-convert"  # inside a folder this tool made: {"tool": "midl-convert", "for": ..., "pid": ...}
+
+
+def cache_dir() -> Path:
+    """Where the layer budget's measurements are kept: ``$MIDL_CACHE_DIR``, else ``$XDG_CACHE_HOME/midl_convert``
+    (``~/.cache``); the latency times sit beside them."""
+    root = os.environ.get("MIDL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "midl_convert"
+    return Path(root) / "budget"
 
 
 def file_mode() -> int:
@@ -28,8 +43,11 @@ def file_mode() -> int:
 
 
 def temp_name(path: Path) -> Path:
-    """A sibling of ``path`` that names this process: ``.NAME.tmp-PID``."""
-    return path.parent / f".{path.name}.tmp-{os.getpid()}"
+    """A sibling of ``path`` that names this process and exists nowhere yet: ``.NAME.tmp-PID-RANDOM``."""
+    while True:
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        if not os.path.lexists(tmp):
+            return tmp
 
 
 @contextmanager
@@ -41,7 +59,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(path)
     tmp = temp_name(final)
-    _remove(tmp)
     try:
         yield tmp
         os.chmod(tmp, file_mode())
@@ -75,16 +92,66 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def make_own_dir(path: Path, purpose: str) -> Path:
+    """Create the folder ``path`` (it must not exist) with this tool's marker naming ``purpose``."""
+    path.mkdir(parents=True)
+    (path / MARKER_FILE).write_text(json.dumps({"tool": "midl-convert", "for": purpose, "pid": os.getpid()}))
+    return path
+
+
+def own_dir_marker(path: Path, purpose: str) -> dict[str, Any] | None:
+    """The marker of a folder this tool made for ``purpose``; ``None`` for anything else (a user's folder, a link)."""
+    if path.is_symlink() or not path.is_dir():
+        return None
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(marker, dict) and marker.get("tool") == "midl-convert" and marker.get("for") == purpose
+    return marker if ok else None
+
+
+def remove_own_dir(path: Path, purpose: str, names: tuple[str, ...] = ()) -> bool:
+    """Remove a folder this tool made for ``purpose``: its marker and the files ``names`` it wrote, then the
+    folder if nothing else is in it. Anything the tool cannot prove its own stays, with one line. True when gone."""
+    if not os.path.lexists(path):
+        return True
+    if own_dir_marker(path, purpose) is None:
+        log.warning(f"left {path} in place: it is not a folder midl-convert made (no {MARKER_FILE} marker for this run)")
+        return False
+    for name in names:
+        (path / name).unlink(missing_ok=True)
+    (path / MARKER_FILE).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        log.warning(f"left {path} in place: it holds files midl-convert did not write")
+        return False
+    return True
+
+
+def temp_dir(final: Path) -> Path:
+    """A new marked temporary folder beside ``final`` (see ``clean_stale``)."""
+    return make_own_dir(temp_name(final), f"temp:{final.name}")
+
+
 def clean_stale(path: str | os.PathLike) -> list[Path]:
-    """Remove ``.NAME.tmp-PID*`` leftovers of ``path`` whose process is gone; returns what was removed."""
+    """Remove the temporary folders of ``path`` that this tool made (marked) in processes that are gone.
+
+    A ``.NAME.tmp-*`` entry without the marker is a user's, whatever its name: it stays, with one line.
+    """
     final = Path(path)
     if not final.parent.is_dir():
         return []
     removed = []
     for leftover in final.parent.glob(f".{final.name}.tmp-*"):
-        pid = leftover.name.rsplit(".tmp-", 1)[1].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            _remove(leftover)
+        marker = own_dir_marker(leftover, f"temp:{final.name}")
+        if marker is None:
+            log.warning(f"left {leftover} in place: named like a midl-convert temporary folder, but not one")
+            continue
+        pid = marker.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)
     return removed
 

@@ -17,7 +17,6 @@ import copy
 import hashlib
 import itertools
 import json
-import os
 import platform
 import statistics
 import time
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import MIDLError
+from .files import cache_dir, write_atomic
 
 CACHE_VERSION = 3  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode
 REPEATS = 15  # interleaved rounds per timing; the median is kept
@@ -71,8 +71,6 @@ def cache_key(entry: dict[str, Any], threads: int | None = None, cpu: str | None
 
 
 def cache_file() -> Path:
-    from .budget import cache_dir
-
     return cache_dir() / "latency.json"
 
 
@@ -89,10 +87,7 @@ def _write_cache(new: dict[str, float]) -> None:
     path = cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        merged = {**_read_cache(), **new}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(merged, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({**_read_cache(), **new}, sort_keys=True))
     except OSError:
         pass
 

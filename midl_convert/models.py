@@ -288,7 +288,14 @@ def _load_hf(spec: str, random_init: bool, model_kwargs: dict, trust: bool) -> L
         model = (cls.from_config(config, trust_remote_code=trust, **model_kwargs) if cls is AutoModel
                  else cls(config, **model_kwargs))
     else:
-        model = cls.from_pretrained(source, local_files_only=local_only, trust_remote_code=trust, **model_kwargs)
+        try:
+            model = cls.from_pretrained(source, local_files_only=local_only, trust_remote_code=trust, **model_kwargs)
+        except OSError as exc:
+            if not Path(source).is_dir():
+                raise MIDLError(_offline_message(spec) if local_only else
+                                f"cannot download the weights of {spec!r}: {str(exc).splitlines()[0][:160]}") from exc
+            raise MIDLError(f"{spec!r} has a config.json but no weights transformers can read ({str(exc).splitlines()[0][:160]}); "
+                            f"add its model.safetensors, or pass --random-init") from exc
     model.eval()
     tokenizer = _tokenizer(source, local_only, trust)
     return LoadedModel(model, spec, "hf", task, hf_example_inputs(model, tokenizer), tokenizer=tokenizer, notes=notes,
@@ -415,6 +422,20 @@ def load_model(
     timm names). ``model_kwargs`` go to ``timm.create_model`` or the HF class; a repository's own
     code runs only with ``trust_remote_code=True``.
     """
+    try:
+        return _load_model(spec, weights, random_init, trust_remote_code, model_kwargs)
+    except MIDLError:
+        raise
+    except (TypeError, ValueError) as exc:
+        if not model_kwargs:
+            raise
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise MIDLError(f"{spec!r} does not take model.kwargs {model_kwargs} ({first}); fix or remove them in the "
+                        f"recipe's model.kwargs") from exc
+
+
+def _load_model(spec: str, weights: str | None, random_init: bool, trust_remote_code: bool,
+                model_kwargs: dict[str, Any]) -> LoadedModel:
     path = Path(spec)
     if is_gguf(spec) or is_gguf(weights):  # a GGUF file holds the architecture and the tokenizer too
         return _load_gguf(weights if is_gguf(weights) else spec, spec, random_init, model_kwargs, [])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch import nn
 from .calibrate import LayerCalibration, calibrate, cap_thresholds
 from .config import MIDLConfig
 from .data import CALIBRATION_OFFSET, Batch, default_data, load_data
-from .distill import DistillConfig, DistillResult, distill
+from .distill import CHECKPOINT, CHECKPOINT_PURPOSE, DistillConfig, DistillResult, distill
 from .graph import TargetTable
 from .log import logger
 from .models import LoadedModel, check_remote_code, load_model
@@ -25,6 +24,7 @@ from .quality import OUTPUT_KIND
 from .recipe import Recipe
 from .conversion import plan_conversion
 from .errors import MIDLError
+from .files import cache_dir, own_dir_marker, remove_own_dir
 from .saving import check_output, output_lock, save
 from .surgery import Plan, apply_plan
 
@@ -139,8 +139,6 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
     plan, table = plan_conversion(loaded.model, config, loaded.example_inputs, budget_batches, OUTPUT_KIND[loaded.task],
                                   progress=progress)
     if plan.budget is not None and plan.budget.get("cached"):
-        from .budget import cache_dir
-
         logger.info(f"layer budget: measurements read from the cache ({cache_dir()}); delete it to measure again")
     result = RunResult(loaded, plan, table)
     if dry_run:
@@ -155,7 +153,7 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
     eval_data = load_data(recipe.report.data, loaded, seed=recipe.seed) if recipe.report.data else data
     eval_batches = eval_data.heldout_batches(recipe.report.batch_size, limit=recipe.report.eval_samples)
     out = Path(os.path.abspath(recipe.output.dir))  # `--out .` has a name and a parent
-    ckpt_dir = out.parent / f".{out.name}.distill"
+    ckpt_dir = checkpoint_dir(out) if recipe.distill.enabled and dcfg.steps > 0 and dcfg.checkpoint_every else None
     if recipe.distill.enabled and dcfg.steps > 0:
         if device.type != "cpu":
             student.to(device)
@@ -184,5 +182,19 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
         result.report.history = history(result)
     result.out_dir = save(student, out, build=loaded.build, recipe=recipe.model_dump(), tokenizer=loaded.tokenizer,
                           extra=result.report.save if result.report is not None else None, overwrite=recipe.output.overwrite)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is saved: its checkpoints are spent
+    if ckpt_dir is not None:  # the run is saved: its checkpoints are spent
+        remove_own_dir(ckpt_dir, CHECKPOINT_PURPOSE, (CHECKPOINT,))
     return result
+
+
+def checkpoint_dir(out: Path) -> Path | None:
+    """``.OUT.distill`` beside the output folder, made with this tool's marker; ``None`` (no checkpoints this
+    run, said in one line) when a folder of that name is there and is not one this tool made."""
+    folder = out.parent / f".{out.name}.distill"
+    if own_dir_marker(folder, CHECKPOINT_PURPOSE) is not None:
+        return folder
+    if os.path.lexists(folder):
+        logger.warning(f"{folder} is not a checkpoint folder midl-convert made; it is left alone and this run "
+                       f"writes no checkpoints (move it to have them)")
+        return None
+    return folder  # made, with the marker, when the first checkpoint is written

@@ -3,14 +3,12 @@ path and the line in the file."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, Select, check_keep_list, check_rank_list,
-                     check_rank_setting)
-from .layers import check_keep
+from .config import LayerSettings, MIDLConfig, TargetSettings
 from .distill import DistillConfig
 from .errors import MIDLError
 
@@ -26,42 +24,12 @@ class ModelSection(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model or the HF class")
 
 
-class TargetsSection(_Strict):
-    include: Union[list[str], Literal["all-linear"], None] = None
-    exclude: list[str] = Field(default_factory=list)
-    overrides: list[LayerOverride] = Field(default_factory=list)
-    skip_head: bool = True
-    min_size: int = Field(0, ge=0)
+class TargetsSection(TargetSettings):
+    """Which layers: ``MIDLConfig``'s target settings, declared there."""
 
 
-class MidlSection(_Strict):
-    keep: float = 0.5
-    rank: Union[int, float] = 32
-    granularity: Granularity = "token"
-    select: Select | None = Field(None, description=MIDLConfig.model_fields["select"].description)
-    adaptive: bool = Field(False, description=MIDLConfig.model_fields["adaptive"].description)
-    flops_ratio: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["flops_ratio"].description)
-    speedup: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["speedup"].description)
-    budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
-    budget_ranks: list[Union[int, float]] = Field(default_factory=lambda: list(BUDGET_RANKS))
-    budget_judge: Optional[int] = Field(None, ge=0, description=MIDLConfig.model_fields["budget_judge"].description)
-    budget_batches: Optional[int] = Field(None, ge=1, description=MIDLConfig.model_fields["budget_batches"].description)
-    budget_fit_batches: int = Field(4, ge=0, description=MIDLConfig.model_fields["budget_fit_batches"].description)
-    budget_batch_size: int = Field(8, ge=1, description=MIDLConfig.model_fields["budget_batch_size"].description)
-
-    _keep = field_validator("keep")(lambda v: check_keep(v))
-    _rank = field_validator("rank")(check_rank_setting)
-    _budget_keeps = field_validator("budget_keeps")(check_keep_list)
-    _budget_ranks = field_validator("budget_ranks")(check_rank_list)
-
-    @model_validator(mode="after")
-    def _settings_agree(self) -> "MidlSection":
-        """MIDLConfig's checks across fields (select='auto' needs a budget, one budget target) fail here, at the edge."""
-        try:
-            MIDLConfig(**self.model_dump())
-        except ValidationError as exc:
-            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
-        return self
+class MidlSection(LayerSettings):
+    """How: ``MIDLConfig``'s layer settings, declared there (a new setting is a recipe key at once)."""
 
 
 class DistillSection(DistillConfig):
@@ -92,7 +60,7 @@ class Recipe(_Strict):
     distill: DistillSection = Field(default_factory=DistillSection)
     report: ReportSection = Field(default_factory=ReportSection)
     output: OutputSection = Field(default_factory=OutputSection)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, Python and NumPy (which takes 32 bits)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:0, ...")
 
     def midl_config(self) -> MIDLConfig:
@@ -128,11 +96,44 @@ def _describe(err: ValidationError, root: yaml.Node | None, source: str) -> str:
     return f"{where}: {path}: {msg}"
 
 
+MAX_RECIPE_CHARS = 1_000_000
+MAX_RECIPE_NODES = 100_000  # values once aliases are expanded: a recipe has hundreds
+
+
+def _expanded_size(root: yaml.Node | None) -> int:
+    """How many nodes the document has with every alias expanded, counted without expanding (a YAML
+    "billion laughs" of nested aliases is a few lines that expand to more values than memory holds)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a cycle counts once here; safe_load rejects nothing, the model rejects it
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(n) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        sizes[id(node)] = min(total, MAX_RECIPE_NODES + 1)
+        return sizes[id(node)]
+
+    return size(root) if root is not None else 0
+
+
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Validate recipe YAML text; any problem is one ``MIDLError`` line with key path and line."""
+    if len(text) > MAX_RECIPE_CHARS:
+        raise MIDLError(f"{source}: {len(text):,} characters is not a recipe (at most {MAX_RECIPE_CHARS:,}); pass a recipe file "
+                        f"(see recipes/)")
     try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if _expanded_size(root) > MAX_RECIPE_NODES:
+            raise MIDLError(f"{source}: its aliases expand to more than {MAX_RECIPE_NODES:,} values; a recipe has hundreds, "
+                            f"so write the values out (YAML anchors nested this deep are a memory bomb)")
         data = yaml.safe_load(text)
-        root = yaml.compose(text)
+    except RecursionError:
+        raise MIDLError(f"{source}: nested too deeply to be a recipe; pass a recipe file (see recipes/)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark is not None else ""
@@ -149,7 +150,13 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise MIDLError(f"recipe {str(path)!r} does not exist; pass the path of a .yaml file (see recipes/)")
-    return parse_recipe(path.read_text(encoding="utf-8"), str(path))
+    try:
+        if path.stat().st_size > MAX_RECIPE_CHARS * 4:
+            raise MIDLError(f"recipe {str(path)!r} is {path.stat().st_size:,} bytes, not a recipe; pass a .yaml recipe (see recipes/)")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MIDLError(f"recipe {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    return parse_recipe(text, str(path))
 
 
 def recipe_schema() -> dict[str, Any]:

@@ -66,7 +66,7 @@ REPORT_SCHEMA: dict[str, Any] = {
             "description": "What produced the report; model, config, data and seed are the caller's, versions and device are measured.",
             "required": ["versions", "device"],
             "properties": {
-                "model": {"type": ["string", "null"]},
+                "model": {"type": ["string", "object", "null"], "description": "a name, or a run's model section"},
                 "config": {"type": ["object", "null"]},
                 "data": {"type": ["string", "null"]},
                 "seed": {"type": ["integer", "null"]},
@@ -252,9 +252,17 @@ class Report:
         if not path.is_file():
             raise MIDLError(f"no report.json in {str(directory)!r}; pass the folder that Report.save wrote")
         fix = "rerun midl-convert to write the report again"
+        data = read_json(path, fix)
+        import jsonschema
+
+        if data.get("schema_version") == SCHEMA_VERSION:  # an older version's report gets from_dict's own line
+            error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(REPORT_SCHEMA).iter_errors(data))
+            if error is not None:
+                where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+                raise MIDLError(f"{str(path)!r} is not a valid midl-convert report (at {where}: {error.message[:160]}); {fix}")
         try:
-            return cls.from_dict(read_json(path, fix))
-        except (KeyError, TypeError, AttributeError) as exc:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise MIDLError(f"{str(path)!r} is not a midl-convert report ({type(exc).__name__}: {exc}); {fix}") from None
 
     # ----- rendering ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from .errors import MIDLError
-from .files import clean_stale, file_mode, read_json, temp_name
+from .files import MARKER_FILE, cache_dir, clean_stale, file_mode, read_json, temp_dir
 from .marker import PLAN_KEY, mark
 from .sparse import SparseLayer
 from .surgery import LayerPlan, Plan, apply_plan
@@ -52,32 +53,74 @@ def plan_of(model: nn.Module) -> Plan:
     return Plan(list(layers.values()), method="saved")
 
 
-def previous_run(folder: Path) -> list[str] | None:
-    """The files an earlier midl-convert run wrote in ``folder`` (its ``midl_config.json`` lists them),
-    or ``None`` when the folder holds anything that run did not write."""
+# What a run writes: its own files, a Hugging Face config, a tokenizer's files and the report. A name
+# in an earlier run's list outside these is never taken as the tool's, whatever the list says.
+RUN_FILES = re.compile(r"(model\.safetensors|midl_config\.json|config\.json|generation_config\.json|report\.(json|md|png)"
+                       r"|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json"
+                       r"|vocab\.(txt|json)|merges\.txt|chat_template\.(jinja|json)|(sentencepiece|spiece)\.(bpe\.)?model)")
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def written_by_run(folder: Path) -> tuple[set[str], bool]:
+    """The files in ``folder`` that an earlier run provably wrote, and whether it holds nothing else.
+
+    A file counts only when its earlier run's ``midl_config.json`` lists it under ``written`` by a plain
+    name that a run writes (no separators, no ``..``), it is a regular file and its size and mtime are
+    those the run recorded: a list proves nothing by itself (anyone can write one), so a user's file
+    of the same name, or a path outside the folder, is never taken for the tool's.
+    """
     try:
-        files = read_json(folder / CONFIG_FILE, "").get("files")
+        meta = read_json(folder / CONFIG_FILE, "")
     except (MIDLError, OSError):
-        return None
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        return None
-    return files if {p.name for p in folder.iterdir()} <= {*files, CONFIG_FILE} else None
+        return set(), False
+    written = meta.get("written")
+    own: set[str] = set()
+    if isinstance(written, dict) and meta.get("format_version") == FORMAT_VERSION:
+        for name, stamp in written.items():
+            path = folder / name
+            if (isinstance(name, str) and RUN_FILES.fullmatch(name) and name != CONFIG_FILE and isinstance(stamp, dict)
+                    and not path.is_symlink() and path.is_file() and _stamp(path) == stamp):
+                own.add(name)
+    if not own and not isinstance(written, dict):
+        return set(), False  # not this tool's config (or one written before runs recorded their files)
+    config = folder / CONFIG_FILE
+    own_config = config.is_file() and not config.is_symlink()
+    if own_config:
+        own.add(CONFIG_FILE)
+    return own, own_config and {p.name for p in folder.iterdir()} <= own
+
+
+def previous_run(folder: Path) -> list[str] | None:
+    """The files an earlier midl-convert run wrote in ``folder``, or ``None`` when the folder holds
+    anything that run cannot be proven to have written (``written_by_run``)."""
+    own, whole = written_by_run(folder)
+    return sorted(own) if whole else None
 
 
 def check_output(directory: str | Path, overwrite: bool = False) -> Path:
     """Refuse, before any long work, an output folder that would destroy the user's files or cannot be written.
 
     A new or empty folder, or an earlier run of this tool, is fine; anything else needs ``overwrite``
-    (which replaces only the files a run writes, never others).
+    (which replaces only files of the names a run writes, never others, and never a folder or link).
     """
     final = Path(os.path.abspath(directory))
+    if final.is_symlink() and not final.exists():
+        raise MIDLError(f"--out {str(directory)!r} is a link to {os.readlink(final)!r}, which does not exist; "
+                        f"create that folder or pass another --out")
     if final.exists() and not final.is_dir():
         raise MIDLError(f"--out {str(directory)!r} is a file, not a folder; pass a new folder (or an earlier run's) as --out")
     existing = next(p for p in [final.parent, *final.parent.parents] if p.exists())
     try:
         if final.is_dir() and not overwrite and any(final.iterdir()) and previous_run(final) is None:
-            raise MIDLError(f"--out {str(directory)!r} exists and is not an earlier midl-convert run; pass a new folder, "
-                            f"or --overwrite to write into it (files of the same names are replaced)")
+            raise MIDLError(f"--out {str(directory)!r} exists and is not an earlier midl-convert run (or holds files that "
+                            f"run did not write, or that changed since); pass a new folder, or --overwrite to write into it "
+                            f"(files of the same names are replaced, others kept)")
+        if final.is_dir():
+            _check_clashes(final, [CONFIG_FILE, WEIGHTS_FILE, "config.json", "report.json"], written_by_run(final)[0])
         if not existing.is_dir():
             raise NotADirectoryError(f"{existing} is a file")
         tempfile.TemporaryDirectory(dir=existing).cleanup()
@@ -87,6 +130,16 @@ def check_output(directory: str | Path, overwrite: bool = False) -> Path:
         raise MIDLError(f"cannot write --out {str(directory)!r} ({exc.strerror or exc}); pass a folder you can write "
                         f"to as --out") from None
     return final
+
+
+def _check_clashes(final: Path, names: list[str], own: set[str]) -> None:
+    """Refuse names the run would write where the folder holds a folder or a link of that name (not the tool's)."""
+    for name in names:
+        target = final / name
+        if name not in own and (target.is_symlink() or (target.exists() and not target.is_file())):
+            what = "a link" if target.is_symlink() else "a folder"
+            raise MIDLError(f"--out {str(final)!r} holds {what} named {name!r}, where the run writes a file; move it "
+                            f"or pass another --out")
 
 
 @contextmanager
@@ -101,8 +154,6 @@ def output_lock(directory: str | Path) -> Iterator[None]:
     except ImportError:  # Windows: no advisory locks here
         yield
         return
-    from .budget import cache_dir
-
     final = os.path.abspath(directory)
     locks = cache_dir().parent / "locks"
     locks.mkdir(parents=True, exist_ok=True)
@@ -122,41 +173,53 @@ def write_run(directory: str | Path, write: Callable[[Path], None], overwrite: b
 
     A new folder arrives in one rename. An existing one (an earlier run, or any folder with
     ``overwrite``) gets the new files one rename each, ``midl_config.json`` last so a killed save
-    never leaves a loadable mix, then the earlier run's other files go; the folder itself stays
-    (so ``--out .`` works) and files this tool did not write stay too.
+    never leaves a loadable mix (the old one is set aside in the temporary folder and put back if
+    a rename fails), then the earlier run's other files go, those it provably wrote only; the folder
+    itself stays (so ``--out .`` works) and files this tool did not write stay too.
     """
     final = check_output(directory, overwrite)
     clean_stale(final)
-    tmp = temp_name(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temp_dir(final)
     try:
         write(tmp)
+        (tmp / MARKER_FILE).unlink()
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, file_mode())  # the user's umask, whatever wrote the file
-        if not final.exists():
+        if not os.path.lexists(final):
             os.replace(tmp, final)
             return final
-        old = set(previous_run(final) or [])
-        (final / CONFIG_FILE).unlink(missing_ok=True)
+        own = written_by_run(final)[0]
         new = sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_FILE)
-        for entry in new:
-            target = final / entry.name
-            if entry.is_dir() and target.is_dir():
-                shutil.rmtree(target)
-            try:
-                os.replace(entry, target)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                shutil.move(entry, target)  # `--out` is a mount point: its parent is another file system
-        for name in old - {p.name for p in new}:
-            gone = final / name
-            shutil.rmtree(gone) if gone.is_dir() else gone.unlink(missing_ok=True)
+        _check_clashes(final, [p.name for p in new], own)
+        if not overwrite and (taken := [p.name for p in new if (final / p.name).exists() and p.name not in own]):
+            raise MIDLError(f"--out {str(final)!r} holds {taken[0]!r}, which no earlier run of this tool wrote; move it, or "
+                            f"pass --overwrite to replace it")
+        aside = tmp / f".old-{CONFIG_FILE}"
+        if (final / CONFIG_FILE).is_file():
+            os.replace(final / CONFIG_FILE, aside)
+        try:
+            for entry in new:
+                _move(entry, final / entry.name)
+        except BaseException:
+            if aside.exists() and not (final / CONFIG_FILE).exists():
+                os.replace(aside, final / CONFIG_FILE)
+            raise
+        for name in own - {p.name for p in new} - {CONFIG_FILE}:
+            (final / name).unlink(missing_ok=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _move(entry: Path, target: Path) -> None:
+    try:
+        os.replace(entry, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.move(entry, target)  # `--out` is a mount point: its parent is another file system
 
 
 def save(
@@ -196,8 +259,12 @@ def save(
                 tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
-        files = sorted(p.name for p in tmp.iterdir()) + [CONFIG_FILE]  # what marks the folder as this tool's own
-        meta = {"format_version": FORMAT_VERSION, "build": build, "plan": plan.to_dict(), "recipe": recipe, "files": files}
+        mine = sorted(p for p in tmp.iterdir() if p.name != MARKER_FILE)
+        files = [p.name for p in mine] + [CONFIG_FILE]
+        # size and mtime of each file (a rename keeps both): what proves to a later run that it wrote them
+        written = {p.name: _stamp(p) for p in mine if p.is_file()}
+        meta = {"format_version": FORMAT_VERSION, "build": build, "plan": plan.to_dict(), "recipe": recipe, "files": files,
+                "written": written}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
     return write_run(directory, write, overwrite)

@@ -389,3 +389,50 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_tensors(tmp_path):
     assert whole.keys() == resumed.keys()
     for key in whole:  # bit for bit
         torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def _alias_bomb() -> str:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcdefghi", "bcdefghij"):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\nmodel: {spec: test_vit, random_init: true, kwargs: {bomb: *j}}\n"
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ("model: {spec: test_vit, random_init: true, kwargs: {num_classes: ten}}\n", "does not take model.kwargs"),
+    ("model: {spec: test_vit, random_init: true, kwargs: {no_such_argument: 1}}\n", "does not take model.kwargs"),
+    (b"model: {spec: test_vit}\n# caf\xe9\xff\n", "is not UTF-8 text (byte"),
+    (_alias_bomb(), "its aliases expand to more than 100,000 values"),
+])
+def test_bad_recipes_exit_2_with_one_line_and_nothing_written(recipe, message, tmp_path):
+    """Each of these exited 1 with a raw exception (the alias bomb ran out of memory)."""
+    path = tmp_path / "r.yaml"
+    path.write_bytes(recipe if isinstance(recipe, bytes) else recipe.encode())
+    res = invoke("convert", str(path), "--no-distill", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_a_seed_too_large_for_the_generator_is_refused(tmp_path):
+    res = invoke("convert", "test_vit", "--random-init", "--no-distill", "--seed", str(2**70), "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "--seed: Input should be less than 4294967296" in " ".join(res.output.split()), res.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_dangling_link_as_out_is_refused_and_kept(tmp_path):
+    (tmp_path / "o").symlink_to(tmp_path / "gone")
+    res = invoke("convert", "test_vit", "--random-init", "--no-distill", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "which does not exist; create that folder" in " ".join(res.output.split()), res.output
+    assert (tmp_path / "o").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_the_users_checkpoint_named_folder_is_left_alone(tmp_path):
+    """A user folder ``.o.distill`` was deleted at the end of every run with checkpoints."""
+    mine = tmp_path / ".o.distill"
+    mine.mkdir()
+    (mine / "mine.txt").write_text("mine")
+    res = invoke("convert", "test_vit", *SMALL, "--checkpoint-every", "1", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in mine.iterdir()) == ["mine.txt"] and (mine / "mine.txt").read_text() == "mine"
+    assert "is not a checkpoint folder midl-convert made" in " ".join(res.output.split())

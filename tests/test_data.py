@@ -100,6 +100,33 @@ def test_bad_files(tmp_path, vision):
         load_data(str(tmp_path / "t.txt"), vision)
 
 
+@pytest.mark.parametrize("name,content,message", [
+    ("d.csv", "", r"is an empty file"),
+    ("d.csv", "text,label\n", r"has a header but no rows"),
+    ("d.json", "{not json at all", r"cannot be read \("),
+    ("d.parquet", b"PAR1 certainly not parquet", r"cannot be read \("),
+    ("d.csv", "text,label\n" + "a sentence here,cat\n" * 20, r"column 'label' holds 'cat', not a class index"),
+    ("ds/dataset_info.json", "{}", r"cannot be read \(|not a Dataset"),
+    ("imgs/cat/a.jpg", "not a jpeg", r"is not an image PIL can read"),
+])
+def test_bad_data_files_are_one_clear_error(tmp_path, text, vision, name, content, message):
+    """Each raised a raw exception (pandas, pyarrow, datasets, PIL, int()) before."""
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for copy in range(5 if name.startswith("imgs") else 1):  # an image folder needs a training and a held-out part
+        path.with_stem(f"{path.stem}{copy or ''}").write_bytes(content if isinstance(content, bytes) else content.encode())
+    spec = str(tmp_path / name.split("/")[0])
+    model = vision if name.startswith("imgs") else text
+    with pytest.raises(mc.MIDLError, match=message):
+        data = load_data(spec, model)
+        data.train_batch(0, 2)  # images open when drawn
+
+
+def test_images_for_a_text_model_are_refused(text):
+    with pytest.raises(mc.MIDLError, match=r"builtin:images holds images and .* reads text \(task: .*\); pass text data"):
+        load_data("builtin:images", text)
+
+
 def decoder_tokenizer():
     """A GPT-2-like tokenizer: no pad token, and padding on the left (as set for generation)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -69,3 +69,27 @@ def test_malformed_recipes_never_traceback(data):
         parse_recipe(text, "h.yaml")
     except MIDLError as exc:
         assert str(exc).startswith("h.yaml") and "\n" not in str(exc)
+
+
+def test_every_midl_config_setting_is_a_recipe_key():
+    """budget_input_keeps and budget_input_ranks, documented in the README, were refused as unknown keys."""
+    import yaml
+
+    from midl_convert.config import MIDLConfig
+
+    values = {"keep": 0.7, "rank": 0, "granularity": "sequence", "select": "auto", "adaptive": True, "flops_ratio": 1.4,
+              "budget_keeps": [0.5], "budget_ranks": [8], "budget_input_keeps": [0.6, 0.8], "budget_input_ranks": [0],
+              "budget_judge": 0, "budget_batches": 2, "budget_fit_batches": 1, "budget_batch_size": 4,
+              "include": ["fc"], "exclude": ["head"], "min_size": 10, "skip_head": False,
+              "overrides": [{"match": "fc", "keep": 0.9}]}
+    targets = {"include", "exclude", "overrides", "min_size", "skip_head"}
+    extra = set(MIDLConfig.model_fields) - set(values) - {"speedup"}  # speedup excludes flops_ratio: its own check below
+    body = {"model": {"spec": "resnet18"}, "midl": {k: v for k, v in values.items() if k not in targets},
+            "targets": {k: v for k, v in values.items() if k in targets}}
+    cfg = parse_recipe(yaml.safe_dump(body), "r.yaml").midl_config()
+    for key, value in values.items():
+        got = getattr(cfg, key)
+        assert (got if key != "overrides" else [o.model_dump(exclude_none=True) for o in got]) == value, key
+    assert not extra, f"MIDLConfig settings this test does not set in a recipe: {sorted(extra)}"
+    body["midl"] = {"speedup": 1.2}
+    assert parse_recipe(yaml.safe_dump(body), "r.yaml").midl_config().speedup == 1.2

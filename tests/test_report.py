@@ -89,6 +89,15 @@ def test_load_refuses_other_schema_versions(built, tmp_path):
         Report.load(tmp_path)
 
 
+@pytest.mark.parametrize("field,value", [("layers", 5), ("flops", "many"), ("memory", {"peak_bytes": "big"})])
+def test_load_refuses_fields_of_the_wrong_type(built, tmp_path, field, value):
+    """These raised AttributeError, or printed as if valid."""
+    data = built[0].to_dict() | {field: value}
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    with pytest.raises(mc.MIDLError, match=rf"is not a valid midl-convert report \(at {field}"):
+        Report.load(tmp_path)
+
+
 def test_numbers_match_their_sources(built):
     report, student, teacher, held = built
     one = (held[0].inputs[0][:1],)

@@ -226,7 +226,7 @@ def test_a_folder_of_the_users_files_is_refused_unless_overwrite(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    with pytest.raises(mc.MIDLError, match=r"exists and is not an earlier midl-convert run; .* or --overwrite"):
+    with pytest.raises(mc.MIDLError, match=r"exists and is not an earlier midl-convert run .*; .* or --overwrite"):
         save(converted_tiny(), mine)
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"] and [p.name for p in tmp_path.iterdir()] == ["mine"]
     save(converted_tiny(), mine, overwrite=True)  # asked for: the run's files go in, the user's file stays
@@ -262,13 +262,117 @@ def test_out_dot_writes_into_the_current_folder(tmp_path, monkeypatch):
 
 
 def test_temp_folders_of_dead_runs_are_cleaned(tmp_path):
+    from midl_convert.files import MARKER_FILE
+
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale, live = tmp_path / f".o.tmp-{dead.stdout.strip()}", tmp_path / f".o.tmp-{os.getppid()}"
-    for folder in (stale, live):
+    pid = int(dead.stdout.strip())
+    stale, live = tmp_path / f".o.tmp-{pid}-aa", tmp_path / f".o.tmp-{os.getppid()}-bb"
+    for folder, owner in ((stale, pid), (live, os.getppid())):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
+        (folder / MARKER_FILE).write_text(json.dumps({"tool": "midl-convert", "for": "temp:o", "pid": owner}))
     save(converted_tiny(), tmp_path / "o")
     assert not stale.exists() and live.exists()  # a running process's temp folder is left alone
+
+
+def _snapshot(root):
+    """Every path under ``root`` with its bytes (None for folders): what a run must leave as it was."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("listed", ["../victim.txt", "../victimdir", "ABSOLUTE", "thesis.txt", "model.safetensors"])
+def test_a_run_deletes_only_what_it_provably_wrote(tmp_path, listed):
+    """An earlier run's file list names files outside the folder, a user's file, or a file the user has
+    since replaced: none of them is deleted (each was deleted before)."""
+    (tmp_path / "victim.txt").write_text("victim")
+    (tmp_path / "victimdir").mkdir()
+    (tmp_path / "victimdir" / "data.bin").write_bytes(b"data")
+    out = tmp_path / "out"
+    save(converted_tiny(0), out)
+    meta = json.loads((out / "midl_config.json").read_text())
+    name = str(tmp_path / "victim.txt") if listed == "ABSOLUTE" else listed
+    (out / "thesis.txt").write_text("years of work") if listed == "thesis.txt" else None
+    if listed == "model.safetensors":  # the user put their own file where the run's was
+        (out / "model.safetensors").write_bytes(b"the user's own bytes")
+        name = "report.md"  # and the list claims a file the user wrote
+        (out / "report.md").write_text("the user's notes")
+    meta["files"].append(name)
+    meta["written"][name] = {"size": 6, "mtime_ns": 0}
+    (out / "midl_config.json").write_text(json.dumps(meta))
+    before = _snapshot(tmp_path)
+    if listed in ("thesis.txt", "model.safetensors"):
+        with pytest.raises(mc.MIDLError, match="is not an earlier midl-convert run"):
+            save(converted_tiny(1), out)  # the folder holds files the run cannot prove it wrote
+        assert _snapshot(tmp_path) == before
+    save(converted_tiny(1), out, overwrite=listed in ("thesis.txt", "model.safetensors"))
+    assert (tmp_path / "victim.txt").read_text() == "victim" and (tmp_path / "victimdir" / "data.bin").read_bytes() == b"data"
+    if listed == "thesis.txt":
+        assert (out / "thesis.txt").read_text() == "years of work"
+    if listed == "model.safetensors":
+        assert (out / "report.md").read_text() == "the user's notes"  # not the run's: stays
+
+
+def test_an_earlier_runs_file_is_removed_only_while_unchanged(tmp_path):
+    def extra(folder):
+        (folder / "report.md").write_text("first")
+
+    out = save(converted_tiny(0), tmp_path / "o", extra=extra)
+    save(converted_tiny(1), out)  # report.md is the earlier run's, unchanged: it goes
+    assert not (out / "report.md").exists()
+    save(converted_tiny(0), out, extra=extra)
+    (out / "report.md").write_text("edited by the user")
+    with pytest.raises(mc.MIDLError, match="not an earlier midl-convert run"):
+        save(converted_tiny(1), out)
+    save(converted_tiny(1), out, overwrite=True)
+    assert (out / "report.md").read_text() == "edited by the user"
+
+
+def test_users_hidden_folders_beside_out_are_left_alone(tmp_path):
+    """``.out.tmp-*`` and ``.out.distill`` of the user's own (no marker) were deleted before."""
+    (tmp_path / ".o.tmp-999999").write_text("mine")
+    (tmp_path / ".o.tmp-999998").mkdir()
+    (tmp_path / ".o.tmp-999998" / "mine.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    save(converted_tiny(), tmp_path / "o")
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("o")} == before
+
+
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_anything_changes(tmp_path):
+    user = tmp_path / "user"
+    (user / "model.safetensors").mkdir(parents=True)
+    (user / "model.safetensors" / "shard.bin").write_bytes(b"shard")
+    (user / "midl_config.json").write_text("the user's own config")
+    before = _snapshot(tmp_path)
+    with pytest.raises(mc.MIDLError, match=r"holds a folder named 'model.safetensors', where the run writes a file"):
+        save(converted_tiny(), user, overwrite=True)
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_failed_move_puts_the_old_config_back(tmp_path, monkeypatch):
+    import midl_convert.saving as saving
+
+    out = save(converted_tiny(0), tmp_path / "o")
+    config = (out / "midl_config.json").read_text()
+    real = saving._move
+
+    def fail_on_weights(entry, target):
+        if entry.name == "model.safetensors":
+            raise OSError(28, "No space left on device")
+        real(entry, target)
+
+    monkeypatch.setattr(saving, "_move", fail_on_weights)
+    with pytest.raises(OSError):
+        save(converted_tiny(1), out)
+    assert (out / "midl_config.json").read_text() == config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # the temporary folder is gone
+
+
+def test_a_dangling_link_as_out_is_refused(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(mc.MIDLError, match=r"is a link to .*nowhere', which does not exist"):
+        save(converted_tiny(), tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and not (tmp_path / "nowhere").exists()
 
 
 def test_files_get_the_users_umask(tmp_path):
