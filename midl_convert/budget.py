@@ -43,6 +43,7 @@ from .config import MIDLConfig, resolve_rank
 from .data import Batch
 from .errors import MIDLError
 from .files import cache_dir, write_atomic
+from .processes import gather, my_share
 from .flops import count_flops, dense_flops
 from .log import logger, progress_bar
 from .sparse import SparseLayer
@@ -284,9 +285,10 @@ def measure_damage(
             for p, options in todo.items():
                 for a in aliases[p]:
                     _set_module(model, a, originals[p])
-            total = sum(min(len(o), judge) if screened else len(o) for o in todo.values())
+            mine = my_share(list(todo))  # under a launcher, each process judges its share of the layers
+            total = sum(min(len(todo[p]), judge) if screened else len(todo[p]) for p in mine)
             with progress_bar("layer budget", total, progress) as advance:
-                for i, (p, options) in enumerate(todo.items()):
+                for i, (p, options) in enumerate((p, todo[p]) for p in mine):
                     x = groups[p].reshape(-1, options[0].in_features)
                     w = _dense_weight(originals[p]).float()
                     post = [post_fn(model, lp.norm, lp.activation) for lp in options]
@@ -310,12 +312,12 @@ def measure_damage(
                         damage[p][j] = judged_loss(first)
                         advance()
                     _install(model, aliases[p], originals[p])
-                    logger.debug("measured %d/%d layers: %s", i + 1, len(todo), p)
+                    logger.debug("measured %d/%d layers: %s", i + 1, len(mine), p)
         finally:
             for p in todo:
                 _install(model, aliases[p], originals[p])
             model.train(was_training)
-    return damage
+    return gather(damage, list(todo))
 
 
 @contextmanager

@@ -254,6 +254,8 @@ def convert(
                      f"of {len(result.plan.layers)} layers converted")
             _print_json(result.plan.to_dict()) if as_json else out.print(plan_table(result.plan, title))
             return
+        if result.out_dir is None:  # another process of a launched run: the first one reports and writes
+            return
         summary = run_summary(result)
         if as_json:
             _print_json(summary)

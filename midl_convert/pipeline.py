@@ -20,6 +20,7 @@ from .distill import CHECKPOINT, CHECKPOINT_PURPOSE, DistillConfig, DistillResul
 from .graph import TargetTable
 from .log import logger
 from .models import LoadedModel, check_remote_code, load_model
+from .processes import rank_and_size
 from .quality import OUTPUT_KIND
 from .recipe import Recipe
 from .conversion import plan_conversion
@@ -111,12 +112,15 @@ def run(recipe: Recipe, dry_run: bool = False, progress: bool = True, trust_remo
     device = resolve_device(recipe.device)
     if dry_run:
         return _run(recipe, True, device, progress, trust_remote_code)
+    if rank_and_size()[0] != 0:  # under a launcher the other processes share the work; the first one writes
+        return _run(recipe, False, device, False, trust_remote_code, write=False)
     check_output(recipe.output.dir, recipe.output.overwrite)
     with output_lock(recipe.output.dir):
         return _run(recipe, False, device, progress, trust_remote_code)
 
 
-def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, trust_remote_code: bool) -> RunResult:
+def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, trust_remote_code: bool,
+         write: bool = True) -> RunResult:
     torch.manual_seed(recipe.seed)
     m = recipe.model
     loaded = load_model(m.spec, weights=m.weights, random_init=m.random_init, trust_remote_code=trust_remote_code,
@@ -167,6 +171,8 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
         if raised:
             logger.info(f"adaptive thresholds raised on {len(raised)} layers so the example input meets the "
                         f"{config.target[1]:g}x target (at most k exact neurons per mask there)")
+    if not write:
+        return result
     measured = None
     if config.speedup is not None and device.type == "cpu":
         measured = measure_speedup(teacher, student, loaded.example_inputs, plan)

@@ -250,3 +250,36 @@ def test_image_models_are_judged_on_two_batches_unless_set():
         stream = Stream(make)
         got = budget_data(stream, MIDLConfig(flops_ratio=1.5, budget_fit_batches=3))
         assert len(got) == judged + 3 and len(set(stream.offsets)) == judged + 3  # each a different batch
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_damage_pass_and_agree_with_one(tmp_path):
+    """Under torchrun each process judges half the layers; the gathered measurements, the cache and
+    the plan are those of a single process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "budget_worker.py"
+    single, double = tmp_path / "single.json", tmp_path / "double.json"
+    subprocess.run([sys.executable, str(script), str(single), str(tmp_path / "c1")], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                    str(script), str(double), str(tmp_path / "c2")], check=True, timeout=300)
+    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    assert a["world"] == 1 and b["world"] == 2
+    assert a["judged_here"] == [5] and b["judged_here"] == [3]  # rank 0 judged blocks 0, 2, 4; rank 1 the others
+    assert a["plan"] == b["plan"] and any(row[-1] for row in a["plan"])
+    assert len(a["damage"]) == len(b["damage"]) == 1 and a["damage"][0].keys() == b["damage"][0].keys()
+    for path, values in a["damage"][0].items():
+        assert b["damage"][0][path] == pytest.approx(values, rel=1e-5, abs=1e-9), path
+
+
+def test_a_single_process_judges_every_layer_itself(monkeypatch):
+    from midl_convert import processes
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert processes.rank_and_size() == (0, 1)
+    assert processes.my_share(["a", "b", "c"]) == ["a", "b", "c"]
+    assert processes.gather({"b": 2, "a": 1}, ["a", "b", "z"]) == {"a": 1, "b": 2}
+    monkeypatch.setattr(processes, "rank_and_size", lambda: (1, 2))
+    assert processes.my_share(["a", "b", "c", "d", "e"]) == ["b", "d"]

@@ -436,3 +436,22 @@ def test_the_users_checkpoint_named_folder_is_left_alone(tmp_path):
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in mine.iterdir()) == ["mine.txt"] and (mine / "mine.txt").read_text() == "mine"
     assert "is not a checkpoint folder midl-convert made" in " ".join(res.output.split())
+
+
+@pytest.mark.slow
+def test_a_launched_run_shares_the_budget_and_writes_once(tmp_path):
+    """``torchrun --nproc_per_node 2 -m midl_convert.cli ...``: both processes measure, the first writes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MIDL_CACHE_DIR": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+                          "-m", "midl_convert.cli", "test_vit", "--random-init", "--flops-ratio", "1.2", "--steps", "2",
+                          "--batch-size", "4", "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("wrote ") == 1 and (tmp_path / "o" / "model.safetensors").is_file()
+    import midl_convert as mc
+
+    assert mc.midl_layers(mc.load(tmp_path / "o"))
