@@ -27,6 +27,7 @@ from .conversion import plan_conversion
 from .errors import MIDLError
 from .saving import check_output, output_lock, save
 from .surgery import Plan, apply_plan
+from .weight_dtype import set_weight_dtype
 
 
 
@@ -169,6 +170,11 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
         if raised:
             logger.info(f"adaptive thresholds raised on {len(raised)} layers so the example input meets the "
                         f"{config.target[1]:g}x target (at most k exact neurons per mask there)")
+    if config.weight_dtype != "float32":  # last, after training: the dense teacher too, so speed compares like with like
+        logger.info(f"weights in {config.weight_dtype} (student and the dense model it is measured against)")
+        set_weight_dtype(student, config.weight_dtype)
+        set_weight_dtype(teacher, config.weight_dtype)
+        plan.weight_dtype = config.weight_dtype
     measured = None
     if config.speedup is not None and device.type == "cpu":
         measured = measure_speedup(teacher, student, loaded.example_inputs, plan)

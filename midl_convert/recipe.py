@@ -8,8 +8,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, Select, check_keep_list, check_rank_list,
-                     check_rank_setting)
+from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, Select, WeightDtype, check_keep_list,
+                     check_rank_list, check_rank_setting)
 from .layers import check_keep
 from .distill import DistillConfig
 from .errors import MIDLError
@@ -48,6 +48,7 @@ class MidlSection(_Strict):
     budget_batches: Optional[int] = Field(None, ge=1, description=MIDLConfig.model_fields["budget_batches"].description)
     budget_fit_batches: int = Field(4, ge=0, description=MIDLConfig.model_fields["budget_fit_batches"].description)
     budget_batch_size: int = Field(8, ge=1, description=MIDLConfig.model_fields["budget_batch_size"].description)
+    weight_dtype: WeightDtype = Field("float32", description=MIDLConfig.model_fields["weight_dtype"].description)
 
     _keep = field_validator("keep")(lambda v: check_keep(v))
     _rank = field_validator("rank")(check_rank_setting)
