@@ -214,9 +214,7 @@ class LinearRows:
             from .weight_dtype import Int8Linear
 
             dense = Int8Linear(self.in_features, self.out_features, self.bias is not None, self.weight.device)
-            dense.weight, dense.weight_scale = self.weight.detach().contiguous(), scale.clone()
-            if self.bias is not None:
-                dense.bias.data = self.bias.detach().clone()
+            dense.set_int8(self.weight.detach(), scale, self.bias)
             return dense
         if self.transposed:
             from transformers.pytorch_utils import Conv1D
