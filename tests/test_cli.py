@@ -181,6 +181,20 @@ def test_choices_are_checked_at_parse_time(args, tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_run_in_a_weight_dtype_saves_and_loads_in_it(tmp_path, dtype):
+    """The run converts, calibrates and distils in float32, then puts the weights (and the dense
+    model the report compares with) in the dtype; the saved model loads back in it."""
+    import midl_convert as mc
+    from midl_convert.weight_dtype import weight_dtype_of
+
+    res = invoke("convert", "--recipe", str(small_recipe(tmp_path)), "--select", "input", "--weight-dtype", dtype)
+    assert res.exit_code == 0, res.output
+    model = mc.load(tmp_path / "out")
+    assert weight_dtype_of(model) == dtype
+    assert json.loads((tmp_path / "out" / "midl_config.json").read_text())["plan"]["weight_dtype"] == dtype
+
+
 def test_select_and_device_reach_the_recipe():
     from midl_convert.cli import SelectChoice, WeightDtypeChoice, build_recipe
 
