@@ -15,6 +15,16 @@ is built by the package's own stages: ``load_model`` -> ``convert`` -> ``calibra
     python benchmarks/generate.py --select auto --flops-ratio 1.3       # the layer budget
     python benchmarks/generate.py --select input --keep 0.7 --rank 0 --bound   # + the converted layers at zero cost
     python benchmarks/generate.py --random 1b --select input --keep 0.5 --rank 0 --calib-batches 0 --new-tokens 32
+    python benchmarks/generate.py --select input --keep 0.5 --rank 0 --weight-dtype float32,bfloat16,int8
+
+``--weight-dtype`` lists dtypes: dense and converted each run in every one (``mc.set_weight_dtype``
+after calibration and distillation, which stay float32), all interleaved in one run; each converted
+model's ratio is against the dense model in the same dtype. ``--peers`` adds llama.cpp on the same
+GGUF weights (Q4_1 as shipped, Q8_0 and F16 requantised from it, ``llamacpp.py``) to the same
+interleaved rounds, with the ratio of each HF model to llama.cpp at about the same bytes per weight
+(bfloat16 to F16, int8 to Q8_0):
+
+    python benchmarks/generate.py --select input --keep 0.5 --rank 0 --peers     # float32, bfloat16, int8 + llama.cpp
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ import argparse
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +40,7 @@ import midl_convert as mc
 from midl_convert.data import CALIBRATION_OFFSET, kjv_sentences
 from midl_convert.flops import model_flops
 from midl_convert.pipeline import budget_data
+from llamacpp import BYTES_PER_WEIGHT, LlamaCpp, gguf_copies
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The perplexity text starts at this verse of data.kjv_sentences (a fixed shuffle): builtin:text judges
@@ -63,6 +75,8 @@ def perplexity(model, ids: torch.Tensor, window: int) -> float:
 
 @torch.no_grad()
 def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> float:
+    if isinstance(model, LlamaCpp):
+        return model.generate_seconds(prompt[0].tolist(), new_tokens)
     t = time.perf_counter()
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
@@ -93,9 +107,11 @@ def free_model(model: torch.nn.Module, paths: list[str]) -> torch.nn.Module:
     return free
 
 
-def tokens_per_second(models: dict, prompt: torch.Tensor, args: argparse.Namespace, pad_id: int) -> dict[str, float]:
+def tokens_per_second(models: dict, prompt: torch.Tensor, args: argparse.Namespace, pad_id: int,
+                      pairs: dict[str, tuple[str, str]] | None = None) -> dict[str, float]:
     """Median tokens/s of each model over ``args.repeats`` rounds, the models taking turns within each
-    round, and ``<name> ratio`` for each model but dense: the median over rounds of dense time / its
+    round, and for each ``label: (model, baseline)`` of ``pairs`` (default: ``"<name> ratio"`` for
+    every model but dense against "dense") the median over rounds of baseline time / the model's
     time, which a load that drifts between rounds on a shared machine moves less than a ratio of medians."""
     for model in models.values():  # warm-up: kernel build, allocator, caches
         generate_seconds(model, prompt, 8, pad_id)
@@ -105,8 +121,9 @@ def tokens_per_second(models: dict, prompt: torch.Tensor, args: argparse.Namespa
             times[name].append(generate_seconds(model, prompt, args.new_tokens, pad_id))
         print(f"round {i + 1}: " + ", ".join(f"{name} {args.new_tokens / t[-1]:.1f} tokens/s" for name, t in times.items()), flush=True)
     speed = {name: args.new_tokens / statistics.median(t) for name, t in times.items()}
-    for name in [n for n in models if n != "dense"]:
-        speed[f"{name} ratio"] = statistics.median(d / c for d, c in zip(times["dense"], times[name]))
+    pairs = pairs if pairs is not None else {f"{n} ratio": (n, "dense") for n in models if n != "dense"}
+    for label, (name, base) in pairs.items():
+        speed[label] = statistics.median(d / c for d, c in zip(times[base], times[name]))
     return speed
 
 
@@ -197,6 +214,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random", choices=sorted(RANDOM_SHAPES), default=None,
                    help="time a random-weight decoder of these shapes instead (larger than the CPU's cache; speed only)")
+    p.add_argument("--weight-dtype", default="float32",
+                   help="comma-separated float32, bfloat16, int8: dense and converted in each, interleaved")
+    p.add_argument("--peers", action="store_true", help="add llama.cpp on the same GGUF weights (Q4_1, Q8_0, F16) to "
+                   "the interleaved rounds; --weight-dtype defaults to float32,bfloat16,int8")
     p.add_argument("--bound", action="store_true",
                    help="also time the dense model with the converted layers costing nothing: the most their sparsity can give")
     args = p.parse_args()
@@ -214,6 +235,10 @@ def main() -> None:
     ids = heldout_ids(tok, args.ppl_tokens)
     prompt = ids[:, : args.prompt_tokens]
     flops = model_flops(student, teacher, {"input_ids": prompt})
+    if args.peers and args.weight_dtype == "float32":
+        args.weight_dtype = "float32,bfloat16,int8"
+    if args.weight_dtype != "float32":
+        return by_dtype(teacher, student, ids, prompt, args, tok.pad_token_id or 0, setting, flops)
     t = time.perf_counter()
     ppl = {name: perplexity(m, ids, args.ppl_window) for name, m in (("dense", teacher), ("converted", student))}
     print(f"perplexity dense {ppl['dense']:.2f}, converted {ppl['converted']:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
@@ -231,6 +256,62 @@ def main() -> None:
     print(f"| {setting} | {flops.converted_ratio:.2f}x / {flops.ratio:.2f}x | {speed['dense']:.1f} | {speed['converted']:.1f} "
           f"| {speed['converted ratio']:.2f}x | {bound} | {ppl['dense']:.2f} | {ppl['converted']:.2f} "
           f"| {100 * (ppl['converted'] / ppl['dense'] - 1):+.1f}% |")
+
+
+# llama.cpp's format at about the bytes per weight of each HF dtype (--peers)
+PEERS = {"bfloat16": "F16", "int8": "Q8_0"}
+PEER_FORMATS = ["Q4_1", "Q8_0", "F16"]
+
+
+def by_dtype(teacher, student, ids: torch.Tensor, prompt: torch.Tensor, args: argparse.Namespace, pad_id: int,
+             setting: str, flops) -> None:  # noqa: ANN001 - the models and the FLOPs summary
+    """Dense and converted in each of ``--weight-dtype``'s dtypes (and with ``--peers`` llama.cpp),
+    interleaved in one run: tokens/s, ratios, perplexity."""
+    import os
+
+    models, ppl = {}, {}
+    if args.peers:  # llama.cpp on the GGUF the HF model was read from
+        from midl_convert.models import OFFLINE_PACKAGES
+
+        source = OFFLINE_PACKAGES[SMOL.lower()][1]() if args.model == SMOL else Path(args.model)
+        for fmt, path in gguf_copies(Path(source), PEER_FORMATS).items():
+            name = f"llama.cpp {fmt}"
+            models[name] = LlamaCpp(path, args.threads)
+            t = time.perf_counter()
+            ppl[name] = models[name].perplexity(ids[0].tolist(), args.ppl_window)
+            print(f"perplexity {name}: {ppl[name]:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
+    dtypes = args.weight_dtype.split(",")
+    for dtype in dtypes:
+        for kind, base in (("dense", teacher), ("converted", student)):
+            name = f"{kind} {dtype}"
+            models[name] = mc.set_weight_dtype(copy.deepcopy(base), dtype).eval()
+            t = time.perf_counter()
+            ppl[name] = perplexity(models[name], ids, args.ppl_window)
+            print(f"perplexity {name}: {ppl[name]:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
+    pairs = {f"converted {d} / dense": (f"converted {d}", f"dense {d}") for d in dtypes}
+    for d in dtypes:  # each HF model against llama.cpp at about its bytes per weight
+        if f"llama.cpp {PEERS.get(d)}" in models:
+            pairs.update({f"{k} {d} / llama.cpp": (f"{k} {d}", f"llama.cpp {PEERS[d]}") for k in ("dense", "converted")})
+    speed = tokens_per_second(models, prompt, args, pad_id, pairs)
+    first = f"dense {dtypes[0]}"
+    print(f"\n{args.model}: batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+          f"{args.threads} threads, median of {args.repeats} interleaved runs (load average {os.getloadavg()[0]:.1f}); "
+          f"{setting}; converted layers {flops.converted_ratio:.2f}x FLOPs; perplexity on {ids.shape[1]} KJV tokens")
+    print(f"| runtime | weights | bytes / weight | tokens/s | / dense, same dtype (median of rounds) | / {first} "
+          f"| / llama.cpp at those bytes (median of rounds) | perplexity | + vs dense, same dtype |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    nbytes = {"float32": 4, "bfloat16": 2, "int8": 1}
+    for d in dtypes:
+        for k in ("dense", "converted"):
+            n = f"{k} {d}"
+            same = "1x" if k == "dense" else f"{speed[f'converted {d} / dense']:.2f}x"
+            peer = f"{speed[f'{n} / llama.cpp']:.2f}x ({PEERS[d]})" if f"{n} / llama.cpp" in speed else ""
+            print(f"| HF {k} | {d} | {nbytes[d]} | {speed[n]:.1f} | {same} | {speed[n] / speed[first]:.2f}x | {peer} "
+                  f"| {ppl[n]:.2f} | {100 * (ppl[n] / ppl[f'dense {d}'] - 1):+.1f}% |")
+    for fmt in (f for f in PEER_FORMATS if f"llama.cpp {f}" in models):
+        n = f"llama.cpp {fmt}"
+        print(f"| llama.cpp | {fmt} | {BYTES_PER_WEIGHT[fmt]:.3g} | {speed[n]:.1f} | | {speed[n] / speed[first]:.2f}x | 1x "
+              f"| {ppl[n]:.2f} | |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
     mc.calibrate(model, batches); mc.distill(model, teacher, data)
     mc.calibrate(model, batches, kind="embedding")  # gates weigh each neuron's error by its reach to the output
     mc.cap_thresholds(model, example_inputs)  # adaptive masks under a budget: the example costs at most what was counted
+    mc.set_weight_dtype(model, "int8")  # last: bfloat16 or int8 weights (MIDLConfig(weight_dtype=...) does it in convert)
     mc.save(model, "out")
 
 Heavy libraries (timm, transformers, accelerate, matplotlib) load when first used.
@@ -29,12 +30,14 @@ from .sensitivity import neuron_sensitivity
 from .sparse import SparseLayer, dense
 from .conversion import convert, plan_conversion
 from .surgery import LayerPlan, Plan, apply_plan, merge_and_unload, midl_layers
+from .weight_dtype import Int8Linear, set_weight_dtype
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Batch", "DistillConfig", "InputMIDLConv2d", "InputMIDLinear", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d",
-    "MIDLError", "MIDLinear", "SparseLayer",
+    "Int8Linear", "MIDLError", "MIDLinear", "SparseLayer",
     "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "cap_thresholds", "convert", "dense", "distill", "find_targets", "load",
     "load_data", "load_model", "merge_and_unload", "midl_layers", "neuron_sensitivity", "plan_conversion", "report", "save",
+    "set_weight_dtype",
 ]

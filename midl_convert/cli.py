@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import Granularity, Select
+from .config import Granularity, Select, WeightDtype
 from .errors import MIDLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
@@ -34,6 +34,7 @@ out = Console(width=None if Console().is_terminal else 150)  # files and pipes g
 # ----- choices: enums so --help lists them, built from the config's own vocabulary ---------------
 GranularityChoice = Enum("GranularityChoice", {v: v for v in get_args(Granularity)}, type=str)
 SelectChoice = Enum("SelectChoice", {v: v for v in get_args(Select)}, type=str)
+WeightDtypeChoice = Enum("WeightDtypeChoice", {v: v for v in get_args(WeightDtype)}, type=str)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -81,6 +82,7 @@ def _print_json(data: Any) -> None:
 OPTION_KEYS = {
     "keep": ("midl", "keep"), "rank": ("midl", "rank"), "granularity": ("midl", "granularity"), "select": ("midl", "select"),
     "flops_ratio": ("midl", "flops_ratio"), "speedup": ("midl", "speedup"), "adaptive": ("midl", "adaptive"),
+    "weight_dtype": ("midl", "weight_dtype"),
     "include": ("targets", "include"), "exclude": ("targets", "exclude"),
     "steps": ("distill", "steps"), "lr": ("distill", "lr"), "data": ("distill", "data"),
     "batch_size": ("distill", "batch_size"),
@@ -209,6 +211,9 @@ def convert(
                                                   "(columns), auto (the budget measures both; needs --flops-ratio)"),
     adaptive: Optional[bool] = typer.Option(None, "--adaptive/--exact-k", help="masks whose size follows the input "
                                             "(a calibrated threshold keeps `keep` of the neurons on average)"),
+    weight_dtype: Optional[WeightDtypeChoice] = typer.Option(None, "--weight-dtype", help="the weights' dtype after "
+                                                             "conversion: float32, bfloat16 (the whole model) or int8 "
+                                                             "(weight-only, a scale per output channel)"),
     include: list[str] = typer.Option([], help="pattern of layers to convert (repeatable; 'all-linear')"),
     exclude: list[str] = typer.Option([], help="pattern of layers to leave dense (repeatable)"),
     steps: Optional[int] = typer.Option(None, help="distillation steps"),
@@ -235,7 +240,7 @@ def convert(
     debug: bool = DEBUG,
 ) -> None:
     options = {"keep": keep, "flops_ratio": flops_ratio, "speedup": speedup, "rank": rank, "granularity": granularity,
-               "select": select, "adaptive": adaptive, "include": include, "exclude": exclude,
+               "select": select, "adaptive": adaptive, "weight_dtype": weight_dtype, "include": include, "exclude": exclude,
                "steps": steps, "lr": lr, "batch_size": batch_size, "data": data, "weights": weights,
                "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed, "overwrite": overwrite,
                "checkpoint_every": checkpoint_every}

@@ -6,6 +6,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .sparse import check_keep
+from .weight_dtype import WeightDtype
 
 # Per position (a mask per token / pixel) or per sample (one mask per sequence / image).
 Granularity = Literal["token", "sequence", "pixel", "sample"]
@@ -115,6 +116,10 @@ class LayerSettings(BaseModel):
     budget_fit_batches: int = Field(4, ge=0, description="other batches each option's light path and gate are fitted on "
                                                          "first (0: fit on the measured batches, which flatters every option)")
     budget_batch_size: int = Field(8, ge=1, description="samples per budget batch")
+    weight_dtype: WeightDtype = Field(
+        "float32", description="the weights' dtype after conversion (its last step): 'float32', 'bfloat16' (the whole model, "
+                               "activations too) or 'int8' (weight-only, a scale per output channel: input-side layers and "
+                               "the dense Linears left; output-side layers, norms and embeddings stay float32)")
 
     _keep = field_validator("keep")(lambda v: check_keep(v))
     _rank = field_validator("rank")(check_rank_setting)

@@ -16,6 +16,7 @@ from .errors import MIDLError
 from .graph import TargetTable, find_targets
 from .quality import output_kind
 from .surgery import Plan, apply_plan, make_plan
+from .weight_dtype import set_weight_dtype
 
 
 def plan_conversion(
@@ -49,10 +50,12 @@ def convert(
     """Replace the planned layers of ``model`` in place by MID-L layers; returns ``(model, plan)``.
 
     ``batches`` (and ``output``) are needed only for a layer budget (``config.flops_ratio`` or ``config.speedup``);
-    ``progress=False`` hides its measuring bar.
+    ``progress=False`` hides its measuring bar. ``config.weight_dtype`` is applied last: to calibrate or
+    distil, convert in float32 and call ``set_weight_dtype`` after (as ``midl-convert`` runs do).
     """
     plan, _ = plan_conversion(model, config, example_inputs, batches, output, progress)
-    return apply_plan(model, plan), plan
+    plan.weight_dtype = (config or MIDLConfig()).weight_dtype
+    return set_weight_dtype(apply_plan(model, plan), plan.weight_dtype), plan
 
 
 __all__ = ["convert", "plan_conversion"]

@@ -25,6 +25,7 @@ from torch import nn
 from .fitting import calibrate_input_layer, fit_threshold
 from .kernels import NO_BIAS  # importing kernels registers the midl ops
 from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer
+from .weight_dtype import quantize_rows
 
 
 class InputMIDLBase(SparseLayer):
@@ -66,6 +67,15 @@ class InputMIDLBase(SparseLayer):
             rest = rest * out_scale.float()[:, None]
         self.column_norm.copy_(rest.norm(dim=0))
 
+    @torch.no_grad()
+    def quantize_int8_(self) -> None:
+        """int8 weights with a float32 scale per output (weight-only, ``weight_dtype.py``): the
+        kernel widens the picked columns in registers and scales the sum; bias, light path and gate
+        stay as they are. The last step of a conversion: nothing trains the int8 weights."""
+        q, scale = quantize_rows(self.weight)
+        self.weight = nn.Parameter(q.T.contiguous().T, requires_grad=False)  # columns contiguous, as before
+        self.register_buffer("weight_scale", scale)
+
     # ----- maths on rows (G, n, in) --------------------------------------------------------
     def mask_scores(self, groups: torch.Tensor) -> torch.Tensor:
         """Scores (G, in): a group's mean |x_j| times ``g_j c_j``; only the gate carries a gradient."""
@@ -106,14 +116,14 @@ class InputMIDLBase(SparseLayer):
             soft = torch.sigmoid(s / kth - 1.0)  # straight-through: d mask = d sigma(score / k-th score - 1)
             mask = mask + soft - soft.detach()
         exact = x * mask[:, None, :]
-        return F.linear(exact, self.weight, self.bias) + self._light(x - exact)
+        return F.linear(exact, self.dense_weight(), self.bias) + self._light(x - exact)
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         """A mask per group of many rows (sequence / sample): gather the k columns of x and the k
         contiguous rows of ``W^T``, one small GEMM per group, no scatter."""
         idx, counts = self._pick(self.mask_scores(x))
         self._record(counts if counts is not None else idx.shape[-1])
-        wt = self.weight.T
+        wt = self.dense_weight().T
         outs = []
         for g in range(x.shape[0]):
             sel = idx[g] if counts is None else idx[g, : int(counts[g])]
@@ -156,7 +166,7 @@ class InputMIDLBase(SparseLayer):
     def _make_kernel_args(self, w, b, v, u, g, c) -> tuple:  # noqa: ANN001 - the layer's own tensors
         threshold = math.nan if self._threshold is None else self._threshold
         scale = (g * c).to(torch.promote_types(w.dtype, torch.float32)).detach()  # float32, or float64 for a float64 layer
-        return (w.T, NO_BIAS if b is None else b, v, u, scale, self.k, threshold)
+        return (w.T, NO_BIAS if b is None else b, v, u, scale, self.k, threshold, self._buffers.get("weight_scale"))
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """One row in eval with gradients off (a decoding step): straight to the op, skipping the
@@ -167,7 +177,7 @@ class InputMIDLBase(SparseLayer):
 
     def mix_rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.dense_weight(), self.bias)
         if self.training and torch.is_grad_enabled():
             return self.rows_reference(x)
         if x.shape[1] > 1:

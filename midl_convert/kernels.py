@@ -17,8 +17,10 @@ and a FLOP formula that counts what runs:
   output-side MID-L on rows ``x (R, in)``; the kernel for 1 to ``kernel_rows`` rows (at most
   ``KERNEL_ROW_LIMIT``), dense compute plus masking for any other count, so a graph with a
   dynamic batch never branches on it.
-- ``input_rows(x, wt, bias, v, u, scale, k, threshold)``: input-side MID-L (see
+- ``input_rows(x, wt, bias, v, u, scale, k, threshold, wt_scale=None)``: input-side MID-L (see
   ``input_rows_reference``); the kernel for 1 to ``KERNEL_MAX_ROWS`` rows, a masked GEMM otherwise.
+  ``wt`` is float32, bfloat16 (with bfloat16 rows) or int8 with ``wt_scale``, its scale per output
+  (float32 rows): the kernel widens the weights it reads in registers and sums in float32.
 - ``top_k_rows(scores, k)``: ascending indices of each row's k largest scores.
 
 ``threshold`` NaN means exactly ``k`` per row; otherwise each row's scores above it (at least one).
@@ -42,7 +44,7 @@ from torch.utils.flop_counter import register_flop_formula
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "midl_kernel.cpp"
 # Part of the extension's name: bump it with any change to the source so a stale build is not reused.
-_VERSION = 21
+_VERSION = 22
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 # Rows per call the output-side kernel accepts (kMaxRows in the source).
 KERNEL_ROW_LIMIT = 64
@@ -185,13 +187,18 @@ def input_scores(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def input_rows_reference(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
-                         scale: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
+                         scale: torch.Tensor, k: int, threshold: float, wt_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Input-side MID-L on rows ``x (R, in)``: the selected inputs through ``W`` (stored transposed,
-    ``wt (in, out)``), the rest through the light path ``u (v x_rest)``, plus ``bias`` (empty: none).
-    ``midl::input_rows``' fallback: a masked GEMM, which is also the fast way for many rows."""
+    ``wt (in, out)``; int8 with ``wt_scale`` per output), the rest through the light path
+    ``u (v x_rest)``, plus ``bias`` (empty: none). ``midl::input_rows``' fallback: a masked GEMM,
+    which is also the fast way for many rows."""
     mask = top_mask(input_scores(x, scale), k, threshold)
     exact = torch.where(mask, x, 0.0)
-    y = exact @ wt if bias.numel() == 0 else torch.addmm(bias, exact, wt)
+    if wt_scale is not None:  # a scale per output commutes with the sum over inputs
+        y = (exact @ wt.to(x.dtype)) * wt_scale
+        y = y + bias if bias.numel() else y
+    else:
+        y = exact @ wt if bias.numel() == 0 else torch.addmm(bias, exact, wt)
     if v.shape[0]:
         y = y + F.linear(F.linear(x - exact, v), u)
     return y
@@ -213,7 +220,8 @@ torch.library.define(
 )
 torch.library.define(
     "midl::input_rows",
-    "(Tensor x, Tensor wt, Tensor bias, Tensor v, Tensor u, Tensor scale, int k, float threshold) -> Tensor",
+    "(Tensor x, Tensor wt, Tensor bias, Tensor v, Tensor u, Tensor scale, int k, float threshold, "
+    "Tensor? wt_scale=None) -> Tensor",
 )
 torch.library.define("midl::top_k_rows", "(Tensor scores, int k) -> Tensor")
 
@@ -231,10 +239,10 @@ def _output_rows(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, thresh
     return output_rows_reference(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold)
 
 
-def _input_rows(x, wt, bias, v, u, scale, k, threshold):  # noqa: ANN001
+def _input_rows(x, wt, bias, v, u, scale, k, threshold, wt_scale=None):  # noqa: ANN001
     if _compiled("input_rows", x):
-        return torch.ops.midl.input_rows.default(x, wt, bias, v, u, scale, k, threshold)
-    return input_rows_reference(x, wt, bias, v, u, scale, k, threshold)
+        return torch.ops.midl.input_rows.default(x, wt, bias, v, u, scale, k, threshold, wt_scale)
+    return input_rows_reference(x, wt, bias, v, u, scale, k, threshold, wt_scale)
 
 
 def _top_k_rows(scores, k):  # noqa: ANN001
@@ -247,9 +255,17 @@ for _name, _impl in (("output_rows", _output_rows), ("input_rows", _input_rows),
     torch.library.impl(f"midl::{_name}", "CompositeExplicitAutograd", _impl)
 
 
+def input_kernel_applies(x: torch.Tensor, wt: torch.Tensor) -> bool:
+    """The input side's storage combinations the kernel serves: float32 throughout, bfloat16
+    throughout, or int8 weights with float32 rows (the C++ ``input_dtypes``)."""
+    pairs = {(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.int8)}
+    return x.device.type == wt.device.type == "cpu" and (x.dtype, wt.dtype) in pairs
+
+
 def _kernel_runs(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
     """Whether the C++ kernel (not the dense fallback) serves this call of op ``name``."""
-    return (0 < x.shape[0] <= max_rows and kernel_applies(x, weight)
+    applies = input_kernel_applies(x, weight) if name == "input_rows" else kernel_applies(x, weight)
+    return (0 < x.shape[0] <= max_rows and applies
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"midl::{name}", "CPU"))
 
 
@@ -297,7 +313,7 @@ def _output_rows_flops(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, 
 
 
 @register_flop_formula(torch.ops.midl.input_rows, get_raw=True)
-def _input_rows_flops(x, wt, bias, v, u, scale, k, threshold, out_val=None) -> int:  # noqa: ANN001
+def _input_rows_flops(x, wt, bias, v, u, scale, k, threshold, wt_scale=None, out_val=None) -> int:  # noqa: ANN001
     """``input_flops_parts`` for the rows; when the masked GEMM ran, every input counts."""
     from .flops import input_flops_parts
 

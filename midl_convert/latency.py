@@ -182,8 +182,15 @@ def _in_turn(modules: list[nn.Module], x: torch.Tensor) -> Callable[[], Any]:
     return lambda: next(turn)(x)
 
 
+def _in_dtype(module: nn.Module, weight_dtype: str) -> nn.Module:
+    """``module`` with its weights in ``weight_dtype`` (a dense Linear becomes ``Int8Linear`` under int8)."""
+    from .weight_dtype import set_weight_dtype
+
+    return set_weight_dtype(nn.Sequential(module), weight_dtype)[0]
+
+
 def time_options(shape: LayerShape, call: tuple[int, ...], options: Sequence[Any], use_cache: bool = True,
-                 repeats: int = REPEATS, working_set: int = 0) -> tuple[float, list[float]]:
+                 repeats: int = REPEATS, working_set: int = 0, weight_dtype: str = "float32") -> tuple[float, list[float]]:
     """Seconds per call of the dense layer and of each option (a ``LayerPlan``) on an input of shape ``call``.
 
     ``working_set``: the bytes of weights the model reads per call. Each variant runs as that many
@@ -192,9 +199,11 @@ def time_options(shape: LayerShape, call: tuple[int, ...], options: Sequence[Any
     ran about 4x faster than in its decode step (``benchmarks/decode_layers.py``), and the input side's short column reads looked slower
     than dense where from memory they are faster. Each option is timed against the dense layer in
     its own interleaved run (two working sets in memory at a time); the dense time is their median.
+    ``weight_dtype`` puts the dense layer and each option in that dtype (``weight_dtype.py``).
     """
     ws = 0 if working_set <= 0 else min(working_set, MAX_WORKING_SET)
-    keys = [cache_key({**_entry(shape, call, o), "working_set_mb": ws >> 20}) for o in [None, *options]]
+    in_dtype = {} if weight_dtype == "float32" else {"weight_dtype": weight_dtype}  # float32 keeps the keys it had
+    keys = [cache_key({**_entry(shape, call, o), "working_set_mb": ws >> 20, **in_dtype}) for o in [None, *options]]
     cached = _read_cache() if use_cache else {}
     if all(k in cached for k in keys):
         return cached[keys[0]], [cached[k] for k in keys[1:]]
@@ -202,12 +211,13 @@ def time_options(shape: LayerShape, call: tuple[int, ...], options: Sequence[Any
     # Layers built outside inference mode, as a model's are: an inference tensor has no version
     # counter, so a layer built from them recomputes what it would remember (see input_layers).
     with torch.no_grad():
-        dense = _copies(shape.dense().eval(), ws)
-    x = torch.randn(call)
+        first = shape.dense().eval()
+        dense = _copies(_in_dtype(copy.deepcopy(first), weight_dtype), ws)
+    x = torch.randn(call, dtype=torch.bfloat16 if weight_dtype == "bfloat16" else torch.float32)
     dense_times, times = [], []
     for option in options:
         with torch.no_grad():
-            layers = _copies(_option_layer(dense[0], option), ws)
+            layers = _copies(_in_dtype(_option_layer(first, option), weight_dtype), ws)
         with torch.inference_mode():
             d, t = interleaved([_in_turn(dense, x), _in_turn(layers, x)], repeats)
         dense_times.append(d)

@@ -28,6 +28,7 @@ from .errors import MIDLError
 from .files import cache_dir, own_dir_marker, remove_own_dir
 from .saving import check_output, output_lock, save
 from .surgery import Plan, apply_plan
+from .weight_dtype import set_weight_dtype
 
 
 
@@ -173,9 +174,18 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
                         f"{config.target[1]:g}x target (at most k exact neurons per mask there)")
     if not write:
         return result
+    example = Batch(loaded.example_inputs).to(device)
+    if config.weight_dtype != "float32":  # last, after training: the dense teacher too, so speed compares like with like
+        logger.info(f"weights in {config.weight_dtype} (student and the dense model it is measured against)")
+        set_weight_dtype(student, config.weight_dtype)
+        set_weight_dtype(teacher, config.weight_dtype)
+        plan.weight_dtype = config.weight_dtype
+        if config.weight_dtype == "bfloat16":  # float inputs (pixels) in the model's dtype; token ids stay
+            eval_batches = [b.map(lambda t: t.bfloat16() if t.is_floating_point() else t) for b in eval_batches]
+            example = example.map(lambda t: t.bfloat16() if t.is_floating_point() else t)
     measured = None
     if config.speedup is not None and device.type == "cpu":
-        measured = measure_speedup(teacher, student, loaded.example_inputs, plan)
+        measured = measure_speedup(teacher, student, example.inputs, plan)
     if recipe.report.enabled:
         from .report import build_report
 
@@ -183,7 +193,7 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
                     "device": str(device), "notes": loaded.notes}
         result.report = build_report(student, teacher, [b.to(device) for b in eval_batches], loaded.task, plan=plan,
                                      settings=settings, latency_batch_sizes=tuple(recipe.report.latency_batch_sizes),
-                                     example_inputs=Batch(loaded.example_inputs).to(device).inputs, progress=progress,
+                                     example_inputs=example.inputs, progress=progress,
                                      call_latency=measured)
         result.report.history = history(result)
     result.out_dir = save(student, out, build=loaded.build, recipe=recipe.model_dump(), tokenizer=loaded.tokenizer,

@@ -29,6 +29,7 @@ from .files import MARKER_FILE, cache_dir, clean_stale, file_mode, read_json, te
 from .marker import PLAN_KEY, mark
 from .sparse import SparseLayer
 from .surgery import LayerPlan, Plan, apply_plan
+from .weight_dtype import WEIGHT_DTYPES, set_weight_dtype, weight_dtype_of
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "midl_config.json"
@@ -50,7 +51,7 @@ def plan_of(model: nn.Module) -> Plan:
                                     adaptive=mod.adaptive, side=mod.side)
     if not layers:
         raise MIDLError(f"{type(model).__name__} has no MID-L layers to save; convert it first (midl_convert.convert)")
-    return Plan(list(layers.values()), method="saved")
+    return Plan(list(layers.values()), method="saved", weight_dtype=weight_dtype_of(model))
 
 
 # What a run writes: its own files, a Hugging Face config, a tokenizer's files and the report. A name
@@ -323,6 +324,9 @@ def load(directory: str | Path, model: nn.Module | None = None, trust_remote_cod
     state = read_state_dict(weights)
     base = model if model is not None else _rebuild(folder, build, trust_remote_code)
     apply_plan(base, plan, init=False)
+    if plan.weight_dtype not in WEIGHT_DTYPES:
+        raise MIDLError(f"{source} names weight_dtype {plan.weight_dtype!r}; this midl-convert reads {', '.join(WEIGHT_DTYPES)}")
+    set_weight_dtype(base, plan.weight_dtype)  # the same modules and dtypes as were saved, before their weights load
     if (folder / GENERATION_FILE).is_file() and hasattr(base, "generation_config"):
         from transformers import GenerationConfig
 

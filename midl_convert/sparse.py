@@ -162,6 +162,12 @@ class SparseLayer(nn.Module):
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def dense_weight(self) -> torch.Tensor:
+        """``W (out, in)`` as the layer computes with it: int8 weights (``weight_dtype.py``) widened
+        and scaled per output."""
+        scale = self._buffers.get("weight_scale")
+        return self.weight if scale is None else self.weight.to(scale.dtype) * scale[:, None]
+
     def merge_and_unload(self) -> nn.Module:
         raise NotImplementedError
 
@@ -191,7 +197,7 @@ class LinearRows:
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The original layer's output (every neuron exact)."""
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
 
     def groups_of(self, x: torch.Tensor) -> torch.Tensor:
         """Input rows grouped by mask (G, n, in): one group per token, or per sample for ``sequence``."""
@@ -200,12 +206,21 @@ class LinearRows:
         return x.reshape(-1, 1, self.in_features)
 
     def merge_and_unload(self) -> nn.Module:
-        """The original dense module (``nn.Linear`` or HF ``Conv1D``) with the current ``W, b``."""
+        """The original dense module (``nn.Linear`` or HF ``Conv1D``) with the current ``W, b``, in
+        the layer's dtype: an int8 layer gives back an ``Int8Linear`` (an HF ``Conv1D`` its
+        dequantised float32 weight)."""
+        scale = self._buffers.get("weight_scale")
+        if scale is not None and not self.transposed:
+            from .weight_dtype import Int8Linear
+
+            dense = Int8Linear(self.in_features, self.out_features, self.bias is not None, self.weight.device)
+            dense.set_int8(self.weight.detach(), scale, self.bias)
+            return dense
         if self.transposed:
             from transformers.pytorch_utils import Conv1D
 
             dense = Conv1D(self.out_features, self.in_features)
-            dense.weight = nn.Parameter(self.weight.detach().T.contiguous())
+            dense.weight = nn.Parameter(self.dense_weight().detach().T.contiguous())
             dense.bias = nn.Parameter(self.bias.detach().clone()) if self.bias is not None else None
             return dense.to(self.weight.device)
         dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
@@ -259,7 +274,7 @@ class ConvRows:
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The original 1x1 conv's output (every filter exact)."""
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias, self.stride, self.padding)
+        return F.conv2d(x, self.dense_weight()[:, :, None, None], self.bias, self.stride, self.padding)
 
     def out_size(self, x: torch.Tensor) -> tuple[int, int]:
         (h, w), (sh, sw), (ph, pw) = x.shape[-2:], self.stride, self.padding
@@ -278,11 +293,12 @@ class ConvRows:
         return rows.reshape(-1, 1, self.in_features)
 
     def merge_and_unload(self) -> nn.Module:
-        """The original 1x1 ``nn.Conv2d`` with the current ``W, b``."""
+        """The original 1x1 ``nn.Conv2d`` with the current ``W, b`` (int8: dequantised, in float32)."""
+        weight = self.dense_weight()
         dense = nn.Conv2d(self.in_features, self.out_features, 1, self.stride, self.padding,
-                          bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
+                          bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            dense.weight.copy_(self.weight.reshape(self.out_features, self.in_features, 1, 1))
+            dense.weight.copy_(weight.reshape(self.out_features, self.in_features, 1, 1))
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense

@@ -54,18 +54,20 @@ class Plan:
     method: str
     notes: list[str] = field(default_factory=list)
     budget: dict[str, Any] | None = None  # the layer budget's target, prediction and cost, when one chose the settings
+    weight_dtype: str = "float32"  # the weights' dtype after conversion (weight_dtype.py), set again on load
 
     @property
     def converted(self) -> list[LayerPlan]:
         return [layer for layer in self.layers if layer.convert]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "notes": self.notes, "budget": self.budget, "layers": [asdict(layer) for layer in self.layers]}
+        return {"method": self.method, "notes": self.notes, "budget": self.budget, "weight_dtype": self.weight_dtype,
+                "layers": [asdict(layer) for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
         return cls(layers=[LayerPlan(**d) for d in data["layers"]], method=data["method"], notes=list(data.get("notes", [])),
-                   budget=data.get("budget"))
+                   budget=data.get("budget"), weight_dtype=data.get("weight_dtype", "float32"))
 
 
 def _check_patterns(patterns: list[str], paths: list[str], what: str) -> None:

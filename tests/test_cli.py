@@ -169,21 +169,40 @@ def test_version_and_short_help(capsys):
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"midl-convert {__version__}"
     assert invoke("-h").exit_code == 0 and "convert" in invoke("-h").output
     text = runner.invoke(app, ["convert", "-h"], env={"COLUMNS": "300"}).output
-    for choices in ("token|sequence|pixel|sample", "output|input|auto", "auto|cpu|cuda|mps|cuda:N", "--quiet", "--json"):
+    for choices in ("token|sequence|pixel|sample", "output|input|auto", "auto|cpu|cuda|mps|cuda:N", "float32|bfloat16|int8", "--quiet",
+                    "--json"):
         assert choices in text
 
 
-@pytest.mark.parametrize("args", [["--granularity", "tokn"], ["--select", "both"], ["--device", "tpu"]])
+@pytest.mark.parametrize("args", [["--granularity", "tokn"], ["--select", "both"], ["--device", "tpu"],
+                                  ["--weight-dtype", "fp8"]])
 def test_choices_are_checked_at_parse_time(args, tmp_path):
     res = invoke("convert", "test_vit", "--random-init", *args, "--out", str(tmp_path / "o"))
     assert res.exit_code == 2 and "Traceback" not in res.output and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_run_in_a_weight_dtype_saves_and_loads_in_it(tmp_path, dtype):
+    """The run converts, calibrates and distils in float32, then puts the weights (and the dense
+    model the report compares with) in the dtype; the saved model loads back in it."""
+    import midl_convert as mc
+    from midl_convert.weight_dtype import weight_dtype_of
+
+    res = invoke("convert", "--recipe", str(small_recipe(tmp_path)), "--select", "input", "--weight-dtype", dtype)
+    assert res.exit_code == 0, res.output
+    model = mc.load(tmp_path / "out")
+    assert weight_dtype_of(model) == dtype
+    assert json.loads((tmp_path / "out" / "midl_config.json").read_text())["plan"]["weight_dtype"] == dtype
+
+
 def test_select_and_device_reach_the_recipe():
-    from midl_convert.cli import SelectChoice, build_recipe
+    from midl_convert.cli import SelectChoice, WeightDtypeChoice, build_recipe
 
     recipe = build_recipe("test_vit", None, {"select": SelectChoice.input, "device": "cuda:1"}, False)
     assert recipe.midl.select == "input" and recipe.midl_config().select == "input" and recipe.device == "cuda:1"
+    assert recipe.midl_config().weight_dtype == "float32"
+    recipe = build_recipe("test_vit", None, {"weight_dtype": WeightDtypeChoice.int8}, False)
+    assert recipe.midl_config().weight_dtype == "int8"
     res = invoke("convert", "test_vit", "--random-init", "--select", "auto", "--dry-run")  # auto needs a budget
     assert res.exit_code == 2 and "select='auto' chooses each layer's side" in " ".join(res.output.split())
 

@@ -1,0 +1,112 @@
+"""Weights in the dtype the user runs: float32, bfloat16 end to end, or int8 weight-only.
+
+``set_weight_dtype(model, "bfloat16")`` casts the whole model (activations follow); the input-side
+kernel reads bfloat16 columns and sums in float32. ``"int8"`` quantises, per output channel
+(symmetric, scale = max |W_row| / 127), the weights that a batch-1 decode step reads: each
+input-side MID-L layer (its kernel widens the int8 columns in registers and applies the scales
+after the sum) and every dense ``nn.Linear`` left (``lm_head``, layers the plan leaves dense), which
+become ``Int8Linear`` (the same kernel with every input picked). Activations, embeddings, norms,
+light paths and output-side MID-L layers stay float32 under int8.
+
+It is the last step of a conversion: calibration and distillation train in float32 first.
+"""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import register_flop_formula
+
+from .kernels import NO_BIAS  # importing kernels registers the midl ops
+
+WeightDtype = Literal["float32", "bfloat16", "int8"]
+WEIGHT_DTYPES: tuple[str, ...] = get_args(WeightDtype)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of each row of ``weight (out, in)``: ``(q (out, in) int8, scale (out,) float32)``,
+    ``weight ~ q * scale[:, None]``."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights and a float32 scale per output (weight-only: activations stay
+    float). It runs as ``midl::input_rows`` with every input picked: for a few float32 rows the
+    input-side kernel widens the int8 weights in registers, otherwise one GEMM on the widened
+    weights. ``torch._weight_int8pack_mm`` measured 35x slower than a float32 Linear at one row on
+    this AVX2 CPU (576x1536), and 6x with bfloat16 rows."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        weight = torch.zeros(in_features, out_features, dtype=torch.int8, device=device).T  # (out, in), columns contiguous
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self.register_buffer("_ones", torch.ones(in_features, device=device), persistent=False)  # every input's score
+        self.register_buffer("_none", torch.zeros(0, in_features, device=device), persistent=False)  # no light path
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
+        """Quantise a float ``W (out, in)`` and take ``b`` as float32."""
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, weight.device)
+        layer.set_int8(*quantize_rows(weight), bias)
+        return layer
+
+    @torch.no_grad()
+    def set_int8(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Take ``q (out, in)`` int8, its ``scale (out,)`` and ``bias``, stored as the kernel reads them."""
+        self.weight = q.T.contiguous().T
+        self.weight_scale = scale.float().clone()
+        if bias is not None:
+            self.bias.data = bias.detach().float().clone()
+
+    def dequantized(self) -> torch.Tensor:
+        """``W (out, in)`` in float32."""
+        return self.weight.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        bias = NO_BIAS if self.bias is None else self.bias.to(x.dtype)
+        none = self._none.to(x.dtype)
+        y = torch.ops.midl.input_rows.default(rows, self.weight.T, bias, none, none.T, self._ones, self.in_features,
+                                              math.nan, self.weight_scale.to(x.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weight-only"
+
+
+def set_weight_dtype(model: nn.Module, name: str) -> nn.Module:
+    """Put ``model``'s weights in ``name`` (``WEIGHT_DTYPES``), in place; returns the model."""
+    from .input_layers import InputMIDLBase
+
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {name!r}")
+    if name != "int8":
+        return model.to(getattr(torch, name))
+    done: dict[int, nn.Module] = {}
+    for path, mod in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(mod, InputMIDLBase) and id(mod) not in done:
+            done[id(mod)] = mod
+            mod.quantize_int8_()
+        elif type(mod) is nn.Linear and path:  # subclasses (e.g. NonDynamicallyQuantizableLinear in attention) stay
+            new = done.setdefault(id(mod), Int8Linear.from_float(mod.weight, mod.bias))
+            parent, _, leaf = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return model
+
+
+def weight_dtype_of(model: nn.Module) -> str:
+    """The ``WEIGHT_DTYPES`` entry a model's weights are in: int8 when any layer holds int8
+    weights, else the dtype of its first floating parameter."""
+    if any(isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.dtype == torch.int8 for m in model.modules()):
+        return "int8"
+    first = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return "bfloat16" if first == torch.bfloat16 else "float32"

@@ -1,0 +1,163 @@
+"""Weights in bfloat16 and int8: the input-side kernel and its reference against float32, whole
+models in each dtype, keep 1, save and load, merge_and_unload and the config's check."""
+import pytest
+import torch
+from torch import nn
+
+import midl_convert as mc
+from midl_convert import kernels
+from midl_convert.input_layers import InputMIDLinear
+from midl_convert.layers import KERNEL_MAX_ROWS
+from midl_convert.weight_dtype import Int8Linear, quantize_rows, set_weight_dtype, weight_dtype_of
+from test_custom_ops import INPUT_CASES, input_layer
+from test_kernels import kernel  # noqa: F401 - a fixture
+
+NAN = float("nan")
+# Error of a layer's output against float32, as a share of the output's largest value: bfloat16
+# keeps 8 bits of mantissa (its rounding of x, W and y), int8 weights 7 bits per output channel.
+TOLERANCE = {"bfloat16": 2e-2, "int8": 2e-2}
+
+
+def near(got: torch.Tensor, expected: torch.Tensor, share: float) -> None:
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=share * expected.abs().max().item())
+
+
+def in_dtype(dtype: str, x, wt, b, v, u):  # noqa: ANN001, ANN201 - the op's arguments
+    """The op's arguments as a ``dtype`` layer passes them, and float32 ones with the same weights."""
+    if dtype == "bfloat16":
+        cast = [t.bfloat16() for t in (x, wt, b, v, u)]
+        return cast + [None], [t.float() for t in cast]
+    q, s = quantize_rows(wt.T)
+    return [x, q.T.contiguous(), b, v, u, s], [x, (q.float() * s[:, None]).T, b, v, u]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS + 4])  # the last: the masked GEMM
+@pytest.mark.parametrize("case", INPUT_CASES, ids=["-".join(map(str, c)) for c in INPUT_CASES])
+def test_input_op_in_dtype_equals_float32(kernel, case, rows, dtype):
+    """The kernel (and the masked GEMM) in bfloat16 or int8 sums in float32: against a float32
+    reference on the same weights it differs by rounding only, and against the float32 weights by
+    the dtype's own error."""
+    in_f, out_f, rank, bias, k, is_adaptive = case
+    wt, b, v, u, scale = input_layer(in_f, out_f, rank, bias)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1))
+    args, same = in_dtype(dtype, x, wt, b, v, u)
+    threshold = float((same[0].abs() * scale).flatten().median()) if is_adaptive else NAN
+    x_, wt_, b_, v_, u_, ws = args
+    y = torch.ops.midl.input_rows(x_, wt_, b_, v_, u_, scale, k, threshold, ws)
+    assert y.dtype == x_.dtype
+    expected = kernels.input_rows_reference(*same, scale, k, threshold)
+    near(y, expected, 1e-2 if dtype == "bfloat16" else 1e-5)  # bfloat16: y itself is rounded to 8 bits
+    near(kernels.input_rows_reference(x_, wt_, b_, v_, u_, scale, k, threshold, ws), expected, 1e-2)
+    if not is_adaptive:  # the same picks as float32 up to near-ties, which bfloat16's rounding of x may swap
+        near(y, kernels.input_rows_reference(x, wt, b, v, u, scale, k, threshold), TOLERANCE[dtype] * 3)
+
+
+def test_the_kernel_serves_bfloat16_and_int8(kernel):
+    """Not a fallback: the C++ kernel itself takes these dtypes (and refuses a mix it has no loop for)."""
+    wt, b, v, u, scale = input_layer(48, 64, 4, True)
+    for dtype in ("bfloat16", "int8"):
+        args, same = in_dtype(dtype, torch.randn(1, 48), wt, b, v, u)
+        assert kernels.input_kernel_applies(args[0], args[1])
+        y = kernel.input_rows(*args[:5], scale, 24, NAN, args[5])
+        near(y, kernels.input_rows_reference(*same, scale, 24, NAN), 1e-2 if dtype == "bfloat16" else 1e-5)
+    assert not kernels.input_kernel_applies(torch.randn(1, 48), wt.bfloat16())  # mixed: the masked GEMM
+    with pytest.raises(RuntimeError, match="input_rows takes"):
+        kernel.input_rows(torch.randn(1, 48), wt.bfloat16(), b, v, u, scale, 24, NAN, None)
+
+
+def small_model(select: str = "input", keep: float = 0.5, rank: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(dense, converted) copies of a three-Linear MLP with a head left dense."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    converted = mc.convert(_copy(dense), mc.MIDLConfig(keep=keep, rank=rank, select=select, exclude=["4"]),
+                           torch.randn(1, 64))[0]
+    return dense, converted.eval()
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 40])  # the kernel for one and a few rows, the masked GEMM for many
+def test_converted_model_in_dtype_follows_float32(kernel, dtype, rows):
+    _, converted = small_model(rank=8)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = converted(x)
+        cast = set_weight_dtype(_copy(converted), dtype)
+        y = cast(x.bfloat16() if dtype == "bfloat16" else x)
+    assert weight_dtype_of(cast) == dtype
+    assert y.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    near(y, expected, TOLERANCE[dtype] * 3)  # three layers, picks may swap at near-ties
+    if dtype == "int8":
+        assert isinstance(cast[4], Int8Linear) and cast[0].weight.dtype == torch.int8
+        with torch.no_grad():  # the layer's reference path: the same numbers as its kernel
+            reference = cast[0].rows_reference(x[:, None, :])[:, 0]
+            near(cast[0](x), reference, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_keep_one_is_the_dense_layer_in_that_dtype(dtype):
+    linear = nn.Linear(48, 32)
+    layer = InputMIDLinear.from_linear(linear, keep=1.0)
+    dense = set_weight_dtype(nn.Sequential(_copy(linear)), dtype)[0]
+    set_weight_dtype(nn.Sequential(layer), dtype)
+    x = torch.randn(5, 48, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    with torch.no_grad():
+        if dtype == "bfloat16":
+            assert torch.equal(layer(x), dense(x))
+        else:
+            torch.testing.assert_close(layer(x), dense(x))
+            assert torch.equal(layer.weight, dense.weight) and torch.equal(layer.weight_scale, dense.weight_scale)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_merge_and_unload_gives_the_dense_layer_in_that_dtype(dtype):
+    _, converted = small_model()
+    set_weight_dtype(converted, dtype)
+    x = torch.randn(3, 64, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    with torch.no_grad(), mc.dense(converted):
+        expected = converted(x)
+    merged = mc.merge_and_unload(converted)
+    if dtype == "bfloat16":
+        assert type(merged[0]) is nn.Linear and merged[0].weight.dtype == torch.bfloat16
+    else:
+        assert isinstance(merged[0], Int8Linear) and merged[0].weight.dtype == torch.int8
+    with torch.no_grad():
+        near(merged(x), expected, 1e-2 if dtype == "bfloat16" else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_save_and_load_keep_the_dtype(tmp_path, dtype):
+    dense, _ = small_model()
+    converted = mc.convert(_copy(dense), mc.MIDLConfig(keep=0.5, rank=0, select="input", exclude=["4"], weight_dtype=dtype),
+                           torch.randn(1, 64))[0]
+    assert weight_dtype_of(converted) == dtype
+    mc.save(converted, tmp_path / "m")
+    loaded = mc.load(tmp_path / "m", model=_copy(dense))
+    assert weight_dtype_of(loaded) == dtype
+    assert {n: t.dtype for n, t in loaded.state_dict().items()} == {n: t.dtype for n, t in converted.state_dict().items()}
+    x = torch.randn(2, 64, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted.eval()(x))
+
+
+def test_int8_linear_is_the_dequantised_matmul():
+    linear = nn.Linear(200, 70)
+    q = Int8Linear.from_float(linear.weight, linear.bias)
+    x = torch.randn(4, 3, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantized(), q.bias), rtol=1e-5, atol=1e-5)
+        near(q(x), linear(x), TOLERANCE["int8"])
+        near(q(x.bfloat16()), linear(x), TOLERANCE["int8"] + TOLERANCE["bfloat16"])
+
+
+def test_weight_dtype_is_checked():
+    with pytest.raises(ValueError, match="weight_dtype"):
+        mc.MIDLConfig(weight_dtype="fp8")
+    with pytest.raises(ValueError, match="weight_dtype must be one of"):
+        set_weight_dtype(nn.Linear(2, 2), "int4")
