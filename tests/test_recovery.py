@@ -196,3 +196,14 @@ def test_block_loss_is_zero_on_the_teacher_and_positive_after_conversion():
     result = distill(student, teacher, data, "classifier", steps=20, lr=3e-3, batch_size=32, train="all", block_weight=1.0,
                      log_every=100)
     assert result.after["kl"] < result.before["kl"]
+
+
+def test_cli_train_option_reaches_the_recipe_and_refuses_bad_choices():
+    from midl_convert.cli import OPTION_KEYS, build_recipe
+
+    options = {k: None for k in OPTION_KEYS}
+    assert build_recipe("resnet18", None, {**options, "train": "bias,lora"}, False).distill.train == "lora,bias"
+    assert build_recipe("resnet18", None, options, False).distill.train == DistillConfig().train
+    with pytest.raises(mc.MIDLError, match=r"^--train: train must be one or more of gates, midl, lora, bias, norms, "
+                                           r"full, all .*got 'lora,bogus'$"):
+        build_recipe("resnet18", None, {**options, "train": "lora,bogus"}, False)
