@@ -122,7 +122,7 @@ def _describe(err: ValidationError, root: yaml.Node | None, source: str) -> str:
     path = ".".join(str(x) for x in loc) or "(top level)"
     node = _node_at(root, loc)
     where = f"{source}, line {node.start_mark.line + 1}" if node is not None else source
-    msg = first["msg"].removeprefix("Value error, ")  # a validator's own sentence, as written
+    msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; `midl-convert schema` lists the keys)"
     return f"{where}: {path}: {msg}"

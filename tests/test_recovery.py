@@ -204,6 +204,6 @@ def test_cli_train_option_reaches_the_recipe_and_refuses_bad_choices():
     options = {k: None for k in OPTION_KEYS}
     assert build_recipe("resnet18", None, {**options, "train": "bias,lora"}, False).distill.train == "lora,bias"
     assert build_recipe("resnet18", None, options, False).distill.train == DistillConfig().train
-    with pytest.raises(mc.MIDLError, match=r"^--train: train must be one or more of gates, midl, lora, bias, norms, "
+    with pytest.raises(mc.MIDLError, match=r"^--train: Value error, train must be one or more of gates, midl, lora, bias, norms, "
                                            r"full, all .*got 'lora,bogus'$"):
         build_recipe("resnet18", None, {**options, "train": "lora,bogus"}, False)
