@@ -88,6 +88,7 @@ def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list,
     if args.steps:
         res = mc.distill(student, teacher, data, task, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          layer_weight=args.layer_weight, train=args.train, base_lr=args.base_lr, eval_batches=held,
+                         lora_rank=args.lora_rank, block_weight=args.block_weight,
                          log_every=50)
         if args.flops_ratio:
             mc.cap_thresholds(student, example)
@@ -241,8 +242,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--layer-weight", type=float, default=0.0)
-    p.add_argument("--train", default="midl", choices=["midl", "gates", "all"])
-    p.add_argument("--base-lr", type=float, default=1e-5, help="learning rate of the original weights with --train all")
+    p.add_argument("--train", default="midl", help="what trains: gates, midl, lora, bias, norms, all, full or a comma list")
+    p.add_argument("--base-lr", type=float, default=1e-5, help="learning rate of the original weights with --train full")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--block-weight", type=float, default=0.0, help="weight of the block-by-block loss against the teacher")
     p.add_argument("--no-whiten", action="store_true")
     p.add_argument("--sensitivity", action="store_true",
                    help="MiniLM, effnet: gates fitted to each layer's error weighted by its reach to the output (calibrate(kind=...))")

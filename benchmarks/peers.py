@@ -115,12 +115,20 @@ def main() -> None:
                    help="batches the budget judges each option's damage on (default: MIDLConfig's)")
     p.add_argument("--adaptive", action="store_true",
                    help="the budget row with adaptive masks (thresholds calibrated, then capped on the example input)")
+    p.add_argument("--train", action="append", default=None,
+                   help="what the budget row's distillation trains (repeat: one row each, from the same calibrated model; "
+                        "default: DistillConfig's)")
+    p.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: DistillConfig's)")
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--lora-lr", type=float, default=None)
+    p.add_argument("--block-weight", type=float, default=None, help="weight of the block-by-block loss")
+    p.add_argument("--data", default="builtin:text", help="MiniLM: calibration and distillation data")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ratios = args.ratio or [1.5, 2.0]
     if args.model == "minilm":
         loaded = mc.load_model("sentence-transformers/all-MiniLM-L6-v2")
-        data = mc.load_data("builtin:text", loaded)
+        data = mc.load_data(args.data, loaded)
         held, kind, photos, task = data.heldout_batches(64, limit=args.eval), "embedding", None, loaded.task
         exclude, granularity = ["pooler.dense"], "token"
     else:
@@ -176,12 +184,18 @@ def main() -> None:
         row(f"budget, select=auto, {judged} ({sides['input']} input / {sides['output']} output side, "
             f"{len(plan.layers) - len(plan.converted)} dense)", ratio, judge(student, teacher, held, kind, photos),
             time.perf_counter() - t)
-        if args.steps:
-            res = mc.distill(student, teacher, data, task, steps=args.steps, log_every=50)
+        settings = {k: v for k, v in (("lr", args.lr), ("lora_rank", args.lora_rank), ("lora_lr", args.lora_lr),
+                                      ("block_weight", args.block_weight)) if v is not None}
+        for train in (args.train or [None]) if args.steps else []:
+            tuned = copy.deepcopy(student)
+            res = mc.distill(tuned, teacher, data, task, steps=args.steps, log_every=50,
+                             **settings, **({"train": train} if train else {}))
             if args.adaptive:
-                mc.cap_thresholds(student, example)
-            row(f"budget, select=auto, after {args.steps} steps", model_flops(student, teacher, counted).ratio,
-                judge(student, teacher, held, kind, photos), res.seconds)
+                mc.cap_thresholds(tuned, example)
+            shown = ", ".join(f"{k} {v:g}" for k, v in settings.items())
+            row(f"budget, select=auto, after {args.steps} steps, train {res.train} ({res.trainable:,} parameters"
+                f"{', ' + shown if shown else ''}{', data ' + args.data if args.data != 'builtin:text' else ''})",
+                model_flops(tuned, teacher, counted).ratio, judge(tuned, teacher, held, kind, photos), res.seconds)
 
 
 if __name__ == "__main__":

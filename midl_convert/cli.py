@@ -85,7 +85,7 @@ OPTION_KEYS = {
     "weight_dtype": ("midl", "weight_dtype"),
     "include": ("targets", "include"), "exclude": ("targets", "exclude"),
     "steps": ("distill", "steps"), "lr": ("distill", "lr"), "data": ("distill", "data"),
-    "batch_size": ("distill", "batch_size"),
+    "batch_size": ("distill", "batch_size"), "train": ("distill", "train"),
     "weights": ("model", "weights"), "random_init": ("model", "random_init"),
     "out_dir": ("output", "dir"), "device": ("device",), "seed": ("seed",),
     "overwrite": ("output", "overwrite"), "checkpoint_every": ("distill", "checkpoint_every"),
@@ -219,7 +219,10 @@ def convert(
     steps: Optional[int] = typer.Option(None, help="distillation steps"),
     lr: Optional[float] = typer.Option(None, help="learning rate of gates and light paths"),
     batch_size: Optional[int] = typer.Option(None, help="distillation batch size"),
-    data: Optional[str] = typer.Option(None, help="builtin:text | builtin:teacher (a causal LM's own samples) | builtin:images | builtin:digits | folder | file"),
+    train: Optional[str] = typer.Option(None, help="what distillation trains: gates, midl (gates and light paths), lora "
+                                        "(a low-rank delta merged into W), bias, norms, all, full (every weight), or a "
+                                        "comma list such as midl,lora"),
+    data: Optional[str] = typer.Option(None, help="builtin:text | builtin:mixed (help text, docstrings, package descriptions) | builtin:teacher (a causal LM's own samples) | builtin:images | builtin:digits | folder | file"),
     weights: Optional[str] = typer.Option(None, help="local weights for a timm architecture, or a .gguf file (architecture and tokenizer included)"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights (nothing downloaded)"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="output folder (default midl-out); an existing folder "
@@ -241,7 +244,7 @@ def convert(
 ) -> None:
     options = {"keep": keep, "flops_ratio": flops_ratio, "speedup": speedup, "rank": rank, "granularity": granularity,
                "select": select, "adaptive": adaptive, "weight_dtype": weight_dtype, "include": include, "exclude": exclude,
-               "steps": steps, "lr": lr, "batch_size": batch_size, "data": data, "weights": weights,
+               "steps": steps, "lr": lr, "batch_size": batch_size, "train": train, "data": data, "weights": weights,
                "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed, "overwrite": overwrite,
                "checkpoint_every": checkpoint_every}
 

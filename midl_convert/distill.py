@@ -1,8 +1,10 @@
 """A short teacher-student fine-tune: the original model teaches its converted copy.
 
-By default only the gates and light paths train (the original ``W, b`` stay exact); ``train="all"``
-also trains everything else at its own, lower learning rate. AdamW, linear warm-up then cosine
-decay, gradient clipping, optional bf16 autocast; devices and data parallelism through
+``train`` names what learns (``recovery.py``): by default the gates and light paths; ``lora``, ``bias``
+and ``norms`` add capacity that costs nothing at run time (a LoRA delta merged into ``W`` when training
+ends, the biases, the norms' scales), ``full`` trains every weight at its own, lower learning rate. The
+loss matches the teacher at the output and, with ``block_weight``, block by block. AdamW, linear
+warm-up then cosine decay, gradient clipping, optional bf16 autocast; devices and data parallelism through
 ``accelerate`` (``accelerate launch`` / ``torchrun`` need no code change: each process takes its
 share of every global batch, so the averaged gradient equals the single-process one).
 """
@@ -15,17 +17,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from . import lora
 from .calibrate import fit_thresholds
 from .data import CALIBRATION_OFFSET, Batch, Data
 from .errors import MIDLError
 from .files import atomic_path, make_own_dir
+from .recovery import parse_train, parts, select
 from .sparse import SparseLayer
 from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output
 
@@ -41,12 +45,17 @@ class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(100, ge=0)
     lr: float = Field(1e-3, gt=0)
-    base_lr: float = Field(1e-5, gt=0, description="learning rate of the original weights when train='all'")
+    base_lr: float = Field(1e-5, gt=0, description="learning rate of the original weights when train='full'")
     batch_size: int = Field(16, ge=1)
-    train: Literal["midl", "gates", "all"] = "midl"
+    train: str = Field("midl", description="what trains (recovery.py): gates, midl, lora, bias, norms, all, full, or a "
+                                            "comma list such as 'midl,lora'")
+    lora_rank: int = Field(8, ge=1, description="rank of the LoRA delta on each sparse layer's W (train 'lora' or 'all')")
+    lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA scale alpha / rank; default alpha = rank")
+    lora_lr: Optional[float] = Field(None, gt=0, description="learning rate of the LoRA deltas, biases and norms; default lr")
     temperature: float = Field(2.0, gt=0)
     output_weight: float = Field(1.0, ge=0)
     layer_weight: float = Field(0.0, ge=0, description="weight of each MID-L layer's output error against its dense output")
+    block_weight: float = Field(0.0, ge=0, description="weight of each block's hidden state error against the teacher's")
     warmup: float = Field(0.05, ge=0, le=1, description="share of steps spent warming up")
     grad_clip: float = Field(1.0, gt=0)
     bf16: bool = False
@@ -55,6 +64,11 @@ class DistillConfig(BaseModel):
                                                         "folder (the CLI's is beside --out); 0 = none")
     log_every: int = Field(10, ge=1)
     seed: int = 0
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, value: str) -> str:
+        return parse_train(value)
 
 
 @dataclass
@@ -67,22 +81,27 @@ class DistillResult:
     resumed_from: int | None = None
     checkpoint: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    train: str = "midl"
+    trainable: int = 0  # parameters trained (LoRA's included; they merge into W when training ends)
 
 
-def trainable(model: nn.Module, train: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(MID-L parameters, other parameters) that train; everything else is frozen."""
-    midl, rest = [], []
-    for mod in model.modules():
-        names = mod.trainable_names(train) if isinstance(mod, SparseLayer) else ()
-        for pname, p in mod.named_parameters(recurse=False):
-            is_midl = pname in names
-            (midl if is_midl else rest).append(p)
-    rest = rest if train == "all" else []
+def trainable(model: nn.Module, cfg: DistillConfig) -> list[dict]:
+    """The optimizer's parameter groups for ``cfg.train``; every other parameter is frozen. With ``lora``
+    this attaches the LoRA deltas (``lora.merge`` folds them into ``W``)."""
+    groups = select(model, cfg.train)
+    extra = cfg.lora_lr or cfg.lr
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in midl + rest:
-        p.requires_grad_(True)
-    return midl, list({id(p): p for p in rest}.values())
+    if "lora" in parts(cfg.train):
+        groups["lora"] = lora.attach(model, cfg.lora_rank, cfg.lora_alpha)
+    rates = {"midl": cfg.lr, "lora": extra, "bias": extra, "norms": extra, "base": cfg.base_lr}
+    out = []
+    for name, params in groups.items():
+        for p in params:
+            p.requires_grad_(True)
+        if params:
+            out.append({"params": params, "lr": rates[name], "name": name})
+    return out
 
 
 def _schedule(step: int, total: int, warmup: float) -> float:
@@ -112,6 +131,51 @@ class _LayerLoss:
     def pop(self) -> torch.Tensor | None:
         terms, self.terms = self.terms, []
         return torch.stack(terms).mean() if terms else None
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def blocks(model: nn.Module) -> list[str]:
+    """Names of the model's blocks: the children of the ``ModuleList`` / ``Sequential`` with the most
+    children that hold sparse layers (a transformer's layers, a CNN's stages); ``[]`` when none holds two."""
+    best: list[str] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            kids = [c for c in mod.children() if any(isinstance(m, SparseLayer) for m in c.modules())]
+            if len(kids) > len(best) and len(kids) >= 2:
+                best = [f"{name}.{child}" if name else child for child, _ in mod.named_children()]
+    return best
+
+
+class _BlockLoss:
+    """Each block's output hidden state against the teacher's on the same batch (hooks on both models):
+    mean squared error over real tokens, relative to the teacher's mean square."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        self.outs: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+        names = blocks(student)  # the teacher is the dense original: its blocks by the same names
+        self.handles = [h for n in names for h in (student.get_submodule(n).register_forward_hook(self._keep("student")),
+                                                   teacher.get_submodule(n).register_forward_hook(self._keep("teacher")))]
+
+    def _keep(self, side: str):
+        def hook(mod: nn.Module, inputs: tuple, out: object) -> None:
+            self.outs[side].append(out if isinstance(out, torch.Tensor) else out[0])
+        return hook
+
+    def pop(self, batch: Batch) -> torch.Tensor:
+        from .quality import positions
+
+        s, t = self.outs["student"], self.outs["teacher"]
+        self.outs = {"student": [], "teacher": []}
+        terms = []
+        for a, b in zip(s, t):
+            if a.dim() == 3:  # (batch, tokens, width): real tokens only
+                a, b = positions(a, batch), positions(b, batch)
+            b = b.detach().float()
+            terms.append(F.mse_loss(a.float(), b) / b.pow(2).mean().clamp_min(1e-8))
+        return torch.stack(terms).mean() if terms else torch.zeros(())
 
     def close(self) -> None:
         for h in self.handles:
@@ -216,8 +280,8 @@ def distill(
     eval_batches = eval_batches if eval_batches is not None else data.heldout_batches(cfg.batch_size)
     eval_batches = [b.to(acc.device) for b in eval_batches]
     before = compare(student.eval(), teacher, eval_batches, kind)
-    midl_params, rest = trainable(student, cfg.train)
-    groups = [{"params": midl_params, "lr": cfg.lr}] + ([{"params": rest, "lr": cfg.base_lr}] if rest else [])
+    groups = trainable(student, cfg)
+    params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg.steps, cfg.warmup))
     start, losses, resumed = 0, [], None
@@ -239,6 +303,7 @@ def distill(
         if isinstance(m, SparseLayer):
             m.train()  # Top-k with the straight-through gate gradient
     layer_loss = _LayerLoss(student) if cfg.layer_weight > 0 else None
+    block_loss = _BlockLoss(student, teacher) if cfg.block_weight > 0 else None
     update, finish = _reporter(cfg.steps, cfg.log_every) if acc.is_main_process else ((lambda *a: None), (lambda: None))
     t0 = time.perf_counter()
     try:
@@ -251,20 +316,22 @@ def distill(
                 loss = cfg.output_weight * distill_loss(out, target, kind, batch, cfg.temperature)
                 if layer_loss is not None:
                     loss = loss + cfg.layer_weight * layer_loss.pop()
+                if block_loss is not None:
+                    loss = loss + cfg.block_weight * block_loss.pop(batch)
             if not torch.isfinite(loss):
                 kept = f"the last good checkpoint is {ckpt}" if ckpt is not None and ckpt.is_file() else "no checkpoint was written"
                 raise MIDLError(f"distillation loss became {loss.item()} at step {step}; {kept}; lower --lr or disable bf16 "
                                 f"(a run with other settings starts over)")
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
-            acc.clip_grad_norm_(midl_params + rest, cfg.grad_clip)
+            acc.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             losses.append(float(acc.reduce(loss.detach(), "mean")))
             update(step + 1, losses[-1])
             every = cfg.checkpoint_every
             if (ckpt is not None and every and (step + 1) % every == 0 and acc.is_main_process
-                    and _healthy(losses, max(0, step + 1 - every), midl_params + rest)):
+                    and _healthy(losses, max(0, step + 1 - every), params)):
                 if not ckpt.parent.exists():
                     make_own_dir(ckpt.parent, CHECKPOINT_PURPOSE)
                 trained = {n for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
@@ -274,14 +341,19 @@ def distill(
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1, "losses": losses,
                         "key": key,
                     }, tmp)
+    except BaseException:
+        lora.merge(acc.unwrap_model(model), keep=False)  # a failed run leaves the model as it came
+        raise
     finally:
         finish()
-        if layer_loss is not None:
-            layer_loss.close()
+        for extra in (layer_loss, block_loss):
+            if extra is not None:
+                extra.close()
     student = acc.unwrap_model(model)
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
+    lora.merge(student)  # the deltas fold into W: the saved model has its original parameters and speed
     if any(m.adaptive for m in student.modules() if isinstance(m, SparseLayer)):
         # Training moved the gates: refit the thresholds so each layer keeps the share its FLOPs count.
         dev = next(student.parameters()).device
@@ -289,7 +361,8 @@ def distill(
                                  for i in range(max(1, cfg.calibration_batches))])
     after = compare(student, teacher, eval_batches, kind)
     return DistillResult(cfg.steps, losses, before, after, time.perf_counter() - t0, resumed,
-                         str(ckpt) if ckpt is not None and ckpt.is_file() else None)
+                         str(ckpt) if ckpt is not None and ckpt.is_file() else None, train=cfg.train,
+                         trainable=sum(p.numel() for p in params))
 
 
 def summary(result: DistillResult) -> str:

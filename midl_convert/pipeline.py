@@ -55,6 +55,7 @@ def history(result: RunResult) -> dict[str, Any]:
     d = result.distilled
     if d is not None:
         out["distillation"] = {"steps": d.steps, "seconds": d.seconds, "resumed_from": d.resumed_from,
+                               "train": d.train, "trainable_parameters": d.trainable,
                                "before": d.before, "after": d.after,
                                "loss_first": d.losses[0] if d.losses else None, "loss_last": d.losses[-1] if d.losses else None}
     return out

@@ -171,6 +171,8 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "calibration": {"type": "object", "properties": {"layers": _INT, "error_before": _NUM, "error_after": _NUM}},
                 "distillation": {"type": "object", "properties": {
                     "steps": _INT, "seconds": _NUM, "resumed_from": {"type": ["integer", "null"]},
+                    "train": {"type": "string", "description": "what trained (--train): gates, midl, lora, bias, norms, full"},
+                    "trainable_parameters": {**_INT, "description": "parameters trained; LoRA's merge into W when training ends"},
                     "before": {"type": "object", "additionalProperties": _NUM},
                     "after": {"type": "object", "additionalProperties": _NUM},
                     "loss_first": _NUM, "loss_last": _NUM}},
@@ -338,8 +340,11 @@ class Report:
         if d := self.history.get("distillation"):
             lines += [] if cal else ["", "## History"]
             resumed = f", resumed at step {d['resumed_from']}" if d.get("resumed_from") else ""
-            lines += ["", f"Distillation: {d['steps']} steps in {d['seconds']:.1f} s{resumed}; loss {_g(d['loss_first'])} "
-                      f"-> {_g(d['loss_last'])}", "", "| held-out | before | after |", "|---|---|---|"]
+            trained = (f"; trained {d['train']} ({d['trainable_parameters']:,} parameters)"
+                       if d.get("trainable_parameters") is not None else "")
+            lines += ["", f"Distillation: {d['steps']} steps in {d['seconds']:.1f} s{resumed}{trained}; loss "
+                      f"{_g(d['loss_first'])} -> {_g(d['loss_last'])}", "",
+                      "| held-out | after calibration | after distillation |", "|---|---|---|"]
             lines += [f"| {k} | {_g(v)} | {_g(d['after'].get(k))} |" for k, v in d["before"].items()]
         return lines
 

@@ -259,7 +259,7 @@ def test_a_run_keeps_its_history_and_the_users_umask(tmp_path):
 
     old = os.umask(0o022)
     try:
-        res = invoke("convert", str(small_recipe(tmp_path)))
+        res = invoke("convert", str(small_recipe(tmp_path)), "--train", "all")
     finally:
         os.umask(old)
     assert res.exit_code == 0, res.output
@@ -271,8 +271,10 @@ def test_a_run_keeps_its_history_and_the_users_umask(tmp_path):
     assert d["steps"] == 2 and d["seconds"] > 0 and d["resumed_from"] is None
     assert set(d["before"]) == set(d["after"]) and "agreement" in d["before"]
     assert history["calibration"]["layers"] >= 1
+    assert d["train"] == "midl,lora,bias,norms" and d["trainable_parameters"] > 0
     md = (out / "report.md").read_text()
     assert "## History" in md and "Distillation: 2 steps" in md and "| agreement |" in md
+    assert f"trained midl,lora,bias,norms ({d['trainable_parameters']:,} parameters)" in md
 
 
 def test_out_with_the_users_files_is_refused_and_overwrite_keeps_them(tmp_path):

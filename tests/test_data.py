@@ -51,6 +51,22 @@ def test_builtin_text_is_judged_on_another_source(text):
     assert verses == kjv_sentences()[:5] and all(40 <= len(v) <= 300 and not v[0].isdigit() for v in verses)
 
 
+def test_builtin_mixed_widens_training_text_and_judges_on_the_same_verses(text):
+    from midl_convert import text_sources
+
+    assert text_sources.sentences("Short. This sentence is long enough to count as prose here. x = {{a}} is code, "
+                                  "not prose at all here. lowercase starts are left out of the text too.") == [
+        "This sentence is long enough to count as prose here."]
+    data = load_data("builtin:mixed", text)
+    docstrings = set(text_sources.stdlib_docstrings())
+    assert "Return the number of items in a which are, or which equal, b." in docstrings  # operator.countOf
+    assert set(text_sentences()) <= set(data.train) and docstrings <= set(data.train)
+    assert len(data.train) > 3 * len(text_sentences())
+    assert data.heldout == load_data("builtin:text", text).heldout  # judged on the same Bible verses
+    assert not set(data.heldout) & set(data.train)
+    assert data.spec == "builtin:mixed"
+
+
 def test_builtin_digits_have_labels(vision):
     data = load_data("builtin:digits", vision)
     batch = data.heldout_batches(32)[0]

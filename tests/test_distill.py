@@ -65,10 +65,10 @@ def test_distillation_lowers_loss_and_trains_only_midl_params():
     assert not torch.equal(student.fc1.gate_weight, gate_before)
 
 
-def test_train_all_moves_the_original_weights_too():
+def test_train_full_moves_the_original_weights_too():
     teacher, student, data = converted_pair(seed=2)
     w_before = student.fc1.weight.clone()
-    distill(student, teacher, data, "classifier", steps=3, lr=1e-3, base_lr=1e-3, train="all", batch_size=8)
+    distill(student, teacher, data, "classifier", steps=3, lr=1e-3, base_lr=1e-3, train="full", batch_size=8)
     assert not torch.equal(student.fc1.weight, w_before)
     assert not any(p.requires_grad for p in teacher.parameters())
 
@@ -77,8 +77,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
-    cfg = DistillConfig(steps=8, lr=3e-3, batch_size=16, checkpoint_every=2, log_every=100)
+@pytest.mark.parametrize("train", ["midl", "all"])  # all: the LoRA deltas are in the checkpoint, merged at the end
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, train):
+    cfg = DistillConfig(steps=8, lr=3e-3, batch_size=16, checkpoint_every=2, log_every=100, train=train)
     teacher, full, data = converted_pair(seed=3)
     ref = distill(full, teacher, data, "classifier", cfg, checkpoint_dir=tmp_path / "a")
 
