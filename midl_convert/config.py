@@ -13,6 +13,8 @@ PER_SAMPLE = {"sequence", "sample"}
 # Which neurons a mask picks: output (MID-L, the paper's), input (input-side MID-L), or per layer by the budget.
 Side = Literal["output", "input"]
 Select = Literal["output", "input", "auto"]
+# How input-side layers centre their inputs before picking (input_layers.CENTRINGS).
+Centring = Literal["auto", "mean", "median", "none"]
 # The layer budget's grid: 3 keeps x 3 ranks that scale with the layer (1/32, 1/16, 1/8 of min(in, out);
 # 12 / 24 / 48 on a 384-wide encoder), each measured on every candidate layer.
 BUDGET_KEEPS = (0.25, 0.5, 0.75)
@@ -79,6 +81,10 @@ class MIDLConfig(BaseModel):
                           "'auto' under flops_ratio, else 'output'")
     adaptive: bool = Field(False, description="masks whose size follows the input: each layer keeps the neurons whose "
                                               "score passes a threshold calibrated to keep `keep` of them on average")
+    centre: Centring = Field("auto", description="input side: subtract a per-input centre fitted in calibration before "
+                                                 "picking, and fold what it carries into the bias: 'mean', 'median', "
+                                                 "'auto' (per layer, whichever leaves the lower output error on the "
+                                                 "calibration rows) or 'none'")
     include: Union[list[str], Literal["all-linear"], None] = None
     exclude: list[str] = Field(default_factory=list)
     overrides: list[LayerOverride] = Field(default_factory=list)
@@ -121,6 +127,12 @@ class MIDLConfig(BaseModel):
             raise ValueError("select='auto' chooses each layer's side from measured damage, so it needs flops_ratio or "
                              "speedup; use select='input' or 'output' with a fixed keep")
         return self
+
+    @property
+    def fixed_rank(self) -> Union[int, float, None]:
+        """The rank the user named (``rank=...``, ``--rank``), or None where it is the default: a named
+        rank is the only rank the layer budget tries, on both sides."""
+        return self.rank if "rank" in self.model_fields_set else None
 
     @property
     def budgeted(self) -> bool:

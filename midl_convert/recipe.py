@@ -8,8 +8,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import (BUDGET_KEEPS, BUDGET_RANKS, Granularity, LayerOverride, MIDLConfig, Select, check_keep_list, check_rank_list,
-                     check_rank_setting)
+from .config import (BUDGET_KEEPS, BUDGET_RANKS, Centring, Granularity, LayerOverride, MIDLConfig, Select, check_keep_list,
+                     check_rank_list, check_rank_setting)
 from .layers import check_keep
 from .distill import DistillConfig
 from .errors import MIDLError
@@ -40,6 +40,7 @@ class MidlSection(_Strict):
     granularity: Granularity = "token"
     select: Select | None = Field(None, description=MIDLConfig.model_fields["select"].description)
     adaptive: bool = Field(False, description=MIDLConfig.model_fields["adaptive"].description)
+    centre: Centring = Field("auto", description=MIDLConfig.model_fields["centre"].description)
     flops_ratio: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["flops_ratio"].description)
     speedup: float | None = Field(None, gt=1.0, description=MIDLConfig.model_fields["speedup"].description)
     budget_keeps: list[float] = Field(default_factory=lambda: list(BUDGET_KEEPS))
@@ -97,7 +98,8 @@ class Recipe(_Strict):
 
     def midl_config(self) -> MIDLConfig:
         """The conversion settings, validated as one MIDLConfig."""
-        return MIDLConfig(**self.midl.model_dump(), **self.targets.model_dump())
+        return MIDLConfig(**self.midl.model_dump(exclude_unset=True), **self.targets.model_dump())  # unset: a rank
+        # the recipe does not name leaves the layer budget's rank grid in place
 
 
 def _node_at(node: yaml.Node | None, loc: tuple) -> yaml.Node | None:

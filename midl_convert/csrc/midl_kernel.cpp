@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -502,9 +503,12 @@ at::Tensor output_rows_op(const at::Tensor& x, const at::Tensor& weight, const a
   return at::where(top_mask(s, k, threshold), dense, light);
 }
 
-// midl::input_rows: the kernel for 1 to 8 float32 rows, one masked GEMM otherwise.
-at::Tensor input_rows_op(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, const at::Tensor& v,
-                         const at::Tensor& u, const at::Tensor& scale, int64_t k, double threshold) {
+// midl::input_rows: the kernel for 1 to 8 float32 rows, one masked GEMM otherwise; with a centre,
+// on x - centre (the caller folds W centre into the bias).
+at::Tensor input_rows_op(const at::Tensor& x_in, const at::Tensor& wt, const at::Tensor& bias, const at::Tensor& v,
+                         const at::Tensor& u, const at::Tensor& scale, int64_t k, double threshold,
+                         const std::optional<at::Tensor>& centre) {
+  const auto x = centre.has_value() ? x_in.sub(*centre) : x_in;
   const int64_t R = x.size(0);
   if (R >= 1 && R <= kInputKernelRows && all_float32({x, wt, scale}))
     return input_rows(x, wt, bias, v, u, scale, k, threshold);
