@@ -20,8 +20,8 @@ class Attention(nn.Module):
 
 
 def test_layers_reading_one_tensor_share_one_copy_of_its_rows():
-    """SmolLM2's calibration once held a copy of every layer's rows, all joined before any was let go
-    (6.6 GB of its peak): the rows of q, k and v are now one tensor, and equal to the real rows."""
+    """SmolLM2's calibration once held a copy of every layer's rows, all joined before any was let go:
+    the rows of q, k and v are now one tensor, and equal to the real rows."""
     torch.manual_seed(0)
     model = Attention()
     dense = copy.deepcopy(model)
