@@ -151,7 +151,7 @@ def random_like(loaded, size: str):
 
 
 def midl_config(args: argparse.Namespace) -> mc.MIDLConfig:
-    common = {"select": args.select, "skip_head": not args.include_head}
+    common = {"select": args.select, "skip_head": not args.include_head, "centre": args.centre}
     if args.flops_ratio or args.speedup:
         return mc.MIDLConfig(flops_ratio=args.flops_ratio, speedup=args.speedup, **common)
     return mc.MIDLConfig(keep=args.keep, rank=args.rank, **common)
@@ -198,6 +198,8 @@ def main() -> None:
                    help="a speed-up budget instead: options timed at batch-1 decode on this machine (MIDLConfig(speedup=...))")
     p.add_argument("--select", default="output", choices=["output", "input", "auto"],
                    help="which side of W a layer skips: output rows, input columns, or (with --flops-ratio) chosen per layer")
+    p.add_argument("--centre", default="auto", choices=["auto", "mean", "median", "none"],
+                   help="input-side centring (MIDLConfig.centre)")
     p.add_argument("--include-head", action="store_true", help="convert lm_head too (a fifth of the weights read per token)")
     p.add_argument("--calib-batches", type=int, default=8, help="closed-form calibration batches (0: none)")
     p.add_argument("--data", default="builtin:text", choices=["builtin:text", "builtin:teacher"],

@@ -12,11 +12,15 @@ own layers with the settings that make them the published method:
 - WINA: top-k inputs by |x_j| ||W_:,j|| (input side, rank 0);
 - R-Sparse: input top-k, the rest through a rank-r SVD of W (input side, plain SVD, not refitted);
 - MID-L output side (the paper's): gate on V x, whitened light path, calibrated gate;
-- MID-L input side: top-k by |x_j| c_j, light path fitted to the left-out inputs (rank r), or rank 0 with
-  adaptive masks;
+- MID-L input side: top-k by |x_j - mu_j| c_j (centred, ``MIDLConfig.centre``, default "auto"), light
+  path fitted to the left-out inputs (rank r), or rank 0 with adaptive masks; the peers' input-side
+  rows are not centred, as published;
 - budget, select=auto: each layer's side, keep and rank (or dense) from measured damage; also after
   ``--steps`` of distillation; ``--adaptive`` gives its layers adaptive masks (FLOPs then counted
-  on held-out data, like the other adaptive rows).
+  on held-out data, like the other adaptive rows); ``--centre`` sets its centring.
+
+``--keep 0.65 --keep 0.5`` prints instead, per keep, the input side at rank 0 on every converted layer
+at that uniform keep, with no training, for each centring (none, mean, median, auto).
 
 Quality is judged on held-out data from a source neither calibration nor distillation reads:
 MiniLM on King James Bible verses (calibration and training read Python's help text), cosine to
@@ -26,6 +30,7 @@ photo, agreement on the crops the teacher is sure of (>= 0.5), and the worst pho
     python benchmarks/peers.py --ratio 1.5 --ratio 2.0
     python benchmarks/peers.py --model effnet --ratio 1.2 --ratio 1.5 --ratio 1.8
     python benchmarks/peers.py --model effnet --ratio 1.8 --only budget --steps 0 --adaptive
+    python benchmarks/peers.py --keep 0.65 --keep 0.5
 """
 from __future__ import annotations
 
@@ -54,19 +59,41 @@ def _no_column_scale(model: nn.Module) -> None:
 
 def methods(rank: float, exclude: list[str], granularity: str) -> list[Method]:
     common = dict(exclude=exclude, skip_head=True, granularity=granularity)
+    peer = dict(common, centre="none")  # the published methods pick by |x| itself
     nothing = lambda model: None  # noqa: E731
     return [
         ("static (output rows by norm)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="output", **common), nothing),
-        ("TEAL (input magnitude threshold)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", adaptive=True, **common),
+        ("TEAL (input magnitude threshold)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", adaptive=True, **peer),
          _no_column_scale),
-        ("WINA (input top-k, |x| x column norm)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", **common), nothing),
-        (f"R-Sparse (input top-k + SVD, rank {rank:g})", lambda k: mc.MIDLConfig(keep=k, rank=rank, select="input", **common),
+        ("WINA (input top-k, |x| x column norm)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", **peer), nothing),
+        (f"R-Sparse (input top-k + SVD, rank {rank:g})", lambda k: mc.MIDLConfig(keep=k, rank=rank, select="input", **peer),
          nothing),
         (f"MID-L output side (rank {rank:g})", lambda k: mc.MIDLConfig(keep=k, rank=rank, select="output", **common), nothing),
-        (f"MID-L input side (rank {rank:g})", lambda k: mc.MIDLConfig(keep=k, rank=rank, select="input", **common), nothing),
-        ("MID-L input side (rank 0, adaptive)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", adaptive=True, **common),
+        (f"MID-L input side (rank {rank:g}, centred)", lambda k: mc.MIDLConfig(keep=k, rank=rank, select="input", **common),
          nothing),
+        ("MID-L input side (rank 0, adaptive, centred)",
+         lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", adaptive=True, **common), nothing),
     ]
+
+
+def centrings(teacher: nn.Module, example, keeps: list[float], exclude: list[str], granularity: str, calib,
+              names: list[str], judged: Callable[[nn.Module], dict[str, float]]) -> None:
+    """Per uniform keep, the input side at rank 0 on every converted layer, no training, for each centring
+    (with "auto": how many layers took the mean and the median)."""
+    print(f"\n| keep | centre | whole-model ratio | {' | '.join(names)} | seconds |")
+    print("|---|---|---|" + "---|" * (1 + len(names)))
+    for keep in keeps:
+        for centre in ("none", "mean", "median", "auto"):
+            t = time.perf_counter()
+            student = copy.deepcopy(teacher)
+            mc.convert(student, mc.MIDLConfig(keep=keep, rank=0, select="input", centre=centre, exclude=exclude,
+                                              granularity=granularity), example)
+            calibration = mc.calibrate(student, calib)
+            taken = [name for c in calibration for name in ("mean", "median") if f"{name} centre" in c.gate]
+            counts = f" ({taken.count('mean')} mean, {taken.count('median')} median)" if centre == "auto" else ""
+            shown = " | ".join(f"{v:.3f}" for v in judged(student).values())
+            print(f"| {keep:g} | {centre}{counts} | {model_flops(student, teacher, example).ratio:.3f}x | {shown} | "
+                  f"{time.perf_counter() - t:.0f} |", flush=True)
 
 
 def convert_at(teacher: nn.Module, config_for: Callable[[float], mc.MIDLConfig], example, target: float,
@@ -123,6 +150,10 @@ def main() -> None:
     p.add_argument("--lora-lr", type=float, default=None)
     p.add_argument("--block-weight", type=float, default=None, help="weight of the block-by-block loss")
     p.add_argument("--data", default="builtin:text", help="MiniLM: calibration and distillation data")
+    p.add_argument("--centre", default="auto", choices=["auto", "mean", "median", "none"],
+                   help="the budget row's centring of input-side layers (MIDLConfig.centre)")
+    p.add_argument("--keep", type=float, action="append",
+                   help="instead of the peers: every layer at this keep, input side, rank 0, each centring (repeat)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ratios = args.ratio or [1.5, 2.0]
@@ -143,6 +174,11 @@ def main() -> None:
     teacher, example = loaded.model.eval(), loaded.example_inputs
     calib = [data.train_batch(1_000_000 + i, 16) for i in range(4)]
     only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.keep:
+        names = ["cosine", "top-10 overlap"] if kind == "embedding" else ["worst photo", *[f"sure {n}" for n in photos]]
+        centrings(teacher, example, args.keep, exclude, granularity, calib, names,
+                  lambda m: judge(m, teacher, held, kind, photos))
+        return
     for target in ratios:
         q_names = ["cosine", "top-10 overlap"] if kind == "embedding" else ["worst photo", *[f"sure {n}" for n in photos]]
         print(f"\n{args.model}, whole-model target {target}x (held-out: {'KJV verses' if kind == 'embedding' else 'photos'})\n")
@@ -169,7 +205,7 @@ def main() -> None:
         t = time.perf_counter()
         student = copy.deepcopy(teacher)
         cfg = mc.MIDLConfig(flops_ratio=target, select="auto", exclude=exclude, granularity=granularity,
-                            budget_judge=args.judge, adaptive=args.adaptive,
+                            budget_judge=args.judge, adaptive=args.adaptive, centre=args.centre,
                             **({"budget_batches": args.budget_batches} if args.budget_batches else {}))
         _, plan = mc.convert(student, cfg, example, batches=budget_data(data, cfg), output=kind)
         mc.calibrate(student, calib)
@@ -180,6 +216,7 @@ def main() -> None:
         sides = {s: sum(lp.side == s for lp in plan.converted) for s in ("input", "output")}
         judged = {None: "default judging", 0: "every option judged"}.get(args.judge, f"{args.judge} judged per layer")
         judged += ", adaptive masks" if args.adaptive else ""
+        judged += f", centre {args.centre}"
         judged += f", damage on {cfg.budget_batches} batches" if args.budget_batches else ""
         row(f"budget, select=auto, {judged} ({sides['input']} input / {sides['output']} output side, "
             f"{len(plan.layers) - len(plan.converted)} dense)", ratio, judge(student, teacher, held, kind, photos),

@@ -189,12 +189,14 @@ def _override_rank(lp: LayerPlan, config: MIDLConfig) -> bool:
 
 def grid(lp: LayerPlan, config: MIDLConfig) -> list[tuple[str, float, int]]:
     """The (side, keep, rank) settings tried on one layer: each side ``lp.side`` allows ("auto": both)
-    with its own keeps and ranks; an override's rank replaces the rank grids."""
+    with its own keeps and ranks; a rank the user named (``config.fixed_rank``) replaces both rank
+    grids, and an override's rank replaces that."""
     out = []
     for side, keeps, ranks in (("output", config.budget_keeps, config.budget_ranks),
                                ("input", config.budget_input_keeps, config.budget_input_ranks)):
         if lp.side not in (side, "auto"):
             continue
+        ranks = ranks if config.fixed_rank is None else [config.fixed_rank]
         ranks = [lp.rank] if _override_rank(lp, config) else [resolve_rank(r, lp.in_features, lp.out_features) for r in ranks]
         out += [(side, k, r) for k in sorted(set(keeps)) if k < 1.0 for r in sorted(set(ranks))]
     return out
@@ -646,9 +648,10 @@ def check_flops_reachable(model: nn.Module, plan: Plan, config: MIDLConfig, exam
     total = count_flops(model, example_inputs)
     reachable = total / max(1, total - saved)
     if config.flops_ratio is not None and reachable < config.flops_ratio:
+        fixed = "" if config.fixed_rank is None else f" at the rank you named ({config.fixed_rank:g}; drop --rank to let the budget choose)"
         raise MIDLError(f"flops_ratio {config.flops_ratio:g} cannot be reached: the highest whole-model ratio with every "
-                        f"layer at its cheapest keep and rank is {reachable:.3f}x (counted before measuring); ask for at most "
-                        f"that, or convert more layers (include, skip_head) or try lower keeps (budget_keeps)")
+                        f"layer at its cheapest keep and rank{fixed} is {reachable:.3f}x (counted before measuring); ask for at "
+                        f"most that, or convert more layers (include, skip_head) or try lower keeps (budget_keeps)")
     return reachable
 
 

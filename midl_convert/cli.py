@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import Granularity, Select, WeightDtype
+from .config import Centring, Granularity, Select, WeightDtype
 from .errors import MIDLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
@@ -35,6 +35,7 @@ out = Console(width=None if Console().is_terminal else 150)  # files and pipes g
 GranularityChoice = Enum("GranularityChoice", {v: v for v in get_args(Granularity)}, type=str)
 SelectChoice = Enum("SelectChoice", {v: v for v in get_args(Select)}, type=str)
 WeightDtypeChoice = Enum("WeightDtypeChoice", {v: v for v in get_args(WeightDtype)}, type=str)
+CentringChoice = Enum("CentringChoice", {v: v for v in get_args(Centring)}, type=str)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -81,6 +82,7 @@ def _print_json(data: Any) -> None:
 # CLI option -> recipe key path (the one place the two vocabularies meet)
 OPTION_KEYS = {
     "keep": ("midl", "keep"), "rank": ("midl", "rank"), "granularity": ("midl", "granularity"), "select": ("midl", "select"),
+    "centre": ("midl", "centre"),
     "flops_ratio": ("midl", "flops_ratio"), "speedup": ("midl", "speedup"), "adaptive": ("midl", "adaptive"),
     "weight_dtype": ("midl", "weight_dtype"),
     "include": ("targets", "include"), "exclude": ("targets", "exclude"),
@@ -209,6 +211,8 @@ def convert(
     granularity: Optional[GranularityChoice] = typer.Option(None, help="token | sequence (Linear), pixel | sample (1x1 conv)"),
     select: Optional[SelectChoice] = typer.Option(None, help="which neurons a mask picks: output (MID-L), input "
                                                   "(columns), auto (the budget measures both; needs --flops-ratio)"),
+    centre: Optional[CentringChoice] = typer.Option(None, help="input side: centre each input on its calibration mean, "
+                                                    "median, auto (per layer, the lower output error) or none"),
     adaptive: Optional[bool] = typer.Option(None, "--adaptive/--exact-k", help="masks whose size follows the input "
                                             "(a calibrated threshold keeps `keep` of the neurons on average)"),
     weight_dtype: Optional[WeightDtypeChoice] = typer.Option(None, "--weight-dtype", help="the weights' dtype after "
@@ -243,8 +247,9 @@ def convert(
     debug: bool = DEBUG,
 ) -> None:
     options = {"keep": keep, "flops_ratio": flops_ratio, "speedup": speedup, "rank": rank, "granularity": granularity,
-               "select": select, "adaptive": adaptive, "weight_dtype": weight_dtype, "include": include, "exclude": exclude,
-               "steps": steps, "lr": lr, "batch_size": batch_size, "train": train, "data": data, "weights": weights,
+               "select": select, "centre": centre, "adaptive": adaptive, "weight_dtype": weight_dtype, "include": include,
+               "exclude": exclude, "steps": steps, "lr": lr, "batch_size": batch_size, "train": train, "data": data,
+               "weights": weights,
                "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed, "overwrite": overwrite,
                "checkpoint_every": checkpoint_every}
 
@@ -294,7 +299,8 @@ def run_summary(result: Any) -> dict[str, Any]:
         "budget": budget or None, "budget_cached": bool(budget.get("cached")),
         "budget_cache": str(cache_dir()) if budget.get("cached") else None,
         "distilled": summary(result.distilled) if result.distilled is not None else None,
-        "flops_ratio": report["flops"]["ratio"] if report else None,
+        "flops_ratio": (report["flops"].get("heldout") or report["flops"])["ratio"] if report else None,  # held-out data
+        "flops_ratio_example": report["flops"]["ratio"] if report else None,
         "quality": {report["quality"]["headline"]: report["quality"]["value"]} if report else None,
     }
 

@@ -14,6 +14,8 @@ PER_SAMPLE = {"sequence", "sample"}
 # Which neurons a mask picks: output (MID-L, the paper's), input (input-side MID-L), or per layer by the budget.
 Side = Literal["output", "input"]
 Select = Literal["output", "input", "auto"]
+# How input-side layers centre their inputs before picking (input_layers.CENTRINGS).
+Centring = Literal["auto", "mean", "median", "none"]
 # The layer budget's grid: 3 keeps x 3 ranks that scale with the layer (1/32, 1/16, 1/8 of min(in, out);
 # 12 / 24 / 48 on a 384-wide encoder), each measured on every candidate layer.
 BUDGET_KEEPS = (0.25, 0.5, 0.75)
@@ -92,6 +94,10 @@ class LayerSettings(BaseModel):
                           "'auto' under flops_ratio, else 'output'")
     adaptive: bool = Field(False, description="masks whose size follows the input: each layer keeps the neurons whose "
                                               "score passes a threshold calibrated to keep `keep` of them on average")
+    centre: Centring = Field("auto", description="input side: subtract a per-input centre fitted in calibration before "
+                                                 "picking, and fold what it carries into the bias: 'mean', 'median', "
+                                                 "'auto' (per layer, whichever leaves the lower output error on the "
+                                                 "calibration rows) or 'none'")
     flops_ratio: float | None = Field(
         None, gt=1.0, description="whole-model FLOPs target (dense / converted, e.g. 1.5): each layer's keep and rank "
                                   "(or dense) are chosen from measured damage; keep and rank are then ignored")
@@ -133,6 +139,12 @@ class LayerSettings(BaseModel):
             raise ValueError("select='auto' chooses each layer's side from measured damage, so it needs flops_ratio or "
                              "speedup; use select='input' or 'output' with a fixed keep")
         return self
+
+    @property
+    def fixed_rank(self) -> Union[int, float, None]:
+        """The rank the user named (``rank=...``, ``--rank``), or None where it is the default: a named
+        rank is the only rank the layer budget tries, on both sides."""
+        return self.rank if "rank" in self.model_fields_set else None
 
     @property
     def budgeted(self) -> bool:

@@ -17,6 +17,7 @@ Output side (``calibrate_output_layer``):
 Input side (``calibrate_input_layer``): the light path takes the inputs the mask leaves out, so it
 is fitted, whitened, to those (as R-Sparse does), and the column norms of what the exact path adds
 beyond it (``W - U V``) become the selection's scale; two rounds, since each depends on the other.
+A centred layer first takes each input's mean or median over the rows as its centre (``fit_centre``).
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .kernels import fused_kernel
+
+CENTRE_ROWS = 1024  # calibration rows on which "auto" centring compares the mean with the median
 
 
 @contextlib.contextmanager
@@ -210,7 +214,7 @@ def calibrate_input_layer(layer: Any, groups: torch.Tensor, path: str = "", svd:
     left-out inputs change the whitening), accepted so both kinds take the same call."""
     w = layer.weight.float()
     x = groups.reshape(-1, layer.in_features).float()
-    exact = x @ w.T if report else None
+    exact = F.linear(x, w, None if layer.bias is None else layer.bias.float()) if report else None
     total = (exact.pow(2).sum().item() or 1.0) if report else 1.0
     if weight is not None and weight.shape != (layer.out_features,):
         raise ValueError(f"weight must have shape ({layer.out_features},), one per output neuron, got {tuple(weight.shape)}")
@@ -223,10 +227,12 @@ def calibrate_input_layer(layer: Any, groups: torch.Tensor, path: str = "", svd:
 
     layer.set_light_path(layer.light_up.detach().clone(), layer.light_down.detach().clone(), scale)  # c from W - U V
     before = error()
+    centre = fit_centre(layer, groups) if layer.centred and layer.keep < 1.0 else None
     if layer.keep < 1.0:
+        centred = groups - layer.centre.float() if layer.centred else groups
         for _ in range(rounds if layer.rank > 0 else 0):
             kept = layer.selection(groups.to(layer.weight.dtype)).float()  # (G, n, in) 1 = exact
-            rest = (groups * (1 - kept)).reshape(-1, layer.in_features)
+            rest = (centred * (1 - kept)).reshape(-1, layer.in_features)
             if scale is None:
                 u, v = whitened_factors(w, rest, layer.rank)
             else:  # fit diag(s) W, then map the output side back
@@ -238,4 +244,26 @@ def calibrate_input_layer(layer: Any, groups: torch.Tensor, path: str = "", svd:
     after = error()
     how = "magnitude" if layer.rank == 0 else "magnitude, whitened light path"
     return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (after / total) ** 0.5,
-                            how + (", weighted" if scale is not None else ""))
+                            how + (f", {centre} centre" if centre else "") + (", weighted" if scale is not None else ""))
+
+
+@torch.no_grad()
+def fit_centre(layer: Any, groups: torch.Tensor) -> str:
+    """Set an input-side layer's centre to each input's mean or median over the rows of ``groups``
+    (G, n, in), as ``layer.centring`` says; "auto" keeps whichever leaves the lower output error on
+    up to ``CENTRE_ROWS`` rows (the median resists the few huge activations of LLM residual streams,
+    the mean is the least-squares centre). Returns the name of the centre taken."""
+    x = groups.reshape(-1, layer.in_features).float()
+    candidates = ("mean", "median") if layer.centring == "auto" else (layer.centring,)
+    centres = {name: (x.mean(0) if name == "mean" else x.median(0).values) for name in candidates}
+    best = candidates[0]
+    if len(candidates) > 1:
+        sample = groups[: max(1, CENTRE_ROWS // groups.shape[1])].to(layer.weight.dtype)
+        exact = F.linear(sample, layer.weight, layer.bias).float()
+        errors = {}
+        for name, mu in centres.items():
+            layer.centre.copy_(mu)
+            errors[name] = (layer.rows_reference(sample).float() - exact).pow(2).sum().item()
+        best = min(errors, key=errors.get)
+    layer.centre.copy_(centres[best])
+    return best

@@ -49,17 +49,19 @@ def midl_flops_parts(
 
 
 def input_flops_parts(
-    in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int, k: float
+    in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int, k: float, centred: bool = False
 ) -> dict[str, int]:
     """FLOPs of each step of an input-side layer (``input_layers.py``) over ``rows`` rows in ``groups`` masks.
 
     The light path runs on every row's left-out inputs as a dense product (``V`` reads all of
-    ``in``); the exact path reads the ``k`` selected columns of ``W``.
+    ``in``); the exact path reads the ``k`` selected columns of ``W``. A ``centred`` layer subtracts
+    its centre from every input first (``W centre`` is folded into the bias once, not per row).
     """
     if keep >= 1.0:
         return {"dense": dense_flops(in_features, out_features, rows)}
     r, out = rank, out_features
     return {
+        **({"centre": in_features * rows} if centred else {}),  # x - centre on every row
         "score": 2 * in_features * rows + in_features * groups,  # |x| (pooled over a group's rows), times g c per mask
         "topk": in_features * groups,  # one pass over the scores per mask
         "exact": round(2 * k * out * rows),  # the k selected columns of W (k a mean, for adaptive masks)
@@ -215,4 +217,22 @@ def model_flops(student: nn.Module, teacher: nn.Module, inputs: Any) -> ModelFlo
     )
 
 
-__all__ = ["LayerFlops", "ModelFlops", "count_flops", "dense_flops", "input_flops_parts", "layer_calls", "layer_flops", "midl_flops_parts", "model_flops"]
+def model_flops_over(student: nn.Module, teacher: nn.Module, inputs: list[Any]) -> ModelFlops:
+    """``model_flops`` summed over several inputs (e.g. every held-out batch): where masks follow the
+    input (adaptive thresholds), the ratio a short example input gives can be far from the one the
+    model reaches on real data (SmolLM2 at keep 0.6: 1.855 on the example, 1.635 held out)."""
+    dense, layers = 0, {}
+    for one in inputs:
+        counted = model_flops(student, teacher, one)
+        dense += counted.dense
+        for path, f in counted.layers.items():
+            prev = layers.get(path)
+            if prev is None:
+                layers[path] = f
+                continue
+            parts = {k: prev.parts.get(k, 0) + f.parts.get(k, 0) for k in {*prev.parts, *f.parts}}
+            layers[path] = LayerFlops(prev.dense + f.dense, prev.midl + f.midl, parts, prev.calls + f.calls)
+    return ModelFlops(dense=dense, layers=layers)
+
+
+__all__ = ["LayerFlops", "ModelFlops", "count_flops", "dense_flops", "input_flops_parts", "layer_calls", "layer_flops", "midl_flops_parts", "model_flops", "model_flops_over"]

@@ -3,6 +3,12 @@ and a rank-r light path takes the rest (as TEAL / WINA at rank 0, R-Sparse with 
 
     y = W (m * x) + U V ((1 - m) * x) + b,    m = TopK(s, k = ceil(keep * in)),   s_j = g_j |x_j| c_j
 
+Centred (``centring`` "mean", "median" or "auto"), every ``x`` above is ``x - mu`` for a per-input
+centre ``mu`` fitted in calibration, and the bias is ``b + W mu``: what the centre carries goes
+through ``W`` exactly, once, and the mask picks the inputs that stray furthest from their usual
+value rather than the largest (SCAP's mode-centring; R-Sparse notes that the left-out inputs act
+like a few bias terms). ``bias`` stays the original ``b``, so ``merge_and_unload`` gives it back.
+
 ``c_j`` is the norm of column j of what the exact path adds beyond the light path (``W - U V``;
 ``W`` at rank 0) and ``g`` a learned gate over input neurons (starts at 1, trains straight
 through). The output-side gate reads only ``V x`` and, on layers that read or write a
@@ -27,6 +33,16 @@ from .kernels import NO_BIAS  # importing kernels registers the midl ops
 from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer
 from .weight_dtype import quantize_rows
 
+# How an input-side layer centres its inputs: not at all, on each input's calibration mean or median,
+# or (auto) on whichever of the two leaves the lower output error on the calibration rows, per layer.
+CENTRINGS = ("none", "mean", "median", "auto")
+
+
+def check_centring(centring: str) -> str:
+    if centring not in CENTRINGS:
+        raise ValueError(f"centring must be one of {', '.join(CENTRINGS)}, got {centring!r}")
+    return centring
+
 
 class InputMIDLBase(SparseLayer):
     """The maths of input-side layers on rows ``(G, n, in)``; subclasses map their input to rows."""
@@ -45,6 +61,49 @@ class InputMIDLBase(SparseLayer):
         self.light_up = nn.Parameter(torch.zeros(out_features, rank, **factory))  # U
         self.gate = nn.Parameter(torch.ones(in_features, **factory))  # g
         self.register_buffer("column_norm", torch.ones(in_features, **factory))  # c
+        self.register_buffer("centre", torch.zeros(in_features, **factory))  # mu (zero until calibrated)
+        self.centring = "none"
+
+    @property
+    def centring(self) -> str:
+        """How the inputs are centred: "none", "mean", "median" or "auto" (``CENTRINGS``)."""
+        return self._centring
+
+    @centring.setter
+    def centring(self, value: str) -> None:
+        self._centring = check_centring(value)
+
+    @property
+    def centred(self) -> bool:
+        """True when the layer subtracts ``centre`` from its inputs (and pays for it)."""
+        return self._centring != "none"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001 - torch's signature
+        state_dict.setdefault(prefix + "centre", torch.zeros_like(self.centre))  # saved before centring
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def folded_bias(self) -> torch.Tensor | None:
+        """The bias the layer adds: ``b + W mu`` when centred, else ``b``. Remembered in eval while
+        ``W, mu, b`` keep their versions: computing it is one dense row, as much as a decode step saves."""
+        b = self._parameters.get("bias")
+        if not self.centred:
+            return b
+        # self.weight, not the stored tensor: a LoRA delta (recovery) parametrizes it until it is merged
+        w, mu, scale = self.weight, self._buffers["centre"], self._buffers.get("weight_scale")
+        tensors = tuple(t for t in (w, mu, b, scale) if t is not None)
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or torch.compiler.is_compiling() \
+                or any(t.is_inference() for t in tensors):
+            return F.linear(mu.to(w.dtype) if scale is None else mu, self.dense_weight(), b)
+        key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+        memo = self.__dict__.get("_fold_memo")  # (key, folded bias, the keyed tensors: their ids stay theirs)
+        if memo is None or memo[0] != key:
+            with torch.no_grad():
+                memo = (key, F.linear(mu.to(w.dtype) if scale is None else mu, self.dense_weight(), b), tensors)
+            self.__dict__["_fold_memo"] = memo
+        return memo[1]
+
+    def _centre(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.centre if self.centred else x
 
     @torch.no_grad()
     def init_from_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -78,8 +137,13 @@ class InputMIDLBase(SparseLayer):
 
     # ----- maths on rows (G, n, in) --------------------------------------------------------
     def mask_scores(self, groups: torch.Tensor) -> torch.Tensor:
-        """Scores (G, in): a group's mean |x_j| times ``g_j c_j``; only the gate carries a gradient."""
-        size = groups.detach().abs().mean(1) if groups.shape[1] > 1 else groups.detach().abs()[:, 0]
+        """Scores (G, in) of input groups: a group's mean |x_j - mu_j| times ``g_j c_j``; only the gate
+        carries a gradient."""
+        return self._scores(self._centre(groups.detach()))
+
+    def _scores(self, xc: torch.Tensor) -> torch.Tensor:
+        """``mask_scores`` of groups already centred."""
+        size = xc.detach().abs().mean(1) if xc.shape[1] > 1 else xc.detach().abs()[:, 0]
         return size * (self.gate * self.column_norm)
 
     def _pick(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,7 +171,8 @@ class InputMIDLBase(SparseLayer):
 
     def rows_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The layer by its definition: full-size masks, dense products (also the training path)."""
-        s = self.mask_scores(x)
+        x = self._centre(x)
+        s = self._scores(x)
         idx, counts = self._pick(s)
         self._record(counts if counts is not None else idx.shape[-1])
         mask = torch.zeros_like(s).scatter_(-1, idx, 1.0)
@@ -116,21 +181,22 @@ class InputMIDLBase(SparseLayer):
             soft = torch.sigmoid(s / kth - 1.0)  # straight-through: d mask = d sigma(score / k-th score - 1)
             mask = mask + soft - soft.detach()
         exact = x * mask[:, None, :]
-        return F.linear(exact, self.dense_weight(), self.bias) + self._light(x - exact)
+        return F.linear(exact, self.dense_weight(), self.folded_bias()) + self._light(x - exact)
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         """A mask per group of many rows (sequence / sample): gather the k columns of x and the k
         contiguous rows of ``W^T``, one small GEMM per group, no scatter."""
-        idx, counts = self._pick(self.mask_scores(x))
+        x = self._centre(x)
+        idx, counts = self._pick(self._scores(x))
         self._record(counts if counts is not None else idx.shape[-1])
-        wt = self.dense_weight().T
+        wt, bias = self.dense_weight().T, self.folded_bias()
         outs = []
         for g in range(x.shape[0]):
             sel = idx[g] if counts is None else idx[g, : int(counts[g])]
             xs = x[g].index_select(-1, sel)  # (n, k)
             y = xs @ wt.index_select(0, sel)
-            if self.bias is not None:
-                y = y + self.bias
+            if bias is not None:
+                y = y + bias
             if self.rank:
                 h = F.linear(x[g], self.light_down) - xs @ self.light_down.T.index_select(0, sel)
                 y = y + F.linear(h, self.light_up)
@@ -147,26 +213,32 @@ class InputMIDLBase(SparseLayer):
         return y.unsqueeze(1)
 
     def _kernel_args(self) -> tuple:
-        """The op's arguments after ``x``: ``W^T``, bias, ``V``, ``U``, ``g * c`` (at least float32), ``k`` and the
-        threshold. Remembered while they stay the same tensors with the same storage and ``g, c``
-        keep their versions: at one row per call (decoding) rebuilding them costs as much as the
-        kernel's own work on a small layer."""
-        p, c = self._parameters, self._buffers["column_norm"]
+        """The op's arguments after ``x``: ``W^T``, bias (``b + W mu`` when centred), ``V``, ``U``, ``g * c``
+        (at least float32), ``k``, the threshold and the centre (None when uncentred). Remembered
+        while they stay the same tensors with the same storage and ``g, c, mu, b`` keep their versions:
+        at one row per call (decoding) rebuilding them costs as much as the kernel's own work on a
+        small layer."""
+        p, c, mu = self._parameters, self._buffers["column_norm"], self._buffers["centre"]
         w, b, v, u, g = p["weight"], p.get("bias"), p["light_down"], p["light_up"], p["gate"]
-        if torch.compiler.is_compiling() or g.is_inference() or c.is_inference():  # no version counter to trust
+        if (torch.compiler.is_compiling() or g.is_inference() or c.is_inference()
+                or (self.centred and (mu.is_inference() or w.is_inference()))):  # no version counter to trust
             return self._make_kernel_args(w, b, v, u, g, c)
         key = (id(w), w.data_ptr(), id(b), id(v), v.data_ptr(), id(u), u.data_ptr(), id(g), g._version, id(c),
-               c._version, self.keep, self._threshold)
+               c._version, self.keep, self._threshold, self.centred,
+               (id(mu), mu._version, w._version, None if b is None else b._version) if self.centred else None)
         memo = self.__dict__.get("_kernel_memo")  # (key, args, the keyed tensors: their ids stay theirs)
         if memo is None or memo[0] != key:
-            memo = (key, self._make_kernel_args(w, b, v, u, g, c), (w, b, v, u, g, c))
+            memo = (key, self._make_kernel_args(w, b, v, u, g, c), (w, b, v, u, g, c, mu))
             self.__dict__["_kernel_memo"] = memo
         return memo[1]
 
     def _make_kernel_args(self, w, b, v, u, g, c) -> tuple:  # noqa: ANN001 - the layer's own tensors
         threshold = math.nan if self._threshold is None else self._threshold
         scale = (g * c).to(torch.promote_types(w.dtype, torch.float32)).detach()  # float32, or float64 for a float64 layer
-        return (w.T, NO_BIAS if b is None else b, v, u, scale, self.k, threshold, self._buffers.get("weight_scale"))
+        if self.centred:
+            b = self.folded_bias()
+        return (w.T, NO_BIAS if b is None else b, v, u, scale, self.k, threshold, self._buffers.get("weight_scale"),
+                self.centre if self.centred else None)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """One row in eval with gradients off (a decoding step): straight to the op, skipping the
@@ -191,7 +263,7 @@ class InputMIDLBase(SparseLayer):
         from .flops import input_flops_parts
 
         return input_flops_parts(self.in_features, self.out_features, self.keep, self.rank, rows, groups,
-                                 self.k if k is None else k)
+                                 self.k if k is None else k, self.centred)
 
     def trainable_names(self, train: str) -> tuple[str, ...]:
         return ("gate",) if train == "gates" else ("gate", "light_up", "light_down")

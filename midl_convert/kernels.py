@@ -17,10 +17,10 @@ and a FLOP formula that counts what runs:
   output-side MID-L on rows ``x (R, in)``; the kernel for 1 to ``kernel_rows`` rows (at most
   ``KERNEL_ROW_LIMIT``), dense compute plus masking for any other count, so a graph with a
   dynamic batch never branches on it.
-- ``input_rows(x, wt, bias, v, u, scale, k, threshold, wt_scale=None)``: input-side MID-L (see
-  ``input_rows_reference``); the kernel for 1 to ``KERNEL_MAX_ROWS`` rows, a masked GEMM otherwise.
-  ``wt`` is float32, bfloat16 (with bfloat16 rows) or int8 with ``wt_scale``, its scale per output
-  (float32 rows): the kernel widens the weights it reads in registers and sums in float32.
+- ``input_rows(x, wt, bias, v, u, scale, k, threshold, wt_scale=None, centre=None)``: input-side MID-L
+  (see ``input_rows_reference``) on ``x - centre``; the kernel for 1 to ``KERNEL_MAX_ROWS`` rows, a
+  masked GEMM otherwise. ``wt`` is float32, bfloat16 (with bfloat16 rows) or int8 with ``wt_scale``,
+  its scale per output (float32 rows): the kernel widens the weights it reads in registers and sums in float32.
 - ``top_k_rows(scores, k)``: ascending indices of each row's k largest scores.
 
 ``threshold`` NaN means exactly ``k`` per row; otherwise each row's scores above it (at least one).
@@ -44,7 +44,7 @@ from torch.utils.flop_counter import register_flop_formula
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "midl_kernel.cpp"
 # Part of the extension's name: bump it with any change to the source so a stale build is not reused.
-_VERSION = 22
+_VERSION = 23
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 # Rows per call the output-side kernel accepts (kMaxRows in the source).
 KERNEL_ROW_LIMIT = 64
@@ -187,11 +187,15 @@ def input_scores(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def input_rows_reference(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
-                         scale: torch.Tensor, k: int, threshold: float, wt_scale: torch.Tensor | None = None) -> torch.Tensor:
+                         scale: torch.Tensor, k: int, threshold: float, wt_scale: torch.Tensor | None = None,
+                         centre: torch.Tensor | None = None) -> torch.Tensor:
     """Input-side MID-L on rows ``x (R, in)``: the selected inputs through ``W`` (stored transposed,
     ``wt (in, out)``; int8 with ``wt_scale`` per output), the rest through the light path
-    ``u (v x_rest)``, plus ``bias`` (empty: none). ``midl::input_rows``' fallback: a masked GEMM,
-    which is also the fast way for many rows."""
+    ``u (v x_rest)``, plus ``bias`` (empty: none). With ``centre`` the rows are ``x - centre`` (the
+    caller folds ``W centre`` into ``bias``). ``midl::input_rows``' fallback: a masked GEMM, which is
+    also the fast way for many rows."""
+    if centre is not None:
+        x = x - centre
     mask = top_mask(input_scores(x, scale), k, threshold)
     exact = torch.where(mask, x, 0.0)
     if wt_scale is not None:  # a scale per output commutes with the sum over inputs
@@ -221,7 +225,7 @@ torch.library.define(
 torch.library.define(
     "midl::input_rows",
     "(Tensor x, Tensor wt, Tensor bias, Tensor v, Tensor u, Tensor scale, int k, float threshold, "
-    "Tensor? wt_scale=None) -> Tensor",
+    "Tensor? wt_scale=None, Tensor? centre=None) -> Tensor",
 )
 torch.library.define("midl::top_k_rows", "(Tensor scores, int k) -> Tensor")
 
@@ -239,10 +243,10 @@ def _output_rows(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, thresh
     return output_rows_reference(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold)
 
 
-def _input_rows(x, wt, bias, v, u, scale, k, threshold, wt_scale=None):  # noqa: ANN001
+def _input_rows(x, wt, bias, v, u, scale, k, threshold, wt_scale=None, centre=None):  # noqa: ANN001
     if _compiled("input_rows", x):
-        return torch.ops.midl.input_rows.default(x, wt, bias, v, u, scale, k, threshold, wt_scale)
-    return input_rows_reference(x, wt, bias, v, u, scale, k, threshold, wt_scale)
+        return torch.ops.midl.input_rows.default(x, wt, bias, v, u, scale, k, threshold, wt_scale, centre)
+    return input_rows_reference(x, wt, bias, v, u, scale, k, threshold, wt_scale, centre)
 
 
 def _top_k_rows(scores, k):  # noqa: ANN001
@@ -313,17 +317,19 @@ def _output_rows_flops(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, 
 
 
 @register_flop_formula(torch.ops.midl.input_rows, get_raw=True)
-def _input_rows_flops(x, wt, bias, v, u, scale, k, threshold, wt_scale=None, out_val=None) -> int:  # noqa: ANN001
-    """``input_flops_parts`` for the rows; when the masked GEMM ran, every input counts."""
+def _input_rows_flops(x, wt, bias, v, u, scale, k, threshold, wt_scale=None, centre=None,  # noqa: ANN001
+                      out_val=None) -> int:
+    """``input_flops_parts`` for the rows (the centre's subtraction included); when the masked GEMM
+    ran, every input counts."""
     from .flops import input_flops_parts
 
     (in_f, out_f), rows = wt.shape, x.shape[0]
     if not _kernel_runs("input_rows", x, wt, KERNEL_MAX_ROWS):
         picked = in_f
     else:
-        picked = _mean_picks(input_scores(x, scale), k, threshold)
+        picked = _mean_picks(input_scores(x if centre is None else x - centre, scale), k, threshold)
     # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
-    return sum(input_flops_parts(in_f, out_f, 0.0, v.shape[0], rows, rows, picked).values())
+    return sum(input_flops_parts(in_f, out_f, 0.0, v.shape[0], rows, rows, picked, centre is not None).values())
 
 
 @register_flop_formula(torch.ops.midl.top_k_rows)

@@ -65,7 +65,8 @@ class Recipe(_Strict):
 
     def midl_config(self) -> MIDLConfig:
         """The conversion settings, validated as one MIDLConfig."""
-        return MIDLConfig(**self.midl.model_dump(), **self.targets.model_dump())
+        return MIDLConfig(**self.midl.model_dump(exclude_unset=True), **self.targets.model_dump())  # unset: a rank
+        # the recipe does not name leaves the layer budget's rank grid in place
 
 
 def _node_at(node: yaml.Node | None, loc: tuple) -> yaml.Node | None:

@@ -27,7 +27,7 @@ from torch import nn
 from .data import Batch
 from .errors import MIDLError
 from .files import atomic_path, read_json, write_atomic
-from .flops import model_flops
+from .flops import model_flops, model_flops_over
 from .latency import DECODE, is_causal_lm, layer_times, model_step
 from .log import progress_bar
 from .ran import RanFlops, ran_flops
@@ -91,6 +91,10 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "ran": {**_INT, "description": "FLOPs of the paths that actually ran (midl_convert.ran): a call run as dense "
                                                "compute plus masking counts its dense product"},
                 "converted_dense": _INT, "converted_midl": _INT, "converted_ratio": _NUM,
+                "heldout": {"type": ["object", "null"], "description": "the same counts summed over the held-out batches "
+                            "(the headline: adaptive masks pick as many neurons as real data makes them)",
+                            "properties": {"dense": _INT, "midl": _INT, "ratio": _NUM, "converted_ratio": _NUM,
+                                           "batches": _INT}},
             },
         },
         "parameters": {
@@ -271,12 +275,15 @@ class Report:
     def summary_rows(self) -> list[tuple[str, str]]:
         """The headline numbers as (label, value) pairs, shared by the terminal and markdown."""
         f, p, q = self.flops, self.parameters, self.quality
+        held = f.get("heldout")
         rows = [
+            *([(f"FLOPs ratio, whole model, held-out data ({held['batches']} batches)", _fmt(held["ratio"])),
+               ("FLOPs ratio, converted layers, held-out data", _fmt(held["converted_ratio"]))] if held else []),
             (f"FLOPs dense ({f.get('input', '1 sample')})", _si(f["dense"])),
             (f"FLOPs MID-L ({f.get('input', '1 sample')})", _si(f["midl"])),
             *([(f"FLOPs that ran ({f.get('input', '1 sample')}; paths as run)", _si(f["ran"]))] if f.get("ran") is not None else []),
-            ("FLOPs ratio, whole model (dense / MID-L)", _fmt(f["ratio"])),
-            ("FLOPs ratio, converted layers", _fmt(f["converted_ratio"])),
+            (f"FLOPs ratio, whole model ({f.get('input', '1 sample')}; dense / MID-L)", _fmt(f["ratio"])),
+            (f"FLOPs ratio, converted layers ({f.get('input', '1 sample')})", _fmt(f["converted_ratio"])),
             *([(f"Layer budget: target / predicted {'speed-up (measured time)' if f['budget'].get('axis') == 'time' else 'ratio'}",
                 f"{_fmt(f['budget']['target'])} / {_fmt(f['budget']['predicted_ratio'])}")] if f.get("budget") else []),
             ("Converted layers", str(len(self.layers))),
@@ -456,6 +463,7 @@ def build_report(
         counted = model_flops(student, teacher, flops_inputs)
         ran = ran_flops(student, flops_inputs)
         quality, active = _quality_and_activity(layers, student, teacher, batches, task)
+        held = model_flops_over(student, teacher, [b.inputs for b in batches])
         with progress_bar("latency", len(latency_batch_sizes) * repeats, progress) as advance:
             latency, memory = _runtime(student, teacher, batches[0], latency_batch_sizes, repeats, device, advance)
         times = layer_times(student, model_step(student, flops_inputs)) if device.type == "cpu" else {}
@@ -485,6 +493,8 @@ def build_report(
             "dense": counted.dense, "midl": counted.midl, "ratio": counted.ratio, "ran": ran.total,
             "converted_dense": counted.converted_dense, "converted_midl": counted.converted_midl,
             "converted_ratio": counted.converted_ratio,
+            "heldout": {"dense": held.dense, "midl": held.midl, "ratio": held.ratio, "converted_ratio": held.converted_ratio,
+                        "batches": len(batches)},
         },
         parameters={"original": n_orig, "converted": n_conv, "added": n_conv - n_orig},
         quality={"kind": OUTPUT_KIND[task], "headline": key, "value": value, "metrics": quality, "batches": len(batches)},

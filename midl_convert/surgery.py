@@ -44,6 +44,7 @@ class LayerPlan:
     activation: str | None = None  # the gate to the error that survives them (downstream.py)
     adaptive: bool = False  # a calibrated score threshold instead of exactly k per mask
     side: str = "output"  # which neurons a mask picks: "output" or "input" ("auto" until the budget decides)
+    centre: str = "none"  # input side: how inputs are centred before the mask picks (input_layers.CENTRINGS)
 
 
 @dataclass
@@ -119,6 +120,7 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
             granularity=granularity_for(t.kind, gran) if reason is None else None,
             reason=reason, role=t.role, aliases=t.aliases, norm=t.norm, activation=t.activation,
             adaptive=config.adaptive and reason is None, side=side,
+            centre=config.centre if reason is None and side != "output" else "none",
         ))
     plan = Plan(layers=layers, method=table.method, notes=list(table.notes))
     if clamped:
@@ -162,6 +164,8 @@ def _midl_layer(module: nn.Module, lp: LayerPlan, init: bool) -> SparseLayer:
     layer = _new_layer(module, lp, init)
     layer.downstream = (lp.norm, lp.activation)
     layer.adaptive = lp.adaptive
+    if layer.side == "input":
+        layer.centring = lp.centre
     return layer
 
 

@@ -283,3 +283,23 @@ def test_a_single_process_judges_every_layer_itself(monkeypatch):
     assert processes.gather({"b": 2, "a": 1}, ["a", "b", "z"]) == {"a": 1, "b": 2}
     monkeypatch.setattr(processes, "rank_and_size", lambda: (1, 2))
     assert processes.my_share(["a", "b", "c", "d", "e"]) == ["b", "d"]
+
+
+def test_a_named_rank_is_the_only_rank_the_budget_tries():
+    """``--rank 0 --flops-ratio 1.5`` once chose ranks 12 and 36: a rank the user names replaces both
+    sides' rank grids; left unnamed, the grids stay."""
+    from midl_convert.cli import build_recipe
+    from midl_convert.surgery import LayerPlan
+
+    lp = LayerPlan("fc", "linear", 384, 1536, 0, True, keep=0.5, rank=32, granularity="token", side="auto")
+    ranks = lambda config: {(side, r) for side, _, r in budget.grid(lp, config)}  # noqa: E731
+    assert ranks(MIDLConfig(flops_ratio=1.5)) == {("output", 12), ("output", 24), ("output", 48), ("input", 0),
+                                                  ("input", 24)}
+    assert ranks(MIDLConfig(flops_ratio=1.5, rank=0)) == {("output", 0), ("input", 0)}
+    for options, fixed in (({"rank": 0, "flops_ratio": 1.5}, 0), ({"flops_ratio": 1.5}, None)):
+        config = build_recipe("some-model", None, options, no_distill=True).midl_config()
+        assert config.fixed_rank == fixed
+    plan = plan_for(Stack(), 1.3, rank=0)
+    assert plan.converted and {lp.rank for lp in plan.converted} == {0}
+    with pytest.raises(MIDLError, match="at the rank you named"):
+        plan_for(Stack(), 9.0, rank=0)

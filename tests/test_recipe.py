@@ -79,7 +79,7 @@ def test_every_midl_config_setting_is_a_recipe_key():
 
     values = {"keep": 0.7, "rank": 0, "granularity": "sequence", "select": "auto", "adaptive": True, "flops_ratio": 1.4,
               "budget_keeps": [0.5], "budget_ranks": [8], "budget_input_keeps": [0.6, 0.8], "budget_input_ranks": [0],
-              "budget_judge": 0, "budget_batches": 2, "budget_fit_batches": 1, "budget_batch_size": 4, "weight_dtype": "bfloat16",
+              "budget_judge": 0, "budget_batches": 2, "budget_fit_batches": 1, "budget_batch_size": 4, "weight_dtype": "bfloat16", "centre": "median",
               "include": ["fc"], "exclude": ["head"], "min_size": 10, "skip_head": False,
               "overrides": [{"match": "fc", "keep": 0.9}]}
     targets = {"include", "exclude", "overrides", "min_size", "skip_head"}

@@ -607,10 +607,12 @@ at::Tensor output_rows_op(const at::Tensor& x, const at::Tensor& weight, const a
 }
 
 // midl::input_rows: the kernel for 1 to 8 rows in its storage combinations (input_dtypes), one
-// masked GEMM otherwise (int8 weights widened to the rows' dtype, their scales applied after).
-at::Tensor input_rows_op(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, const at::Tensor& v,
+// masked GEMM otherwise (int8 weights widened to the rows' dtype, their scales applied after); with
+// a centre, on x - centre (the caller folds W centre into the bias).
+at::Tensor input_rows_op(const at::Tensor& x_in, const at::Tensor& wt, const at::Tensor& bias, const at::Tensor& v,
                          const at::Tensor& u, const at::Tensor& scale, int64_t k, double threshold,
-                         const std::optional<at::Tensor>& wt_scale) {
+                         const std::optional<at::Tensor>& wt_scale, const std::optional<at::Tensor>& centre) {
+  const auto x = centre.has_value() && centre->defined() ? x_in.sub(*centre) : x_in;
   const int64_t R = x.size(0);
   if (R >= 1 && R <= kInputKernelRows && input_dtypes(x, wt, bias, v, u, scale, wt_scale) != InputDtypes::kNone)
     return input_rows(x, wt, bias, v, u, scale, k, threshold, wt_scale);
