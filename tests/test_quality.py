@@ -39,7 +39,7 @@ def _batches(labelled: bool = False) -> list[Batch]:
 
 def test_logits_are_reduced_batch_by_batch_with_the_whole_set_numbers(monkeypatch):
     """SmolLM2's report once held every held-out token's logits of both models, joined and soft-maxed
-    (a 15 GB peak): each batch's outputs are now let go before the next batch runs."""
+    (past 12 GB): each batch's outputs are now let go before the next batch runs."""
     student, teacher, batches = Logits(0), Logits(1), _batches()
     monkeypatch.setattr(quality, "ROWS_AT_ONCE", 4)  # rows in chunks too
     got = quality.compare(student, teacher, batches, "logits")
