@@ -104,8 +104,8 @@ def test_op_reference_takes_the_centre():
     x, wt, b = torch.randn(3, 16), torch.randn(16, 8), torch.randn(8)
     v, u, scale, mu = torch.randn(2, 16), torch.randn(8, 2), torch.rand(16), torch.randn(16)
     expected = kernels.input_rows_reference(x - mu, wt, b, v, u, scale, 5, float("nan"))
-    assert torch.allclose(kernels.input_rows_reference(x, wt, b, v, u, scale, 5, float("nan"), mu), expected)
-    assert torch.allclose(torch.ops.midl.input_rows(x, wt, b, v, u, scale, 5, float("nan"), mu), expected, atol=1e-5)
+    assert torch.allclose(kernels.input_rows_reference(x, wt, b, v, u, scale, 5, float("nan"), centre=mu), expected)
+    assert torch.allclose(torch.ops.midl.input_rows(x, wt, b, v, u, scale, 5, float("nan"), centre=mu), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 12])
