@@ -116,12 +116,12 @@ def check_output(directory: str | Path, overwrite: bool = False) -> Path:
         raise MIDLError(f"--out {str(directory)!r} is a file, not a folder; pass a new folder (or an earlier run's) as --out")
     existing = next(p for p in [final.parent, *final.parent.parents] if p.exists())
     try:
-        if final.is_dir() and not overwrite and any(final.iterdir()) and previous_run(final) is None:
+        own, whole = written_by_run(final) if final.is_dir() else (set(), True)
+        if not overwrite and not whole and any(final.iterdir()):
             raise MIDLError(f"--out {str(directory)!r} exists and is not an earlier midl-convert run (or holds files that "
                             f"run did not write, or that changed since); pass a new folder, or --overwrite to write into it "
                             f"(files of the same names are replaced, others kept)")
-        if final.is_dir():
-            _check_clashes(final, [CONFIG_FILE, WEIGHTS_FILE, "config.json", "report.json"], written_by_run(final)[0])
+        _check_clashes(final, [CONFIG_FILE, WEIGHTS_FILE, "config.json", "report.json"], own)
         if not existing.is_dir():
             raise NotADirectoryError(f"{existing} is a file")
         tempfile.TemporaryDirectory(dir=existing).cleanup()
