@@ -1,4 +1,4 @@
-"""How much a MID-L gate can know: the light path's error it leaves, against an oracle and a fixed choice.
+"""How much a MID-L gate can know (the output kind, ``kinds/output``, only): the light path's error it leaves, against an oracle and a fixed choice.
 
 MiniLM (the real all-MiniLM-L6-v2 from the `demo` extra), every encoder Linear at keep 0.5 and
 rank 32, fitted as ``mc.calibrate`` fits them (input-whitened light path, least-squares gate, the

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from midl_convert.kernels import fused_kernel
-from midl_convert.layers import MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ on the example input (gate, light path and selection counted), and is calibrated
 own layers with the settings that make them the published method:
 
 - static: output neurons by row norm, the same for every input (output side, rank 0);
+- static pruning (``kinds/prune``): one fixed set of input columns by E|x_j| ||W_:,j|| on the
+  calibration rows (Wanda's score per column), the dropped inputs' mean folded into the bias;
 - TEAL: input entries above a magnitude threshold calibrated to the keep (input side, rank 0,
   adaptive masks, column scale 1); adaptive rows count their FLOPs on the first held-out batch;
 - WINA: top-k inputs by |x_j| ||W_:,j|| (input side, rank 0);
@@ -52,7 +54,7 @@ Method = tuple[str, Callable[[float], mc.MIDLConfig], Callable[[nn.Module], None
 
 
 def _no_column_scale(model: nn.Module) -> None:
-    """TEAL reads |x| alone: the input side with its column scale set to 1."""
+    """TEAL reads |x| alone: the input kind (``kinds/input``) with its column scale set to 1."""
     for layer in mc.midl_layers(model).values():
         layer.column_norm.fill_(1.0)
 
@@ -63,6 +65,8 @@ def methods(rank: float, exclude: list[str], granularity: str) -> list[Method]:
     nothing = lambda model: None  # noqa: E731
     return [
         ("static (output rows by norm)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="output", **common), nothing),
+        ("static pruning (input columns, calibrated)", lambda k: mc.MIDLConfig(keep=k, select="prune", **common),
+         nothing),
         ("TEAL (input magnitude threshold)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", adaptive=True, **peer),
          _no_column_scale),
         ("WINA (input top-k, |x| x column norm)", lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", **peer), nothing),

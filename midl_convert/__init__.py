@@ -20,8 +20,10 @@ from .data import Batch, load_data
 from .distill import DistillConfig, distill
 from .errors import MIDLError
 from .graph import Target, TargetTable, find_targets
-from .input_layers import InputMIDLConv2d, InputMIDLinear
-from .layers import MIDLConv2d, MIDLinear
+from .kinds import Kind, build_layer, kind_for, kind_names, register_kind
+from .kinds.input import InputMIDLConv2d, InputMIDLinear
+from .kinds.output import MIDLConv2d, MIDLinear
+from .kinds.prune import PruneConv2d, PruneLinear
 from .models import LoadedModel, load_model
 from .report import Report
 from .report import build_report as report
@@ -36,7 +38,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch", "DistillConfig", "InputMIDLConv2d", "InputMIDLinear", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "MIDLConv2d",
-    "Int8Linear", "MIDLError", "MIDLinear", "SparseLayer",
+    "Int8Linear", "Kind", "MIDLError", "MIDLinear", "PruneConv2d", "PruneLinear", "SparseLayer", "build_layer", "kind_for",
+    "kind_names", "register_kind",
     "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "cap_thresholds", "convert", "dense", "distill", "find_targets", "load",
     "load_data", "load_model", "merge_and_unload", "midl_layers", "neuron_sensitivity", "plan_conversion", "report", "save",
     "set_weight_dtype",

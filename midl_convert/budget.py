@@ -46,12 +46,14 @@ from .files import cache_dir, write_atomic
 from .processes import gather, my_share
 from .flops import count_flops, dense_flops
 from .log import logger, progress_bar
-from .sparse import SparseLayer
+from .running import run_model, watching
+from .sparse import SparseLayer, weight_matrix
 from .matching import matches
 from .quality import positions, distill_loss, model_output
 from .replay import BlockReplay
 from .screening import own_error, pick_options
-from .surgery import LayerPlan, Plan, _midl_layer, _set_module
+from .kinds import all_kinds, build_layer, kind_for
+from .surgery import LayerPlan, Plan, set_module
 
 CACHE_VERSION = 6  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation; 4: sides;
 # 5: options screened by own error (damage None when not judged); 6: low-rank whitened SVD
@@ -135,39 +137,18 @@ class Measurements:
 
 
 # ----- FLOPs of a plan on the example input ---------------------------------------------------
-def _shell(module: nn.Module, lp: LayerPlan) -> SparseLayer:
-    """A MID-L layer of ``lp``'s settings on the meta device: its ``groups_of`` and ``k``, no memory."""
-    return _midl_layer(_MetaView(module), lp, init=False)  # type: ignore[arg-type]
-
-
-class _MetaView:
-    """What ``_midl_layer(init=False)`` reads from a module (weight device/dtype, bias, conv geometry), on meta."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.weight = torch.empty(0, device="meta", dtype=module.weight.dtype)
-        self.bias = None if module.bias is None else self.weight
-        self.stride, self.padding = getattr(module, "stride", (1, 1)), getattr(module, "padding", (0, 0))
-
-
 def input_shapes(model: nn.Module, paths: Iterable[str], example_inputs: Any) -> dict[str, list[tuple[int, ...]]]:
     """The input shape of every call of each module in ``paths`` on the example input."""
-    from .flops import _forward
-
     shapes: dict[str, list[tuple[int, ...]]] = {p: [] for p in paths}
-    handles = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: shapes[p].append(tuple(a[0].shape)))
-               for p in shapes]
-    try:
-        with torch.no_grad():
-            _forward(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    with watching({p: model.get_submodule(p) for p in shapes}, lambda p, m, x: shapes[p].append(tuple(x.shape))), \
+            torch.no_grad():
+        run_model(model, example_inputs)
     return shapes
 
 
 def option_flops(module: nn.Module, lp: LayerPlan, shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
     """(dense, MID-L) FLOPs of ``module`` converted as ``lp`` over calls with these input shapes."""
-    shell = _shell(module, lp)
+    shell = build_layer(module, lp, "empty", device="meta")  # shapes and k, no memory
     dense = midl = 0
     for shape in shapes:
         grouped = shell.groups_of(torch.empty(shape, device="meta"))
@@ -188,15 +169,15 @@ def _override_rank(lp: LayerPlan, config: MIDLConfig) -> bool:
 
 
 def grid(lp: LayerPlan, config: MIDLConfig) -> list[tuple[str, float, int]]:
-    """The (side, keep, rank) settings tried on one layer: each side ``lp.side`` allows ("auto": both)
-    with its own keeps and ranks; a rank the user named (``config.fixed_rank``) replaces both rank
-    grids, and an override's rank replaces that."""
+    """The (side, keep, rank) settings tried on one layer: each kind ``lp.side`` allows ("auto": every
+    kind in the auto grid) with the kind's own keeps and ranks; a rank the user named
+    (``config.fixed_rank``) replaces every rank grid, and an override's rank replaces that."""
     out = []
-    for side, keeps, ranks in (("output", config.budget_keeps, config.budget_ranks),
-                               ("input", config.budget_input_keeps, config.budget_input_ranks)):
-        if lp.side not in (side, "auto"):
+    for kind in all_kinds():
+        if lp.side != kind.name and not (lp.side == "auto" and kind.in_auto):
             continue
-        ranks = ranks if config.fixed_rank is None else [config.fixed_rank]
+        side, (keeps, ranks) = kind.name, kind.budget_grid(config)
+        ranks = ranks if config.fixed_rank is None or not kind.light_path else [config.fixed_rank]
         ranks = [lp.rank] if _override_rank(lp, config) else [resolve_rank(r, lp.in_features, lp.out_features) for r in ranks]
         out += [(side, k, r) for k in sorted(set(keeps)) if k < 1.0 for r in sorted(set(ranks))]
     return out
@@ -281,24 +262,24 @@ def measure_damage(
         try:
             # Every candidate as a dense MID-L shell (keep 1 runs the original matmul), to collect its input groups.
             for p, options in todo.items():
-                _install(model, aliases[p], _sharing(originals[p], replace(options[0], keep=1.0, rank=0)))
+                _install(model, aliases[p], build_layer(originals[p], replace(options[0], keep=1.0, rank=0), "share"))
             groups = collect_groups(model, fit_batches or batches)
             held = collect_groups(model, batches, max_rows=SCREEN_ROWS) if screened else {}
             for p, options in todo.items():
                 for a in aliases[p]:
-                    _set_module(model, a, originals[p])
+                    set_module(model, a, originals[p])
             mine = my_share(list(todo))  # under a launcher, each process judges its share of the layers
             total = sum(min(len(todo[p]), judge) if screened else len(todo[p]) for p in mine)
             with progress_bar("layer budget", total, progress) as advance:
                 for i, (p, options) in enumerate((p, todo[p]) for p in mine):
                     x = groups[p].reshape(-1, options[0].in_features)
-                    w = _dense_weight(originals[p]).float()
+                    w = weight_matrix(originals[p])[0].float()
                     post = [post_fn(model, lp.norm, lp.activation) for lp in options]
                     with linalg_threads(w.numel()):
-                        svd = whitened_svd(w, x) if whiten and any(o.rank and o.side == "output" for o in options) else None
+                        svd = whitened_svd(w, x) if whiten and any(o.rank and kind_for(o.side).shares_whitened_svd for o in options) else None
 
                     def fitted(j: int) -> SparseLayer:
-                        layer = _sharing(originals[p], options[j])
+                        layer = build_layer(originals[p], options[j], "share")
                         with linalg_threads(w.numel()):
                             layer.calibrate_rows(groups[p], whiten=whiten, path=p, svd=svd, post=post[j], report=False)
                         return layer
@@ -361,25 +342,7 @@ def damage_of(student: torch.Tensor, teacher: torch.Tensor, kind: str, batch: Ba
 
 def _install(model: nn.Module, paths: list[str], module: nn.Module) -> None:
     for a in paths:
-        _set_module(model, a, module)
-
-
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) view of a Linear, HF Conv1D or 1x1 conv weight, without copying."""
-    w = module.weight
-    if type(module).__name__ == "Conv1D" and not isinstance(module, nn.Linear):
-        return w.T
-    return w.reshape(w.shape[0], -1)
-
-
-def _sharing(module: nn.Module, lp: LayerPlan) -> SparseLayer:
-    """A MID-L layer with ``lp``'s settings whose ``W, b`` are the module's own tensors (no copy)."""
-    layer = _midl_layer(module, lp, init=False)
-    layer.weight = nn.Parameter(_dense_weight(module).detach(), requires_grad=False)
-    if module.bias is not None:
-        layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
-    layer.eval()
-    return layer
+        set_module(model, a, module)
 
 
 # Batches an image model's options are judged on when ``budget_batches`` is unset. Eight images judge

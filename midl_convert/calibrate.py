@@ -15,7 +15,8 @@ from .downstream import post_fn
 from .fitting import LayerCalibration, fit_threshold, linalg_threads
 from .log import progress_bar
 from .sparse import SparseLayer, dense
-from .quality import OUTPUT_KIND, output_kind, run
+from .quality import OUTPUT_KIND, output_kind
+from .running import run_model, watching
 from .sensitivity import neuron_sensitivity
 
 
@@ -32,8 +33,8 @@ def collect_groups(model: nn.Module, batches: Iterable[Batch], max_rows: int = 4
     real: list[torch.Tensor | None] = [None]  # the current batch's attention mask
     last: list[tuple | None] = [None]  # (the last input read, how it was grouped, its groups); held, so never a stale id
 
-    def hook(mod: SparseLayer, inp: tuple, p: str) -> None:
-        x, mask = inp[0], real[0]
+    def hook(p: str, mod: SparseLayer, x: torch.Tensor) -> None:
+        mask = real[0]
         how = (mod.granularity, type(mod).groups_of, getattr(mod, "stride", None), getattr(mod, "padding", None))
         if last[0] is not None and last[0][0] is x and last[0][1] == how:
             seen[p].append(last[0][2])
@@ -44,17 +45,14 @@ def collect_groups(model: nn.Module, batches: Iterable[Batch], max_rows: int = 4
         last[0] = (x, how, mod.groups_of(rows).float())
         seen[p].append(last[0][2])
 
-    handles = [m.register_forward_pre_hook(lambda mod, inp, p=p: hook(mod, inp, p)) for p, m in layers.items()]
     try:
-        with dense(model):
+        with dense(model), watching(layers, hook):
             for batch in batches:
                 real[0] = batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
                 last[0] = None
-                run(model, batch)
+                run_model(model, batch)
     finally:
         last[0] = None
-        for h in handles:
-            h.remove()
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     joined: dict[tuple[int, ...], torch.Tensor] = {}  # by the chunks' ids: alive in ``seen`` while any sharer waits
@@ -110,19 +108,15 @@ def cap_thresholds(model: nn.Module, example_inputs: Any) -> list[str]:
     order: list[str] = []
     seen: dict[str, list[torch.Tensor]] = {}
 
-    def hook(mod: SparseLayer, inp: tuple, p: str) -> None:
+    def hook(p: str, mod: SparseLayer, x: torch.Tensor) -> None:
         if p not in order:
             order.append(p)
-        seen.setdefault(p, []).append(mod.mask_scores(mod.groups_of(inp[0])).float())
+        seen.setdefault(p, []).append(mod.mask_scores(mod.groups_of(x)).float())
 
     def scores_of(paths: Iterable[str]) -> None:
         seen.clear()
-        handles = [layers[p].register_forward_pre_hook(lambda mod, inp, p=p: hook(mod, inp, p)) for p in paths]
-        try:
-            run(model, Batch((example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs))
-        finally:
-            for h in handles:
-                h.remove()
+        with watching({p: layers[p] for p in paths}, hook):
+            run_model(model, example_inputs)
 
     was_training = model.training
     model.eval()
@@ -133,12 +127,12 @@ def cap_thresholds(model: nn.Module, example_inputs: Any) -> list[str]:
             scores_of([p])
             m, s = layers[p], torch.cat([t.reshape(-1, layers[p].width) for t in seen[p]])
             allowed = m.k * s.shape[0]
-            if int(m._counts(s, m.threshold).sum()) <= allowed:
+            if int(m.mask_counts(s, m.threshold).sum()) <= allowed:
                 continue
             flat = s.reshape(-1).sort().values
             for above in range(allowed, 0, -1):  # ties and the one-neuron floor can need a step or two more
                 threshold = float(flat[flat.numel() - above - 1])
-                if int(m._counts(s, threshold).sum()) <= allowed:
+                if int(m.mask_counts(s, threshold).sum()) <= allowed:
                     break
             m.threshold = threshold
             raised.append(p)
@@ -173,7 +167,7 @@ def calibrate(
         layers = dict((p, m) for p, m in model.named_modules() if isinstance(m, SparseLayer))
         posts = {p: post_fn(model, *layers[p].downstream) for p in groups}
         weights: dict[str, torch.Tensor] = {}
-        plain = [p for p in groups if layers[p].keep < 1.0 and (layers[p].side == "input" or (posts[p] is None and layers[p].rank > 0))]
+        plain = [p for p in groups if layers[p].keep < 1.0 and layers[p].takes_output_weights(posts[p])]
         if kind is not None and plain and batches:
             with dense(model):
                 kind = output_kind(model, batches[0]) if kind == "auto" else kind

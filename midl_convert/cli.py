@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import Centring, Granularity, Select, WeightDtype
+from .config import Centring, Granularity, WeightDtype, select_choices
 from .errors import MIDLError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
@@ -33,7 +33,7 @@ out = Console(width=None if Console().is_terminal else 150)  # files and pipes g
 
 # ----- choices: enums so --help lists them, built from the config's own vocabulary ---------------
 GranularityChoice = Enum("GranularityChoice", {v: v for v in get_args(Granularity)}, type=str)
-SelectChoice = Enum("SelectChoice", {v: v for v in get_args(Select)}, type=str)
+SelectChoice = Enum("SelectChoice", {v: v for v in select_choices()}, type=str)
 WeightDtypeChoice = Enum("WeightDtypeChoice", {v: v for v in get_args(WeightDtype)}, type=str)
 CentringChoice = Enum("CentringChoice", {v: v for v in get_args(Centring)}, type=str)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -210,7 +210,8 @@ def convert(
     rank: Optional[str] = typer.Option(None, help="light-path rank: an int, or a fraction of min(in, out)"),
     granularity: Optional[GranularityChoice] = typer.Option(None, help="token | sequence (Linear), pixel | sample (1x1 conv)"),
     select: Optional[SelectChoice] = typer.Option(None, help="which neurons a mask picks: output (MID-L), input "
-                                                  "(columns), auto (the budget measures both; needs --flops-ratio)"),
+                                                  "(columns), prune (one fixed set of columns), auto (the budget measures "
+                                                  "output and input; needs --flops-ratio)"),
     centre: Optional[CentringChoice] = typer.Option(None, help="input side: centre each input on its calibration mean, "
                                                     "median, auto (per layer, the lower output error) or none"),
     adaptive: Optional[bool] = typer.Option(None, "--adaptive/--exact-k", help="masks whose size follows the input "

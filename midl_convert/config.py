@@ -5,16 +5,30 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .kinds import kind_names
 from .sparse import check_keep
 from .weight_dtype import WeightDtype
 
 # Per position (a mask per token / pixel) or per sample (one mask per sequence / image).
 Granularity = Literal["token", "sequence", "pixel", "sample"]
 PER_SAMPLE = {"sequence", "sample"}
-# Which neurons a mask picks: output (MID-L, the paper's), input (input-side MID-L), or per layer by the budget.
-Side = Literal["output", "input"]
-Select = Literal["output", "input", "auto"]
-# How input-side layers centre their inputs before picking (input_layers.CENTRINGS).
+# Which neurons a mask picks: a registered kind's name (``kinds/``: "output", the paper's MID-L; "input";
+# "prune"), or "auto" under a budget: per layer, by measured damage.
+Side = str
+Select = str
+
+
+def select_choices() -> tuple[str, ...]:
+    """What ``select`` accepts: every registered kind, and "auto"."""
+    return (*kind_names(), "auto")
+
+
+def check_select(value: str | None, auto: bool = True) -> str | None:
+    allowed = select_choices() if auto else kind_names()
+    if value is not None and value not in allowed:
+        raise ValueError(f"select must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+# How input-side layers centre their inputs before picking (kinds.input.CENTRINGS).
 Centring = Literal["auto", "mean", "median", "none"]
 # The layer budget's grid: 3 keeps x 3 ranks that scale with the layer (1/32, 1/16, 1/8 of min(in, out);
 # 12 / 24 / 48 on a 384-wide encoder), each measured on every candidate layer.
@@ -59,6 +73,7 @@ class LayerOverride(BaseModel):
     select: Side | None = None
 
     _keep = field_validator("keep")(lambda v: None if v is None else check_keep(v))
+    _select = field_validator("select")(lambda v: check_select(v, auto=False))
     _rank = field_validator("rank")(check_rank_setting)
 
 
@@ -90,7 +105,8 @@ class LayerSettings(BaseModel):
     granularity: Granularity = "token"
     select: Select | None = Field(
         None, description="which neurons each mask picks: 'output' (MID-L: rows of W, gate on V x), 'input' (columns "
-                          "of W by |x| times column norm), or 'auto' (the budget measures both per layer); default: "
+                          "of W by |x| times column norm), 'prune' (one fixed set of columns: a peer), or 'auto' (the budget "
+                          "measures each kind in its auto grid per layer); default: "
                           "'auto' under flops_ratio, else 'output'")
     adaptive: bool = Field(False, description="masks whose size follows the input: each layer keeps the neurons whose "
                                               "score passes a threshold calibrated to keep `keep` of them on average")
@@ -129,6 +145,7 @@ class LayerSettings(BaseModel):
 
     _keep = field_validator("keep")(lambda v: check_keep(v))
     _rank = field_validator("rank")(check_rank_setting)
+    _select = field_validator("select")(check_select)
 
     @model_validator(mode="after")
     def _auto_needs_budget(self) -> "LayerSettings":

@@ -18,6 +18,7 @@ from torch import nn
 
 from .downstream import follow
 from .flops import dense_flops
+from .running import watching
 
 # Ordered (regex on the module path, role); first match wins. Data, not branches.
 ROLE_RULES: list[tuple[str, str]] = [
@@ -218,19 +219,13 @@ def _shapes_by_fx(model: nn.Module, args: tuple, kwargs: dict, paths: set[str]) 
 
 def _shapes_by_hooks(model: nn.Module, args: tuple, kwargs: dict, paths: set[str]) -> dict[str, list[tuple]]:
     out: dict[str, list[tuple]] = {}
-    handles = []
-    for path, mod in model.named_modules():
-        if path in paths:
-            def hook(_m, inputs, _path=path):
-                if inputs and isinstance(inputs[0], torch.Tensor):
-                    out.setdefault(_path, []).append(tuple(inputs[0].shape))
-            handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def shape(path: str, _m: nn.Module, x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            out.setdefault(path, []).append(tuple(x.shape))
+
+    with watching({p: m for p, m in model.named_modules() if p in paths}, shape), torch.no_grad():
+        model(*args, **kwargs)
     return out
 
 

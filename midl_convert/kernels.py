@@ -303,7 +303,7 @@ def _mean_picks(scores: torch.Tensor, k: int, threshold: float) -> float:
 def _output_rows_flops(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold, kernel_rows,  # noqa: ANN001
                        out_val=None) -> int:
     """``midl_flops_parts`` for the rows; when dense compute plus masking ran, every row of W counts."""
-    from .flops import midl_flops_parts
+    from .kinds.output.flops import midl_flops_parts
 
     (out_f, in_f), rows = weight.shape, x.shape[0]
     if not _kernel_runs("output_rows", x, weight, min(kernel_rows, KERNEL_ROW_LIMIT)):
@@ -321,7 +321,7 @@ def _input_rows_flops(x, wt, bias, v, u, scale, k, threshold, wt_scale=None, cen
                       out_val=None) -> int:
     """``input_flops_parts`` for the rows (the centre's subtraction included); when the masked GEMM
     ran, every input counts."""
-    from .flops import input_flops_parts
+    from .kinds.input.flops import input_flops_parts
 
     (in_f, out_f), rows = wt.shape, x.shape[0]
     if not _kernel_runs("input_rows", x, wt, KERNEL_MAX_ROWS):

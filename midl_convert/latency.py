@@ -29,6 +29,8 @@ from torch import nn
 
 from .errors import MIDLError
 from .files import cache_dir, write_atomic
+from .kinds import build_layer
+from .running import run_model, watching
 
 CACHE_VERSION = 3  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode
 REPEATS = 15  # interleaved rounds per timing; the median is kept
@@ -148,19 +150,6 @@ def _entry(shape: LayerShape, call: tuple[int, ...], option: Any) -> dict[str, A
     return {"layer": asdict(shape), "call": list(call), "option": settings}
 
 
-def _option_layer(dense: nn.Module, lp: Any) -> nn.Module:
-    """The sparse layer of ``lp``'s settings over ``dense``'s shape, every parameter random (its path
-    and cost follow the settings and shapes, not the values)."""
-    from .surgery import _midl_layer
-
-    layer = _midl_layer(dense, lp, init=False)
-    with torch.no_grad():
-        for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
-            if t.is_floating_point() and t.dim() > 0 and not name.endswith("gate_threshold"):
-                t.normal_(0, 0.02)
-    return layer.eval()
-
-
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of ``module``'s parameters and buffers (each tensor once)."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
@@ -217,7 +206,7 @@ def time_options(shape: LayerShape, call: tuple[int, ...], options: Sequence[Any
     dense_times, times = [], []
     for option in options:
         with torch.no_grad():
-            layers = _copies(_in_dtype(_option_layer(first, option), weight_dtype), ws)
+            layers = _copies(_in_dtype(build_layer(first, option, "random"), weight_dtype), ws)
         with torch.inference_mode():
             d, t = interleaved([_in_turn(dense, x), _in_turn(layers, x)], repeats)
         dense_times.append(d)
@@ -238,17 +227,11 @@ def decode_calls(in_features: int) -> list[tuple[int, ...]]:
 
 
 # ----- the whole model -------------------------------------------------------------------------
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    from .flops import _forward as forward
-
-    return forward(model, inputs)
-
-
 def model_step(model: nn.Module, example_inputs: Any) -> Callable[[], Any]:
     """One call of ``model`` at its real shape: a batch-1 decode step after the example prompt, with
     the KV cache cropped back after each step, for a causal LM; a forward of the example input otherwise."""
     if not is_causal_lm(model):
-        return lambda: _forward(model, example_inputs)
+        return lambda: run_model(model, example_inputs)
     import inspect
 
     ids = example_inputs["input_ids"][:1]
@@ -307,14 +290,8 @@ def layer_times(model: nn.Module, step: Callable[[], Any], repeats: int = REPEAT
 
     layers = sparse_layers(model)
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, p=p: inputs.setdefault(p, a[0].detach().clone()))
-             for p, m in layers.items()]
-    try:
-        with torch.inference_mode():
-            step()
-    finally:
-        for h in hooks:
-            h.remove()
+    with watching(layers, lambda p, m, x: inputs.setdefault(p, x.detach().clone())), torch.inference_mode():
+        step()
     out = {}
     with torch.inference_mode():
         for p, x in inputs.items():

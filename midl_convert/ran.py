@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .flops import _forward, dense_flops
+from .flops import dense_flops
+from .running import run_model, watching
 from .sparse import SparseLayer, sparse_layers
 
 PATH_WORDS = {
@@ -50,7 +51,7 @@ class RanFlops:
 def ran_flops(model: nn.Module, inputs: Any, step: Callable[[], Any] | None = None) -> RanFlops:
     """Run ``model`` on ``inputs`` (or ``step()``, e.g. a decode step) under ``FlopCounterMode`` and class
     each sparse layer call by what ran."""
-    step = step or (lambda: _forward(model, inputs))
+    step = step or (lambda: run_model(model, inputs))
     layers = sparse_layers(model)
     counter = FlopCounterMode(display=False)
     out = RanFlops(0, {p: 0 for p in layers}, {p: Counter() for p in layers}, {p: [] for p in layers})
@@ -61,7 +62,7 @@ def ran_flops(model: nn.Module, inputs: Any, step: Callable[[], Any] | None = No
     def pre(p: str, m: SparseLayer, x: torch.Tensor) -> None:
         before[p] = counter.get_total_flops()
 
-    def post(p: str, m: SparseLayer, x: torch.Tensor) -> None:
+    def post(p: str, m: SparseLayer, x: torch.Tensor, y: Any) -> None:
         nonlocal extra
         seen = counter.get_total_flops() - before[p]
         grouped = m.groups_of(x)
@@ -82,16 +83,8 @@ def ran_flops(model: nn.Module, inputs: Any, step: Callable[[], Any] | None = No
         out.paths[p][path] += 1
         out.rows[p].append(rows)
 
-    hooks = []
-    for p, m in layers.items():
-        hooks.append(m.register_forward_pre_hook(lambda m, a, p=p: pre(p, m, a[0])))
-        hooks.append(m.register_forward_hook(lambda m, a, y, p=p: post(p, m, a[0])))
-    try:
-        with sdpa_kernel(SDPBackend.MATH), counter:
-            step()
-    finally:
-        for h in hooks:
-            h.remove()
+    with watching(layers, pre, post), sdpa_kernel(SDPBackend.MATH), counter:
+        step()
     out.total = int(counter.get_total_flops()) + extra
     return out
 
@@ -105,12 +98,8 @@ def _chosen_paths(layers: dict[str, SparseLayer], step: Callable[[], Any]) -> di
         say = getattr(m, "compute_path", None)
         chosen[p].append(None if say is None or m.exact else say(m.groups_of(x)))
 
-    hooks = [m.register_forward_pre_hook(lambda m, a, p=p: ask(p, m, a[0])) for p, m in layers.items()]
-    try:
+    with watching(layers, ask):
         step()
-    finally:
-        for h in hooks:
-            h.remove()
     return chosen
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from .data import Batch
 from .sparse import ConvRows
 from .quality import model_output, positions
+from .running import watching
 
 
 def _channel_last(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
@@ -53,7 +54,6 @@ def neuron_sensitivity(
         out.register_hook(lambda grad: add(p, grad))  # the gradient of this value, before any in-place change
         return out
 
-    handles = [m.register_forward_hook(lambda mod, inp, out, p=p: tap(p, out)) for p, m in modules.items()]
     gen = torch.Generator().manual_seed(seed)
     flags = [p.requires_grad for p in model.parameters()]
     modes = [m.training for m in model.modules()]
@@ -61,7 +61,7 @@ def neuron_sensitivity(
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with torch.enable_grad(), watching(modules, after=lambda p, mod, x, out: tap(p, out)):
             for batch in batches:
                 current[:] = [batch]
                 for _ in range(probes):
@@ -69,8 +69,6 @@ def neuron_sensitivity(
                     probe = torch.randn(out.shape, generator=gen).to(out.device)
                     (out * probe).sum().backward()
     finally:
-        for h in handles:
-            h.remove()
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         for m, mode in zip(model.modules(), modes):

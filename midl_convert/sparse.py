@@ -118,6 +118,17 @@ class SparseLayer(nn.Module):
         self._active_sum = 0.0
         self._active_calls = 0
 
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Track statistics inside the block, then put back the statistics and the setting from before
+        (a measurement that leaves the layer as it found it)."""
+        saved = (self.track_stats, self.last_active_fraction, self._active_sum, self._active_calls)
+        self.track_stats = True
+        try:
+            yield
+        finally:
+            self.track_stats, self.last_active_fraction, self._active_sum, self._active_calls = saved
+
     @property
     def active_fraction(self) -> float | None:
         """Running mean, over calls since ``reset_stats``, of the share of neurons on the exact path."""
@@ -133,7 +144,7 @@ class SparseLayer(nn.Module):
             self._active_calls += 1
 
     @staticmethod
-    def _counts(s: torch.Tensor, threshold: float) -> torch.Tensor:
+    def mask_counts(s: torch.Tensor, threshold: float) -> torch.Tensor:
         """Exact neurons of each adaptive mask: the scores above the threshold, at least one."""
         return (s > threshold).sum(-1).clamp_min(1)
 
@@ -170,6 +181,22 @@ class SparseLayer(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         raise NotImplementedError
+
+    # ----- what each kind may declare (defaults) ---------------------------------------------
+    def configure(self, lp: Any) -> None:
+        """Take a plan's settings beyond the constructor's (``LayerPlan``: what follows the layer in the
+        model, adaptive masks); a kind with settings of its own extends this."""
+        self.downstream = (lp.norm, lp.activation)
+        self.adaptive = lp.adaptive
+
+    def takes_output_weights(self, post: Any) -> bool:
+        """True when ``calibrate_rows(weight=...)`` uses per-output weights (``sensitivity.py``) with
+        ``post`` (the norm and activation after the layer) as given; ``calibrate`` measures them only then."""
+        return False
+
+    def quantize_int8_(self) -> bool:
+        """Hold the weights in int8 (weight-only, ``weight_dtype.py``); False where the kind stays float."""
+        return False
 
 
 class LinearRows:
@@ -325,6 +352,15 @@ class ConvRows:
                 f"a sparse 1x1 conv needs a 1x1 conv with groups=1 and numeric zero padding, got kernel_size="
                 f"{conv.kernel_size}, groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
             )
+
+
+def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W (out, in), b)`` of an ``nn.Linear``, an HF ``Conv1D`` (a Linear stored transposed) or a 1x1
+    ``nn.Conv2d``: the one place that tells them apart."""
+    if isinstance(module, nn.Conv2d):
+        return module.weight.reshape(module.weight.shape[0], -1), module.bias
+    weight, bias, _ = LinearRows.dense_of(module)
+    return weight, bias
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLayer]:

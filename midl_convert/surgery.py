@@ -14,10 +14,8 @@ from torch import nn
 
 from .config import PER_SAMPLE, MIDLConfig, granularity_for, resolve_rank
 from .errors import MIDLError
-from .flops import max_useful_rank
 from .graph import Target, TargetTable
-from .input_layers import InputMIDLConv2d, InputMIDLinear
-from .layers import MIDLConv2d, MIDLinear
+from .kinds import build_layer, kind_for
 from .marker import mark, unmark
 from .sparse import SparseLayer, dense, sparse_layers
 from .matching import ALL_LINEAR, closest, matches, matches_any
@@ -44,7 +42,7 @@ class LayerPlan:
     activation: str | None = None  # the gate to the error that survives them (downstream.py)
     adaptive: bool = False  # a calibrated score threshold instead of exactly k per mask
     side: str = "output"  # which neurons a mask picks: "output" or "input" ("auto" until the budget decides)
-    centre: str = "none"  # input side: how inputs are centred before the mask picks (input_layers.CENTRINGS)
+    centre: str = "none"  # input side: how inputs are centred before the mask picks (kinds.input.CENTRINGS)
 
 
 @dataclass
@@ -120,7 +118,7 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
             granularity=granularity_for(t.kind, gran) if reason is None else None,
             reason=reason, role=t.role, aliases=t.aliases, norm=t.norm, activation=t.activation,
             adaptive=config.adaptive and reason is None, side=side,
-            centre=config.centre if reason is None and side != "output" else "none",
+            centre=config.centre if reason is None and (side == "auto" or kind_for(side).centres) else "none",
         ))
     plan = Plan(layers=layers, method=table.method, notes=list(table.notes))
     if clamped:
@@ -144,46 +142,19 @@ def _useful_rank(t: Target, keep: float, rank: int | float, granularity: str, co
     dense layer, so only fixed ranks below keep 1 are clamped.
     """
     wanted = resolve_rank(rank, t.in_features, t.out_features)
-    if config.budgeted or keep >= 1.0 or side not in ("output", "input"):
+    if side != "auto" and not kind_for(side).light_path:
+        return 0
+    if config.budgeted or keep >= 1.0 or side == "auto":
         return wanted
-    limit = max(0, max_useful_rank(t.in_features, t.out_features, keep, granularity in PER_SAMPLE, side))
+    limit = max(0, kind_for(side).max_useful_rank(t.in_features, t.out_features, keep, granularity in PER_SAMPLE))
     if wanted <= limit:
         return wanted
     clamped.append(f"{t.path}: {wanted} -> {limit}")
     return limit
 
 
-# Each kind of sparse layer, by (side, target kind): the one place a new kind registers.
-LAYER_KINDS: dict[tuple[str, str], type[SparseLayer]] = {
-    ("output", "linear"): MIDLinear, ("output", "conv1d"): MIDLinear, ("output", "conv2d"): MIDLConv2d,
-    ("input", "linear"): InputMIDLinear, ("input", "conv1d"): InputMIDLinear, ("input", "conv2d"): InputMIDLConv2d,
-}
-
-
-def _midl_layer(module: nn.Module, lp: LayerPlan, init: bool) -> SparseLayer:
-    layer = _new_layer(module, lp, init)
-    layer.downstream = (lp.norm, lp.activation)
-    layer.adaptive = lp.adaptive
-    if layer.side == "input":
-        layer.centring = lp.centre
-    return layer
-
-
-def _new_layer(module: nn.Module, lp: LayerPlan, init: bool) -> SparseLayer:
-    cls = LAYER_KINDS[(lp.side, lp.kind)]
-    if init:
-        if lp.kind == "conv2d":
-            return cls.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
-        return cls.from_linear(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
-    # Shapes only (weights are loaded next): skips the SVD when a saved model is rebuilt.
-    w, bias = module.weight, module.bias is not None
-    common = dict(keep=lp.keep, rank=lp.rank, granularity=lp.granularity, bias=bias, device=w.device, dtype=w.dtype)
-    if lp.kind == "conv2d":
-        return cls(lp.in_features, lp.out_features, stride=module.stride, padding=module.padding, **common)
-    return cls(lp.in_features, lp.out_features, transposed=lp.kind == "conv1d", **common)
-
-
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` (dotted) in ``model``."""
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, new)
@@ -202,10 +173,10 @@ def apply_plan(model: nn.Module, plan: Plan, init: bool = True) -> nn.Module:
             raise MIDLError(f"the plan names {lp.path!r}, which {type(model).__name__} does not have; "
                             f"rebuild the same architecture the plan was made for") from exc
         with torch.no_grad():
-            new = _midl_layer(module, lp, init)
+            new = build_layer(module, lp, "copy" if init else "empty")
         new.train(module.training)
         for path in [lp.path, *lp.aliases]:
-            _set_module(model, path, new)
+            set_module(model, path, new)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         mark(config, plan.to_dict())
@@ -218,7 +189,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for path, mod in list(model.named_modules(remove_duplicate=False)):
         if isinstance(mod, SparseLayer):
             original = done.setdefault(id(mod), mod.merge_and_unload())
-            _set_module(model, path, original)
+            set_module(model, path, original)
     config = getattr(model, "config", None)
     if config is not None:
         unmark(config)
@@ -230,4 +201,4 @@ def midl_layers(model: nn.Module) -> dict[str, SparseLayer]:
     return sparse_layers(model)
 
 
-__all__ = ["LAYER_KINDS", "LayerPlan", "Plan", "Target", "apply_plan", "dense", "make_plan", "merge_and_unload", "midl_layers"]
+__all__ = ["LayerPlan", "Plan", "Target", "apply_plan", "dense", "make_plan", "merge_and_unload", "midl_layers", "set_module"]

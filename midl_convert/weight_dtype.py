@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 from .kernels import NO_BIAS  # importing kernels registers the midl ops
+from .sparse import SparseLayer
 
 WeightDtype = Literal["float32", "bfloat16", "int8"]
 WEIGHT_DTYPES: tuple[str, ...] = get_args(WeightDtype)
@@ -85,17 +86,16 @@ class Int8Linear(nn.Module):
 
 def set_weight_dtype(model: nn.Module, name: str) -> nn.Module:
     """Put ``model``'s weights in ``name`` (``WEIGHT_DTYPES``), in place; returns the model."""
-    from .input_layers import InputMIDLBase
-
     if name not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {name!r}")
     if name != "int8":
         return model.to(getattr(torch, name))
     done: dict[int, nn.Module] = {}
     for path, mod in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(mod, InputMIDLBase) and id(mod) not in done:
-            done[id(mod)] = mod
-            mod.quantize_int8_()
+        if isinstance(mod, SparseLayer):
+            if id(mod) not in done:
+                done[id(mod)] = mod
+                mod.quantize_int8_()  # a kind that stays float says so (False)
         elif type(mod) is nn.Linear and path:  # subclasses (e.g. NonDynamicallyQuantizableLinear in attention) stay
             new = done.setdefault(id(mod), Int8Linear.from_float(mod.weight, mod.bias))
             parent, _, leaf = path.rpartition(".")

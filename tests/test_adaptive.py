@@ -11,7 +11,7 @@ import midl_convert as mc
 from midl_convert.calibrate import collect_groups, fit_threshold, fit_thresholds
 from midl_convert.data import Batch
 from midl_convert.flops import model_flops
-from midl_convert.layers import MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
 
 
 def adaptive_layer(kind: str = "linear", granularity: str = "token") -> nn.Module:
@@ -189,7 +189,7 @@ def test_capped_thresholds_keep_the_example_within_what_the_budget_counted():
         assert layer.threshold > before[p]
     with torch.no_grad():
         layer = student.fc1
-        counts = layer._counts(layer.scores(example[0] @ layer.light_down.T), layer.threshold)
+        counts = layer.mask_counts(layer.scores(example[0] @ layer.light_down.T), layer.threshold)
     assert counts.float().mean().item() <= layer.k
     assert counts.float().mean().item() >= layer.k - 1  # raised no further than needed
     assert model_flops(student, model, example).ratio >= budgeted - 1e-9

@@ -11,9 +11,9 @@ from torch import nn
 import midl_convert as mc
 from midl_convert import kernels
 from midl_convert.budget import option_flops
-from midl_convert.fitting import fit_centre
-from midl_convert.flops import input_flops_parts
-from midl_convert.input_layers import InputMIDLConv2d, InputMIDLinear
+from midl_convert.kinds.input.fit import fit_centre
+from midl_convert.kinds.input.flops import input_flops_parts
+from midl_convert.kinds.input.layer import InputMIDLConv2d, InputMIDLinear
 
 # (name, layer from a dense module, dense module, input): each target shape and granularity.
 CASES = [

@@ -169,7 +169,7 @@ def test_version_and_short_help(capsys):
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"midl-convert {__version__}"
     assert invoke("-h").exit_code == 0 and "convert" in invoke("-h").output
     text = runner.invoke(app, ["convert", "-h"], env={"COLUMNS": "300"}).output
-    for choices in ("token|sequence|pixel|sample", "output|input|auto", "auto|cpu|cuda|mps|cuda:N", "float32|bfloat16|int8", "--quiet",
+    for choices in ("token|sequence|pixel|sample", "output|input|prune|auto", "auto|cpu|cuda|mps|cuda:N", "float32|bfloat16|int8", "--quiet",
                     "--json"):
         assert choices in text
 

@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from midl_convert import kernels
-from midl_convert.flops import input_flops_parts, midl_flops_parts
-from midl_convert.layers import KERNEL_MAX_ROWS, MIDLinear
+from midl_convert.kinds.input.flops import input_flops_parts
+from midl_convert.kinds.output.flops import midl_flops_parts
+from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS, MIDLinear
 from test_kernels import IN, OUT, kernel, make_layer, one_input, run  # noqa: F401 - kernel is a fixture
 
 NAN = float("nan")
@@ -76,7 +77,7 @@ FALLBACK_SCRIPT = """
 import math, torch
 from torch import nn
 from midl_convert import kernels
-from midl_convert.layers import MIDLinear
+from midl_convert.kinds.output.layer import MIDLinear
 assert kernels.fused_kernel() is None
 torch.manual_seed(0)
 layer = MIDLinear.from_linear(nn.Linear(48, 64), keep=0.5, rank=8).eval()

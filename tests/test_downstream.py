@@ -94,8 +94,8 @@ def test_gate_fitted_after_the_activation_leaves_less_error():
 def test_budget_fits_options_on_batches_it_does_not_judge(monkeypatch, tmp_path):
     monkeypatch.setenv("MIDL_CACHE_DIR", str(tmp_path))
     seen: list[int] = []
-    from midl_convert.input_layers import InputMIDLBase
-    from midl_convert.layers import MIDLBase
+    from midl_convert.kinds.input.layer import InputMIDLBase
+    from midl_convert.kinds.output.layer import MIDLBase
 
     for cls in (MIDLBase, InputMIDLBase):  # every kind's fit, on whichever side the budget tries
         def spy(layer, groups, *args, _real=cls.calibrate_rows, **kwargs):

@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import midl_convert as mc
-from midl_convert.flops import count_flops, layer_calls, midl_flops_parts, model_flops
+from midl_convert.flops import count_flops, layer_calls, model_flops
+from midl_convert.kinds.output.flops import midl_flops_parts
 
 
 class MLP(nn.Module):

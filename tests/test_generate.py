@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import midl_convert as mc
 from midl_convert.kernels import fused_kernel
-from midl_convert.layers import MIDLBase
+from midl_convert.kinds.output.layer import MIDLBase
 
 VOCAB, PROMPT, NEW = 96, 6, 12
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from midl_convert import kernels
-from midl_convert.layers import KERNEL_MAX_ROWS, MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS, MIDLConv2d, MIDLinear
 
 IN, OUT = 48, 64
 

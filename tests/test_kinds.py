@@ -7,28 +7,34 @@ import torch
 from torch import nn
 
 import midl_convert as mc
-from midl_convert.flops import input_flops_parts, midl_flops_parts
-from midl_convert.input_layers import InputMIDLConv2d, InputMIDLinear
-from midl_convert.layers import MIDLConv2d, MIDLinear
+from midl_convert.kinds.input.layer import InputMIDLConv2d, InputMIDLinear
+from midl_convert.kinds.output.layer import MIDLinear
 from midl_convert.sparse import SparseLayer
 
-# (name, layer from a dense module, input); one row per kind and target shape.
-KINDS = [
-    ("output-linear", lambda m, **kw: MIDLinear.from_linear(m, **kw), lambda: nn.Linear(24, 32), (3, 5, 24)),
-    ("input-linear", lambda m, **kw: InputMIDLinear.from_linear(m, **kw), lambda: nn.Linear(24, 32), (3, 5, 24)),
-    ("output-conv", lambda m, **kw: MIDLConv2d.from_conv(m, granularity="pixel", **kw), lambda: nn.Conv2d(24, 32, 1),
-     (2, 24, 4, 4)),
-    ("input-conv", lambda m, **kw: InputMIDLConv2d.from_conv(m, granularity="pixel", **kw), lambda: nn.Conv2d(24, 32, 1),
-     (2, 24, 4, 4)),
-]
-IDS = [k[0] for k in KINDS]
+# Every registered kind on each target shape, from the registry: a newly registered kind is tested
+# here without anyone adding it.
+TARGETS = {"linear": (lambda: nn.Linear(24, 32), (3, 5, 24), "token"),
+           "conv2d": (lambda: nn.Conv2d(24, 32, 1), (2, 24, 4, 4), "pixel")}
+KINDS = [(kind, target) for kind in mc.kinds.all_kinds() for target in TARGETS]
+IDS = [f"{kind.name}-{target}" for kind, target in KINDS]
 
 
 def _make(row, keep=0.5, rank=4):
-    _, build, dense, shape = row
+    kind, target = row
+    dense_fn, shape, granularity = TARGETS[target]
     torch.manual_seed(0)
-    d = dense().eval()
-    return d, build(d, keep=keep, rank=rank).eval(), torch.randn(*shape)
+    d = dense_fn().eval()
+    lp = mc.LayerPlan("layer", target, 24, 32, 0, True, keep=keep, rank=rank if kind.light_path else 0,
+                      granularity=granularity, side=kind.name)
+    return d, mc.build_layer(d, lp).eval(), torch.randn(*shape)
+
+
+def test_the_registry_holds_the_built_in_kinds_and_refuses_a_second_name():
+    assert {"output", "input", "prune"} <= set(mc.kind_names())
+    with pytest.raises(ValueError, match="already registered"):
+        mc.register_kind(mc.kind_for("input"))
+    with pytest.raises(ValueError, match="no sparse-layer kind 'sideways'; registered: output, input"):
+        mc.kind_for("sideways")
 
 
 @pytest.mark.parametrize("row", KINDS, ids=IDS)
@@ -62,10 +68,11 @@ def test_state_dict_round_trip(row):
 @pytest.mark.parametrize("row", KINDS, ids=IDS)
 def test_flops_follow_the_formula_and_count_the_exact_share(row):
     dense, layer, x = _make(row)
+    kind = row[0]
     parts = layer.flops_parts(rows=10, groups=10)
-    formula = midl_flops_parts if layer.side == "output" else input_flops_parts
-    assert parts == formula(layer.in_features, layer.out_features, layer.keep, layer.rank, 10, 10, layer.k)
-    assert parts["exact"] == 2 * layer.k * (layer.in_features if layer.side == "output" else layer.out_features) * 10
+    assert parts == kind.flops_parts(layer.in_features, layer.out_features, layer.keep, layer.rank, 10, 10, layer.k)
+    assert parts["exact"] == 2 * layer.k * (layer.in_features if kind.picks_outputs else layer.out_features) * 10
+    assert layer.width == kind.width(layer.in_features, layer.out_features)
     layer.track_stats = True
     layer(x)
     assert layer.last_active_fraction == pytest.approx(layer.k / layer.width)
@@ -86,8 +93,9 @@ def test_training_gives_the_gate_a_gradient(row):
     _, layer, x = _make(row)
     layer.train()
     layer(x).pow(2).sum().backward()
-    gate = layer.gate if layer.side == "input" else layer.gate_weight
-    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    for name in layer.trainable_names("gates"):  # the gate (straight through), or what a static kind trains
+        grad = getattr(layer, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
     assert layer.weight.grad is not None  # W's gradient flows too (frozen only by distill's choice)
 
 

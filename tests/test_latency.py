@@ -274,8 +274,8 @@ def test_timed_copies_are_each_called_once_first_and_built_outside_inference_mod
     step()
     assert calls[-1] is copies[0]
     built = []
-    real = latency._option_layer
-    monkeypatch.setattr(latency, "_option_layer", lambda *a: built.append(real(*a)) or built[-1])
+    real = latency.build_layer
+    monkeypatch.setattr(latency, "build_layer", lambda *a: built.append(real(*a)) or built[-1])
     monkeypatch.setattr(latency, "interleaved", lambda fns, repeats: [1.0 for _ in fns])
     option = budget.replace(plan_conversion(Stack(), MIDLConfig(), (torch.randn(1, 32),))[0].converted[0], keep=0.5, rank=0,
                             side="input")

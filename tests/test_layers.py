@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from midl_convert.layers import MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -223,7 +223,7 @@ def test_stats_record_active_fraction():
 @pytest.mark.parametrize("shape", [(48, 32), (32, 48), (40, 40)])
 @pytest.mark.parametrize("rank", [1, 8, 32])
 def test_light_path_is_the_best_rank_r_fit(shape, rank):
-    from midl_convert.layers import svd_factors
+    from midl_convert.fitting import svd_factors
 
     torch.manual_seed(9)
     w = torch.randn(*shape) @ torch.diag(torch.linspace(3, 0.1, shape[1]))

@@ -139,7 +139,7 @@ def test_default_judges_a_small_grid_whole_and_screens_a_large_one():
 def test_fitting_without_the_report_fits_the_same_layer():
     import math
 
-    from midl_convert.input_layers import InputMIDLinear
+    from midl_convert.kinds.input.layer import InputMIDLinear
 
     torch.manual_seed(0)
     linear = nn.Linear(48, 24)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import midl_convert as mc
-from midl_convert.layers import MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
 from test_graph import Block, inputs
 
 
@@ -51,7 +51,8 @@ def test_overrides_rank_fraction_and_granularity():
 
 
 def test_a_rank_that_costs_more_than_dense_is_lowered_with_a_warning():
-    from midl_convert.flops import dense_flops, midl_flops_parts
+    from midl_convert.flops import dense_flops
+    from midl_convert.kinds.output.flops import midl_flops_parts
 
     with pytest.warns(UserWarning, match=r"rank lowered on .* so each still costs fewer FLOPs than dense"):
         plan, _ = mc.plan_conversion(Block(), mc.MIDLConfig(rank=10000), inputs())

@@ -6,8 +6,8 @@ from torch import nn
 
 import midl_convert as mc
 from midl_convert import kernels
-from midl_convert.input_layers import InputMIDLinear
-from midl_convert.layers import KERNEL_MAX_ROWS
+from midl_convert.kinds.input.layer import InputMIDLinear
+from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS
 from midl_convert.weight_dtype import Int8Linear, quantize_rows, set_weight_dtype, weight_dtype_of
 from test_custom_ops import INPUT_CASES, input_layer
 from test_kernels import kernel  # noqa: F401 - a fixture

@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fitting import calibrate_input_layer, fit_threshold
-from .kernels import NO_BIAS  # importing kernels registers the midl ops
-from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer
-from .weight_dtype import quantize_rows
+from ...fitting import fit_threshold, svd_factors
+from ...kernels import NO_BIAS  # importing kernels registers the midl ops
+from ...sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer
+from ...weight_dtype import quantize_rows
+from .fit import calibrate_input_layer
+from .flops import input_flops_parts
 
 # How an input-side layer centres its inputs: not at all, on each input's calibration mean or median,
 # or (auto) on whichever of the two leaves the lower output error on the calibration rows, per layer.
@@ -108,8 +110,6 @@ class InputMIDLBase(SparseLayer):
     @torch.no_grad()
     def init_from_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Copy ``W, b``; the light path starts as the SVD of ``W`` and ``c`` as the columns of ``W - U V``."""
-        from .layers import svd_factors
-
         self.weight.copy_(weight)
         if self.bias is not None and bias is not None:
             self.bias.copy_(bias)
@@ -127,13 +127,14 @@ class InputMIDLBase(SparseLayer):
         self.column_norm.copy_(rest.norm(dim=0))
 
     @torch.no_grad()
-    def quantize_int8_(self) -> None:
+    def quantize_int8_(self) -> bool:
         """int8 weights with a float32 scale per output (weight-only, ``weight_dtype.py``): the
         kernel widens the picked columns in registers and scales the sum; bias, light path and gate
         stay as they are. The last step of a conversion: nothing trains the int8 weights."""
         q, scale = quantize_rows(self.weight)
         self.weight = nn.Parameter(q.T.contiguous().T, requires_grad=False)  # columns contiguous, as before
         self.register_buffer("weight_scale", scale)
+        return True
 
     # ----- maths on rows (G, n, in) --------------------------------------------------------
     def mask_scores(self, groups: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,7 @@ class InputMIDLBase(SparseLayer):
             self.counts = None
             return s.topk(self.k, dim=-1, sorted=False).indices, None
         threshold = fit_threshold(s, self.keep) if self.training else self._threshold
-        counts = self._counts(s, threshold)
+        counts = self.mask_counts(s, threshold)
         idx = s.topk(int(counts.max()), dim=-1, sorted=True).indices  # best first
         slot = torch.arange(idx.shape[-1], device=idx.device)
         self.counts = counts  # kept for inspection only: the last call's mask sizes
@@ -209,7 +210,7 @@ class InputMIDLBase(SparseLayer):
         node that torch.compile and export keep whatever the row count."""
         y = torch.ops.midl.input_rows.default(x.reshape(x.shape[0], self.in_features), *self._kernel_args())
         if self.track_stats:
-            self._record(self.k if self._threshold is None else self._counts(self.mask_scores(x), self._threshold))
+            self._record(self.k if self._threshold is None else self.mask_counts(self.mask_scores(x), self._threshold))
         return y.unsqueeze(1)
 
     def _kernel_args(self) -> tuple:
@@ -260,8 +261,6 @@ class InputMIDLBase(SparseLayer):
 
     # ----- the interface (sparse.py) -------------------------------------------------------
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
-        from .flops import input_flops_parts
-
         return input_flops_parts(self.in_features, self.out_features, self.keep, self.rank, rows, groups,
                                  self.k if k is None else k, self.centred)
 
@@ -270,6 +269,13 @@ class InputMIDLBase(SparseLayer):
 
     def calibrate_rows(self, groups: torch.Tensor, **kwargs: Any) -> Any:
         return calibrate_input_layer(self, groups, **kwargs)
+
+    def configure(self, lp: Any) -> None:
+        super().configure(lp)
+        self.centring = lp.centre
+
+    def takes_output_weights(self, post: Any) -> bool:
+        return True
 
 
 class InputMIDLinear(LinearRows, InputMIDLBase):

@@ -33,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fitting import fit_threshold, linalg_threads
-from .kernels import KERNEL_MAX_ROWS, KERNEL_ROW_LIMIT, fused_kernel, kernel_applies, kernel_takes, tracing
-from .kernels import NO_BIAS as _NO_BIAS
-from .sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_keep, check_rank
+from ...fitting import fit_threshold, linalg_threads, svd_factors
+from ...kernels import KERNEL_MAX_ROWS, KERNEL_ROW_LIMIT, fused_kernel, kernel_applies, kernel_takes, tracing
+from ...kernels import NO_BIAS as _NO_BIAS
+from ...sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_keep, check_rank
+from .fit import calibrate_output_layer
+from .flops import midl_flops_parts
 
 Granularity = Literal["token", "sequence", "pixel", "sample"]
 GateMode = Literal["abs", "linear"]
@@ -49,33 +51,6 @@ _GATHER_CHUNK = 1 << 24
 def _channels_first(x: torch.Tensor) -> bool:
     """Rows (G, n, in) that are the pixels of channels-first images: each group is a contiguous (in, n) block."""
     return x.shape[1] > 1 and x.transpose(1, 2).is_contiguous()
-
-
-
-
-def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-r factors ``U (out, r)``, ``V (r, in)`` of ``weight`` with ``U V`` its best rank-r fit.
-
-    Computed from the eigendecomposition of the Gram matrix on the smaller side (the top singular
-    pairs agree with a full SVD to ~1e-5 relative): 4x faster than ``torch.linalg.svd`` on a
-    768x3072 layer, which is what makes converting a 100M-parameter model take seconds.
-    """
-    w = weight.detach().float()
-    out_f, in_f = w.shape
-    if rank == 0:
-        return weight.new_zeros(out_f, 0), weight.new_zeros(0, in_f)
-    wide = in_f >= out_f  # the Gram matrix on the smaller side: (out, out) if wide else (in, in)
-    with linalg_threads(w.numel()):
-        evals, evecs = torch.linalg.eigh(w @ w.T if wide else w.T @ w)
-    sing = evals.flip(0)[:rank].clamp_min(0).sqrt()
-    vecs = evecs.flip(1)[:, :rank]
-    safe = torch.where(sing > sing.max().clamp_min(1e-30) * 1e-6, sing, torch.ones_like(sing))
-    if wide:  # vecs are left singular vectors
-        u, vh = vecs, (vecs.T @ w) / safe[:, None]
-    else:  # vecs are right singular vectors
-        u, vh = (w @ vecs) / safe, vecs.T
-    root = sing.sqrt()
-    return (u * root).to(weight.dtype), (root[:, None] * vh).to(weight.dtype)
 
 
 class MIDLBase(SparseLayer):
@@ -232,7 +207,7 @@ class MIDLBase(SparseLayer):
         )
         if self.track_stats:  # adaptive: each row's count above the threshold (the op counts its own)
             self._record(self.k if self._threshold is None
-                         else self._counts(self.scores(F.linear(rows, self.light_down)), self._threshold))
+                         else self.mask_counts(self.scores(F.linear(rows, self.light_down)), self._threshold))
         return y.unsqueeze(1)
 
     def _pick(self, s: torch.Tensor) -> torch.Tensor:
@@ -250,7 +225,7 @@ class MIDLBase(SparseLayer):
         threshold = self._threshold
         if self.training:  # the batch's own quantile: training cannot buy exact neurons by raising every score
             threshold = fit_threshold(s.detach(), self.keep)
-        counts = self._counts(s.detach(), threshold).reshape(-1)  # (G,)
+        counts = self.mask_counts(s.detach(), threshold).reshape(-1)  # (G,)
         idx = self._top(s, int(counts.max()))
         ranked = torch.gather(s.detach(), -1, idx).argsort(dim=-1, descending=True, stable=True)
         idx = torch.gather(idx, -1, ranked)  # best first
@@ -327,8 +302,6 @@ class MIDLBase(SparseLayer):
 
     # ----- the interface (sparse.py) -------------------------------------------------------
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
-        from .flops import midl_flops_parts
-
         return midl_flops_parts(self.in_features, self.out_features, self.keep, self.rank, rows, groups,
                                 self.k if k is None else k)
 
@@ -339,9 +312,10 @@ class MIDLBase(SparseLayer):
         return self.scores(F.linear(groups, self.light_down).mean(1))
 
     def calibrate_rows(self, groups: torch.Tensor, **kwargs: Any) -> Any:
-        from .fitting import calibrate_output_layer
-
         return calibrate_output_layer(self, groups, **kwargs)
+
+    def takes_output_weights(self, post: Any) -> bool:
+        return post is None and self.rank > 0
 
 
 class MIDLinear(LinearRows, MIDLBase):

@@ -1,0 +1,82 @@
+"""The input side's closed-form calibration: the light path takes the inputs the mask leaves out, so it
+is fitted, whitened, to those (as R-Sparse does), and the column norms of what the exact path adds
+beyond it (``W - U V``) become the selection's scale; two rounds, since each depends on the other.
+A centred layer first takes each input's mean or median over the rows as its centre (``fit_centre``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...fitting import LayerCalibration, WhitenedSVD, fit_threshold, whitened_factors
+
+CENTRE_ROWS = 1024  # calibration rows on which "auto" centring compares the mean with the median
+
+
+@torch.no_grad()
+def calibrate_input_layer(layer: Any, groups: torch.Tensor, path: str = "", svd: WhitenedSVD | None = None,
+                          weight: torch.Tensor | None = None, rounds: int = 2, report: bool = True,
+                          **_: Any) -> LayerCalibration:
+    """Fit an input-side layer to its real input groups (G, n, in): light path on the left-out inputs
+    (whitened), column scale from ``W - U V``, adaptive threshold. With ``weight`` (out,) both are
+    measured in the output metric ``diag(weight)``: the light path fits ``diag(weight) W`` and a column
+    counts by how far its error reaches the model's output (``sensitivity.py``). ``svd`` is unused (the
+    left-out inputs change the whitening), accepted so both kinds take the same call."""
+    w = layer.weight.float()
+    x = groups.reshape(-1, layer.in_features).float()
+    exact = F.linear(x, w, None if layer.bias is None else layer.bias.float()) if report else None
+    total = (exact.pow(2).sum().item() or 1.0) if report else 1.0
+    if weight is not None and weight.shape != (layer.out_features,):
+        raise ValueError(f"weight must have shape ({layer.out_features},), one per output neuron, got {tuple(weight.shape)}")
+    scale = weight.float().clamp_min(1e-6) if weight is not None else None
+
+    def error() -> float:  # the layer's error on every row: a dense product, so only when reported
+        if not report:
+            return math.nan
+        return (exact - layer.rows_reference(groups.to(layer.weight.dtype)).reshape(exact.shape).float()).pow(2).sum().item()
+
+    layer.set_light_path(layer.light_up.detach().clone(), layer.light_down.detach().clone(), scale)  # c from W - U V
+    before = error()
+    centre = fit_centre(layer, groups) if layer.centred and layer.keep < 1.0 else None
+    if layer.keep < 1.0:
+        centred = groups - layer.centre.float() if layer.centred else groups
+        for _ in range(rounds if layer.rank > 0 else 0):
+            kept = layer.selection(groups.to(layer.weight.dtype)).float()  # (G, n, in) 1 = exact
+            rest = (centred * (1 - kept)).reshape(-1, layer.in_features)
+            if scale is None:
+                u, v = whitened_factors(w, rest, layer.rank)
+            else:  # fit diag(s) W, then map the output side back
+                u, v = whitened_factors(w * scale[:, None], rest, layer.rank)
+                u = u / scale[:, None]
+            layer.set_light_path(u, v, scale)
+        if layer.adaptive:
+            layer.threshold = fit_threshold(layer.mask_scores(groups.to(layer.weight.dtype)), layer.keep)
+    after = error()
+    how = "magnitude" if layer.rank == 0 else "magnitude, whitened light path"
+    return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (after / total) ** 0.5,
+                            how + (f", {centre} centre" if centre else "") + (", weighted" if scale is not None else ""))
+
+
+@torch.no_grad()
+def fit_centre(layer: Any, groups: torch.Tensor) -> str:
+    """Set an input-side layer's centre to each input's mean or median over the rows of ``groups``
+    (G, n, in), as ``layer.centring`` says; "auto" keeps whichever leaves the lower output error on
+    up to ``CENTRE_ROWS`` rows (the median resists the few huge activations of LLM residual streams,
+    the mean is the least-squares centre). Returns the name of the centre taken."""
+    x = groups.reshape(-1, layer.in_features).float()
+    candidates = ("mean", "median") if layer.centring == "auto" else (layer.centring,)
+    centres = {name: (x.mean(0) if name == "mean" else x.median(0).values) for name in candidates}
+    best = candidates[0]
+    if len(candidates) > 1:
+        sample = groups[: max(1, CENTRE_ROWS // groups.shape[1])].to(layer.weight.dtype)
+        exact = F.linear(sample, layer.weight, layer.bias).float()
+        errors = {}
+        for name, mu in centres.items():
+            layer.centre.copy_(mu)
+            errors[name] = (layer.rows_reference(sample).float() - exact).pow(2).sum().item()
+        best = min(errors, key=errors.get)
+    layer.centre.copy_(centres[best])
+    return best

@@ -1,0 +1,27 @@
+"""FLOPs of an input-side layer, term by term as its ``mix_rows`` computes them."""
+from __future__ import annotations
+
+from ...flops import dense_flops
+
+
+def input_flops_parts(
+    in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int, k: float, centred: bool = False
+) -> dict[str, int]:
+    """FLOPs of each step of an input-side layer (``input_layers.py``) over ``rows`` rows in ``groups`` masks.
+
+    The light path runs on every row's left-out inputs as a dense product (``V`` reads all of
+    ``in``); the exact path reads the ``k`` selected columns of ``W``. A ``centred`` layer subtracts
+    its centre from every input first (``W centre`` is folded into the bias once, not per row).
+    """
+    if keep >= 1.0:
+        return {"dense": dense_flops(in_features, out_features, rows)}
+    r, out = rank, out_features
+    return {
+        **({"centre": in_features * rows} if centred else {}),  # x - centre on every row
+        "score": 2 * in_features * rows + in_features * groups,  # |x| (pooled over a group's rows), times g c per mask
+        "topk": in_features * groups,  # one pass over the scores per mask
+        "exact": round(2 * k * out * rows),  # the k selected columns of W (k a mean, for adaptive masks)
+        "light_down": 2 * r * in_features * rows,  # V on the left-out inputs
+        "light_up": 2 * r * out * rows,
+        "blend": out * rows,  # bias (and the light path's sum)
+    }
