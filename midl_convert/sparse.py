@@ -234,15 +234,8 @@ class LinearRows:
 
     def merge_and_unload(self) -> nn.Module:
         """The original dense module (``nn.Linear`` or HF ``Conv1D``) with the current ``W, b``, in
-        the layer's dtype: an int8 layer gives back an ``Int8Linear`` (an HF ``Conv1D`` its
-        dequantised float32 weight)."""
-        scale = self._buffers.get("weight_scale")
-        if scale is not None and not self.transposed:
-            from .weight_dtype import Int8Linear
-
-            dense = Int8Linear(self.in_features, self.out_features, self.bias is not None, self.weight.device)
-            dense.set_int8(self.weight.detach(), scale, self.bias)
-            return dense
+        the layer's dtype (an int8 layer's dequantised float32 weight; a kind that holds int8 weights
+        gives back its own int8 module instead)."""
         if self.transposed:
             from transformers.pytorch_utils import Conv1D
 

@@ -27,6 +27,18 @@ def sentences(text: str) -> list[str]:
     return out
 
 
+def text_sentences() -> list[str]:
+    """English sentences from the help topics that ship with Python (``pydoc_data.topics``)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", topics[name])):
+            if 40 <= len(sent) <= 300 and sent[0].isupper() and not re.search(r"[{}<>=*]{2}|\*\*\*", sent):
+                out.append(sent)
+    return list(dict.fromkeys(out))
+
+
 @functools.lru_cache(maxsize=1)
 def stdlib_docstrings() -> tuple[str, ...]:
     """Sentences of the standard library's module, class and function docstrings (parsed, not imported;
@@ -64,6 +76,4 @@ def package_descriptions() -> list[str]:
 def mixed() -> list[str]:
     """Every source above, deduplicated: 14,340 sentences on Python 3.11 with the ``demo`` extra installed
     (1,607 of them help topics)."""
-    from .data import text_sentences
-
     return list(dict.fromkeys([*text_sentences(), *stdlib_docstrings(), *package_descriptions()]))

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import midl_convert as mc
-from midl_convert.data import HELDOUT_PHOTOS, TRAIN_PHOTOS, load_data, text_sentences
+from midl_convert.data import HELDOUT_PHOTOS, TRAIN_PHOTOS, load_data
+from midl_convert.text_sources import text_sentences
 
 
 @pytest.fixture(scope="module")

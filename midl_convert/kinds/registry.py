@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -16,8 +16,22 @@ from torch import nn
 from ..flops import dense_flops
 from ..sparse import SparseLayer, weight_matrix
 
-if TYPE_CHECKING:
-    from ..surgery import LayerPlan
+
+
+class LayerSettings(Protocol):
+    """What ``build_layer`` reads of a plan for one layer (``surgery.LayerPlan`` has it all)."""
+
+    kind: str  # the target: "linear", "conv1d" (HF Conv1D) or "conv2d"
+    side: str  # the registered kind to build
+    in_features: int
+    out_features: int
+    keep: float
+    rank: int
+    granularity: str
+    norm: str | None
+    activation: str | None
+    adaptive: bool
+    centre: str
 
 # How ``build_layer`` fills a new layer's tensors:
 # copy: initialised from the dense module (SVD light path and the like); empty: shapes only, for loading
@@ -98,7 +112,7 @@ def kind_for(name: str) -> Kind:
         raise ValueError(f"no sparse-layer kind {name!r}; registered: {', '.join(_KINDS)}") from None
 
 
-def build_layer(module: nn.Module, lp: LayerPlan, weights: str = "copy", device: Any = None) -> SparseLayer:
+def build_layer(module: nn.Module, lp: LayerSettings, weights: str = "copy", device: Any = None) -> SparseLayer:
     """The sparse layer of ``lp``'s settings (kind ``lp.side``) in place of ``module``.
 
     ``weights`` (``WEIGHTS``) says how its tensors are filled; ``device="meta"`` with ``"empty"``
