@@ -19,6 +19,7 @@ from torch import nn
 from .downstream import follow
 from .flops import dense_flops
 from .running import watching
+from .sparse import is_conv1d
 
 # Ordered (regex on the module path, role); first match wins. Data, not branches.
 ROLE_RULES: list[tuple[str, str]] = [
@@ -105,7 +106,7 @@ def target_kind(module: nn.Module) -> str | None:
     """The target kind of a module, or None if MID-L does not apply to it."""
     if isinstance(module, nn.Linear) and _plain_forward(module, nn.Linear):
         return "linear"
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+    if is_conv1d(module):
         return "conv1d"
     if (
         isinstance(module, nn.Conv2d)

@@ -31,6 +31,7 @@ from .errors import MIDLError
 from .files import cache_dir, write_atomic
 from .kinds import build_layer
 from .running import run_model, watching
+from .sparse import new_conv1d, sparse_layers
 
 CACHE_VERSION = 3  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode
 REPEATS = 15  # interleaved rounds per timing; the median is kept
@@ -135,12 +136,9 @@ class LayerShape:
         if self.kind == "conv2d":
             return nn.Conv2d(self.in_features, self.out_features, 1, self.stride, self.padding, bias=self.bias)
         if self.kind == "conv1d":
-            from transformers.pytorch_utils import Conv1D
-
-            layer = Conv1D(self.out_features, self.in_features)
-            nn.init.normal_(layer.weight, std=0.02)
-            if not self.bias:
-                layer.bias = None
+            layer = new_conv1d(self.in_features, self.out_features)
+            if self.bias:
+                layer.bias = nn.Parameter(torch.zeros(self.out_features))
             return layer
         return nn.Linear(self.in_features, self.out_features, bias=self.bias)
 
@@ -286,8 +284,6 @@ def end_to_end(teacher: nn.Module, student: nn.Module, example_inputs: Any, repe
 
 def layer_times(model: nn.Module, step: Callable[[], Any], repeats: int = REPEATS) -> dict[str, tuple[float, float]]:
     """Each sparse layer's (dense, converted) seconds on the input it got in one ``step`` of the model."""
-    from .sparse import sparse_layers
-
     layers = sparse_layers(model)
     inputs: dict[str, torch.Tensor] = {}
     with watching(layers, lambda p, m, x: inputs.setdefault(p, x.detach().clone())), torch.inference_mode():

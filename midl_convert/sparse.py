@@ -237,12 +237,8 @@ class LinearRows:
         the layer's dtype (an int8 layer's dequantised float32 weight; a kind that holds int8 weights
         gives back its own int8 module instead)."""
         if self.transposed:
-            from transformers.pytorch_utils import Conv1D
-
-            dense = Conv1D(self.out_features, self.in_features)
-            dense.weight = nn.Parameter(self.dense_weight().detach().T.contiguous())
-            dense.bias = nn.Parameter(self.bias.detach().clone()) if self.bias is not None else None
-            return dense.to(self.weight.device)
+            return new_conv1d(self.in_features, self.out_features, self.dense_weight().detach(),
+                              None if self.bias is None else self.bias.detach())
         dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                           device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
@@ -266,7 +262,7 @@ class LinearRows:
     @staticmethod
     def dense_of(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """``(W (out, in), b, transposed)`` of an ``nn.Linear`` or an HF ``Conv1D`` (a Linear stored transposed)."""
-        transposed = type(linear).__name__ == "Conv1D" and not isinstance(linear, nn.Linear)
+        transposed = is_conv1d(linear)
         return (linear.weight.T if transposed else linear.weight), linear.bias, transposed
 
 
@@ -345,6 +341,29 @@ class ConvRows:
                 f"a sparse 1x1 conv needs a 1x1 conv with groups=1 and numeric zero padding, got kernel_size="
                 f"{conv.kernel_size}, groups={conv.groups}, padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
             )
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for a Hugging Face ``Conv1D`` (GPT-2's Linear, its weight stored ``(in, out)``): recognised by
+    name, so that transformers need not be imported to ask."""
+    return (type(module).__name__ == "Conv1D" and not isinstance(module, nn.Linear)
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
+def new_conv1d(in_features: int, out_features: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> nn.Module:
+    """An HF ``Conv1D`` with ``W (out, in)`` and ``b`` copied in (stored transposed, as it keeps them), or
+    random (std 0.02, as transformers initialises it) and without a bias when ``weight`` is None."""
+    from transformers.pytorch_utils import Conv1D  # only models that have Conv1D layers get here
+
+    layer = Conv1D(out_features, in_features)
+    if weight is None:
+        nn.init.normal_(layer.weight, std=0.02)
+        layer.bias = None
+        return layer
+    layer.weight = nn.Parameter(weight.T.contiguous())
+    layer.bias = nn.Parameter(bias.clone()) if bias is not None else None
+    return layer.to(weight.device)
 
 
 def weight_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
