@@ -1,0 +1,176 @@
+"""The layer budget's options: the (side, keep, rank) grid each candidate layer tries, and what each
+option costs in FLOPs on the example input, counted as the report counts them
+(``flops.midl_flops_parts`` on the example input's calls, the rest of the model by ``FlopCounterMode``),
+gate and light path included. ``Option``, ``LayerCost`` and ``Measurements`` carry the options and
+their FLOPs, seconds and damage from measuring (``budget_damage.py``) to the knapsack
+(``budget_knapsack.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .config import MIDLConfig, resolve_rank
+from .flops import dense_flops
+from .matching import matches
+from .sparse import SparseLayer
+from .surgery import LayerPlan, _midl_layer
+
+AXES = ("flops", "time")  # what the knapsack spends: FLOPs on the example input, or measured seconds
+
+
+@dataclass
+class Option:
+    """One (side, keep, rank) setting of one layer: its FLOPs (and seconds, when timed) and measured damage."""
+
+    keep: float
+    rank: int
+    flops: int
+    damage: float
+    side: str = "output"
+    seconds: float | None = None  # per call of the model at its real call shape (``latency.py``)
+
+    def cost(self, axis: str) -> float:
+        return self.flops if axis == "flops" else self.seconds
+
+
+@dataclass
+class LayerCost:
+    """What converting one layer costs and saves, per option."""
+
+    path: str
+    dense_flops: int
+    options: list[Option]
+    dense_seconds: float | None = None
+
+    def dense(self, axis: str) -> float:
+        return self.dense_flops if axis == "flops" else self.dense_seconds
+
+    def saved(self, option: Option | None, axis: str = "flops") -> float:
+        return 0 if option is None else self.dense(axis) - option.cost(axis)
+
+
+@dataclass
+class Measurements:
+    """The budget's input: the dense model's cost and every candidate layer's options, on one axis:
+    ``flops`` (``dense_total``, ``fixed_saved``) or ``time`` (``dense_time``, ``fixed_saved_time``, seconds)."""
+
+    dense_total: int
+    layers: dict[str, LayerCost]
+    fixed_saved: int  # FLOPs saved by layers the user pinned with an override (not chosen by the budget)
+    seconds: float
+    key: str
+    cached: bool = False
+    axis: str = "flops"
+    dense_time: float | None = None  # the whole dense model, seconds per call at its real call shape
+    fixed_saved_time: float = 0.0
+    call: str | None = None  # the call shape times were measured on
+
+    @property
+    def total(self) -> float:
+        return self.dense_total if self.axis == "flops" else self.dense_time
+
+    @property
+    def fixed(self) -> float:
+        return self.fixed_saved if self.axis == "flops" else self.fixed_saved_time
+
+    def saved(self, choice: dict[str, Option | None]) -> float:
+        """Cost saved on this axis by ``choice`` (pinned layers included)."""
+        return self.fixed + sum(self.layers[p].saved(o, self.axis) for p, o in choice.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense_total": self.dense_total, "fixed_saved": self.fixed_saved, "seconds": self.seconds, "key": self.key,
+                "layers": {p: {"dense_flops": c.dense_flops, "options": [asdict(o) for o in c.options]} for p, c in self.layers.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Measurements":
+        layers = {p: LayerCost(p, c["dense_flops"], [Option(**o) for o in c["options"]]) for p, c in d["layers"].items()}
+        return cls(d["dense_total"], layers, d["fixed_saved"], d["seconds"], d["key"], cached=True)
+
+
+# ----- FLOPs of a plan on the example input ---------------------------------------------------
+def _shell(module: nn.Module, lp: LayerPlan) -> SparseLayer:
+    """A MID-L layer of ``lp``'s settings on the meta device: its ``groups_of`` and ``k``, no memory."""
+    return _midl_layer(_MetaView(module), lp, init=False)  # type: ignore[arg-type]
+
+
+class _MetaView:
+    """What ``_midl_layer(init=False)`` reads from a module (weight device/dtype, bias, conv geometry), on meta."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.weight = torch.empty(0, device="meta", dtype=module.weight.dtype)
+        self.bias = None if module.bias is None else self.weight
+        self.stride, self.padding = getattr(module, "stride", (1, 1)), getattr(module, "padding", (0, 0))
+
+
+def input_shapes(model: nn.Module, paths: Iterable[str], example_inputs: Any) -> dict[str, list[tuple[int, ...]]]:
+    """The input shape of every call of each module in ``paths`` on the example input."""
+    from .flops import _forward
+
+    shapes: dict[str, list[tuple[int, ...]]] = {p: [] for p in paths}
+    handles = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: shapes[p].append(tuple(a[0].shape)))
+               for p in shapes]
+    try:
+        with torch.no_grad():
+            _forward(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def option_flops(module: nn.Module, lp: LayerPlan, shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
+    """(dense, MID-L) FLOPs of ``module`` converted as ``lp`` over calls with these input shapes."""
+    shell = _shell(module, lp)
+    dense = midl = 0
+    for shape in shapes:
+        grouped = shell.groups_of(torch.empty(shape, device="meta"))
+        rows, groups = grouped.shape[0] * grouped.shape[1], grouped.shape[0]
+        dense += dense_flops(lp.in_features, lp.out_features, rows)
+        midl += sum(shell.flops_parts(rows, groups).values())
+    return dense, midl
+
+
+def _pinned(lp: LayerPlan, config: MIDLConfig) -> bool:
+    """An override that sets ``keep`` fixes the layer: per-pattern settings win over the budget."""
+    return any(o.keep is not None and any(matches(o.match, n) for n in [lp.path, *lp.aliases]) for o in config.overrides)
+
+
+def _override_rank(lp: LayerPlan, config: MIDLConfig) -> bool:
+    return any(o.rank is not None and any(matches(o.match, n) for n in [lp.path, *lp.aliases]) for o in config.overrides)
+
+
+def grid(lp: LayerPlan, config: MIDLConfig) -> list[tuple[str, float, int]]:
+    """The (side, keep, rank) settings tried on one layer: each side ``lp.side`` allows ("auto": both)
+    with its own keeps and ranks; a rank the user named (``config.fixed_rank``) replaces both rank
+    grids, and an override's rank replaces that."""
+    out = []
+    for side, keeps, ranks in (("output", config.budget_keeps, config.budget_ranks),
+                               ("input", config.budget_input_keeps, config.budget_input_ranks)):
+        if lp.side not in (side, "auto"):
+            continue
+        ranks = ranks if config.fixed_rank is None else [config.fixed_rank]
+        ranks = [lp.rank] if _override_rank(lp, config) else [resolve_rank(r, lp.in_features, lp.out_features) for r in ranks]
+        out += [(side, k, r) for k in sorted(set(keeps)) if k < 1.0 for r in sorted(set(ranks))]
+    return out
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) view of a Linear, HF Conv1D or 1x1 conv weight, without copying."""
+    w = module.weight
+    if type(module).__name__ == "Conv1D" and not isinstance(module, nn.Linear):
+        return w.T
+    return w.reshape(w.shape[0], -1)
+
+
+def _sharing(module: nn.Module, lp: LayerPlan) -> SparseLayer:
+    """A MID-L layer with ``lp``'s settings whose ``W, b`` are the module's own tensors (no copy)."""
+    layer = _midl_layer(module, lp, init=False)
+    layer.weight = nn.Parameter(_dense_weight(module).detach(), requires_grad=False)
+    if module.bias is not None:
+        layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    layer.eval()
+    return layer
