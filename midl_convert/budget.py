@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .budget_damage import damage_batches, judged_per_layer, measure, measure_damage
-from .budget_knapsack import allocate, check_flops_reachable, check_reachable, max_ratio, predicted_ratio
-from .budget_options import AXES, LayerCost, Measurements, Option, grid, input_shapes, option_flops
+from .budget_knapsack import allocate, check_reachable, max_ratio, predicted_ratio
+from .budget_options import AXES, LayerCost, Measurements, Option, grid, input_shapes, option_costs, option_flops
 from .config import MIDLConfig
 from .data import Batch
 from .errors import MIDLError
@@ -41,7 +41,6 @@ def budget_plan(
     if config.target is None:
         raise MIDLError("budget_plan needs MIDLConfig(flops_ratio=...) or MIDLConfig(speedup=...), e.g. flops_ratio=1.5")
     axis, target = config.target
-    check_flops_reachable(model, plan, config, example_inputs)
     m = measure(model, plan, config, batches, kind, example_inputs, whiten, use_cache, progress)
     choice = allocate(m, target)
     layers = []
@@ -78,6 +77,6 @@ def budget_plan(
     return new
 
 
-__all__ = ["AXES", "LayerCost", "Measurements", "Option", "allocate", "budget_plan", "check_flops_reachable", "check_reachable",
-           "damage_batches", "grid", "input_shapes", "judged_per_layer", "max_ratio", "measure", "measure_damage", "option_flops",
+__all__ = ["AXES", "LayerCost", "Measurements", "Option", "allocate", "budget_plan", "check_reachable", "damage_batches", "grid",
+           "input_shapes", "judged_per_layer", "max_ratio", "measure", "measure_damage", "option_costs", "option_flops",
            "predicted_ratio"]

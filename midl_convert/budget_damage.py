@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from .budget_knapsack import check_reachable
-from .budget_options import (LayerCost, Measurements, Option, _dense_weight, _pinned, _sharing, grid, input_shapes,
-                             option_flops)
+from .budget_options import Measurements, _dense_weight, _sharing, option_costs
 from .calibrate import collect_groups
 from .config import MIDLConfig
 from .data import Batch
@@ -33,7 +32,6 @@ from .downstream import post_fn
 from .errors import MIDLError
 from .files import cache_dir, write_atomic
 from .fitting import linalg_threads, whitened_svd
-from .flops import count_flops
 from .log import logger, progress_bar
 from .processes import gather, my_share
 from .quality import distill_loss, model_output, positions
@@ -239,7 +237,8 @@ def measure(
     the cache when the same inputs were measured.
 
     The first ``damage_batches(config, batches)`` of ``batches`` measure the damage; the rest fit each
-    option. A speed-up the timed options cannot reach raises before any damage is measured.
+    option. A target the options cannot reach (``max_ratio``) raises before any damage is measured: a
+    FLOPs ratio as soon as the options are counted, a speed-up once they are timed.
     """
     if not batches:
         raise MIDLError("the layer budget needs calibration batches to measure damage; pass a few batches of real data")
@@ -247,31 +246,11 @@ def measure(
     batches, fit_batches = batches[:judged], batches[judged:]
     start = time.perf_counter()
     axis = config.target[0] if config.target else "flops"
-    converted = plan.converted
-    fixed = [lp for lp in converted if _pinned(lp, config)]
-    candidates = [lp for lp in converted if not _pinned(lp, config)]
-    shapes = input_shapes(model, [lp.path for lp in converted], example_inputs)
-    trials: dict[str, list[LayerPlan]] = {}
-    costs: dict[str, LayerCost] = {}
-    for lp in candidates:
-        module = model.get_submodule(lp.path)
-        options = []
-        dense, _ = option_flops(module, replace(lp, keep=1.0, side="output"), shapes[lp.path])
-        for side, keep, rank in grid(lp, config):
-            trial = replace(lp, keep=keep, rank=rank, side=side)
-            _, midl = option_flops(module, trial, shapes[lp.path])
-            if midl < dense or axis == "time":  # on the time axis the clock decides what pays
-                options.append((trial, midl))
-        costs[lp.path] = LayerCost(lp.path, dense, [Option(o.keep, o.rank, f, 0.0, o.side) for o, f in options])
-        trials[lp.path] = [o for o, _ in options]
-    fixed_saved = 0
-    for lp in fixed:
-        dense, midl = option_flops(model.get_submodule(lp.path), lp, shapes[lp.path])
-        fixed_saved += dense - midl
-    m = Measurements(count_flops(model, example_inputs), costs, fixed_saved, 0.0, "", axis=axis)
+    m, trials, fixed, shapes = option_costs(model, plan, config, example_inputs, axis)
     if axis == "time":
         _time_options(model, m, trials, fixed, shapes, example_inputs, use_cache)
-        check_reachable(m, config.speedup)  # before any damage is measured: an impossible target fails in seconds
+    if config.target is not None:  # before any damage is measured: an impossible target fails in seconds
+        check_reachable(m, config.target[1], config.fixed_rank)
     todo = {p: t for p, t in trials.items() if t}
     judge = judged_per_layer(config.budget_judge, sum(len(t) for t in todo.values()))  # None: every option
     m.key = cache_key(model, todo, [*batches, *fit_batches], kind, example_inputs, whiten, fixed, len(batches),
@@ -281,10 +260,10 @@ def measure(
     if stored is not None:
         damage = {p: [o.damage for o in stored.layers[p].options] for p in todo}
     else:
-        saved = {p: [costs[p].saved(o, axis) for o in costs[p].options] for p in todo}
+        saved = {p: [m.layers[p].saved(o, axis) for o in m.layers[p].options] for p in todo}
         damage = measure_damage(model, todo, batches, kind, whiten, progress, fit_batches, saved, judge)
     for p, values in damage.items():
-        for option, value in zip(costs[p].options, values):
+        for option, value in zip(m.layers[p].options, values):
             option.damage = value
     m.seconds, m.cached = (stored.seconds, True) if stored is not None else (time.perf_counter() - start, False)
     if use_cache and stored is None:

@@ -11,46 +11,41 @@ causal LM), the whole model's dense time measured end to end, the untouched part
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
-
 import torch
-from torch import nn
 
-from .budget_options import Measurements, Option, _pinned, grid, input_shapes, option_flops
-from .config import MIDLConfig
+from .budget_options import Measurements, Option
 from .errors import MIDLError
-from .flops import count_flops
-from .surgery import Plan
 
 
-def max_ratio(m: Measurements) -> float:
-    """The highest whole-model ratio (FLOPs or speed-up, by ``m.axis``) these options can reach: every
-    layer at its cheapest option, or dense where no option saves."""
+def cheapest(m: Measurements, convert_all: bool = False) -> dict[str, Option | None]:
+    """Every layer at its cheapest option on ``m.axis``, or dense where no option saves (``convert_all``:
+    converted even where that costs more than dense)."""
     best = {p: max(c.options, key=lambda o, c=c: c.saved(o, m.axis), default=None) for p, c in m.layers.items()}
-    return predicted_ratio(m, {p: o if o is not None and m.layers[p].saved(o, m.axis) > 0 else None for p, o in best.items()})
+    if convert_all:
+        return best
+    return {p: o if o is not None and m.layers[p].saved(o, m.axis) > 0 else None for p, o in best.items()}
 
 
-def all_converted_ratio(m: Measurements) -> float:
-    """The ratio with every candidate at its cheapest option, even where that costs more than dense."""
-    return predicted_ratio(m, {p: max(c.options, key=lambda o, c=c: c.saved(o, m.axis), default=None)
-                               for p, c in m.layers.items()})
+def max_ratio(m: Measurements, convert_all: bool = False) -> float:
+    """The highest whole-model ratio (FLOPs or speed-up, by ``m.axis``) these options reach: the one
+    place reachability is worked out (before measuring, in ``allocate`` and in the plan's summary)."""
+    return predicted_ratio(m, cheapest(m, convert_all))
 
 
-def check_reachable(m: Measurements, target: float) -> None:
-    """Raise, naming the highest reachable figure, when ``target`` is out of the options' reach."""
+def check_reachable(m: Measurements, target: float, named_rank: float | None = None) -> None:
+    """Raise, naming the highest reachable figure, when ``target`` is out of the options' reach;
+    ``named_rank`` (``MIDLConfig.fixed_rank``) is named in the FLOPs message as a limit the user set."""
     reachable = max_ratio(m)
     if reachable >= target:
         return
     if m.axis == "flops":
-        raise MIDLError(
-            f"flops_ratio {target:g} cannot be reached: the highest whole-model ratio with these layers and settings is "
-            f"{reachable:.3f}x; ask for at most that, or convert more layers (include, skip_head) or try lower keeps "
-            f"(budget_keeps)"
-        )
+        fixed = "" if named_rank is None else f" at the rank you named ({named_rank:g}; drop --rank to let the budget choose)"
+        raise MIDLError(f"flops_ratio {target:g} cannot be reached: the highest whole-model ratio with every "
+                        f"layer at its cheapest keep and rank{fixed} is {reachable:.3f}x (counted before measuring); ask for at "
+                        f"most that, or convert more layers (include, skip_head) or try lower keeps (budget_keeps)")
     slow = "" if reachable > 1.0 else (
         f" (no option of any layer ran faster than the dense layer there; converting every layer at its fastest option "
-        f"gives {all_converted_ratio(m):.3f}x)")
+        f"gives {max_ratio(m, convert_all=True):.3f}x)")
     raise MIDLError(
         f"speedup {target:g} cannot be reached on this machine at the model's call shape ({m.call}, "
         f"{torch.get_num_threads()} threads): the highest reachable whole-model speed-up is {reachable:.3f}x{slow}; "
@@ -91,7 +86,7 @@ def allocate(m: Measurements, target: float) -> dict[str, Option | None]:
         lo, hi = (mid, hi) if saved(pick(mid)) < need else (lo, mid)
     choice = pick(hi)
     if saved(choice) < need:  # pragma: no cover - guarded by check_reachable above
-        choice = {p: max(c.options, key=lambda o, c=c: c.saved(o, axis), default=None) for p, c in m.layers.items()}
+        choice = cheapest(m, convert_all=True)
     return _give_back(m, choice, need)
 
 
@@ -121,23 +116,3 @@ def predicted_ratio(m: Measurements, choice: dict[str, Option | None]) -> float:
     if m.axis == "flops":
         return m.dense_total / max(1, m.dense_total - m.saved(choice))
     return m.dense_time / max(1e-12, m.dense_time - m.saved(choice))
-
-
-def check_flops_reachable(model: nn.Module, plan: Plan, config: MIDLConfig, example_inputs: Any) -> float:
-    """The highest ratio any choice of options reaches, from FLOPs alone (every candidate at its cheapest
-    grid option); raises before minutes of measuring when ``config.flops_ratio`` is above it."""
-    shapes = input_shapes(model, [lp.path for lp in plan.converted], example_inputs)
-    saved = 0
-    for lp in plan.converted:
-        module = model.get_submodule(lp.path)
-        dense, _ = option_flops(module, replace(lp, keep=1.0, side="output"), shapes[lp.path])
-        trials = [lp] if _pinned(lp, config) else [replace(lp, keep=k, rank=r, side=s) for s, k, r in grid(lp, config)]
-        saved += max([dense - option_flops(module, t, shapes[lp.path])[1] for t in trials] + [0])
-    total = count_flops(model, example_inputs)
-    reachable = total / max(1, total - saved)
-    if config.flops_ratio is not None and reachable < config.flops_ratio:
-        fixed = "" if config.fixed_rank is None else f" at the rank you named ({config.fixed_rank:g}; drop --rank to let the budget choose)"
-        raise MIDLError(f"flops_ratio {config.flops_ratio:g} cannot be reached: the highest whole-model ratio with every "
-                        f"layer at its cheapest keep and rank{fixed} is {reachable:.3f}x (counted before measuring); ask for at "
-                        f"most that, or convert more layers (include, skip_head) or try lower keeps (budget_keeps)")
-    return reachable

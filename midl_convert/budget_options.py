@@ -7,17 +7,17 @@ their FLOPs, seconds and damage from measuring (``budget_damage.py``) to the kna
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .config import MIDLConfig, resolve_rank
-from .flops import dense_flops
+from .flops import count_flops, dense_flops
 from .matching import matches
 from .sparse import SparseLayer
-from .surgery import LayerPlan, _midl_layer
+from .surgery import LayerPlan, Plan, _midl_layer
 
 AXES = ("flops", "time")  # what the knapsack spends: FLOPs on the example input, or measured seconds
 
@@ -174,3 +174,36 @@ def _sharing(module: nn.Module, lp: LayerPlan) -> SparseLayer:
         layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
     layer.eval()
     return layer
+
+
+def option_costs(
+    model: nn.Module, plan: Plan, config: MIDLConfig, example_inputs: Any, axis: str = "flops",
+) -> tuple[Measurements, dict[str, list[LayerPlan]], list[LayerPlan], dict[str, list[tuple[int, ...]]]]:
+    """Every candidate's grid options with their FLOPs on the example input (damage still 0), the
+    pinned layers' saving and the dense model's FLOPs, as ``Measurements`` on ``axis``; with each
+    candidate's options as plans, the pinned layers and every layer's input shapes.
+
+    On the FLOPs axis an option that saves no FLOPs is dropped; on the time axis the clock decides."""
+    converted = plan.converted
+    fixed = [lp for lp in converted if _pinned(lp, config)]
+    candidates = [lp for lp in converted if not _pinned(lp, config)]
+    shapes = input_shapes(model, [lp.path for lp in converted], example_inputs)
+    trials: dict[str, list[LayerPlan]] = {}
+    costs: dict[str, LayerCost] = {}
+    for lp in candidates:
+        module = model.get_submodule(lp.path)
+        options = []
+        dense, _ = option_flops(module, replace(lp, keep=1.0, side="output"), shapes[lp.path])
+        for side, keep, rank in grid(lp, config):
+            trial = replace(lp, keep=keep, rank=rank, side=side)
+            _, midl = option_flops(module, trial, shapes[lp.path])
+            if midl < dense or axis == "time":  # on the time axis the clock decides what pays
+                options.append((trial, midl))
+        costs[lp.path] = LayerCost(lp.path, dense, [Option(o.keep, o.rank, f, 0.0, o.side) for o, f in options])
+        trials[lp.path] = [o for o, _ in options]
+    fixed_saved = 0
+    for lp in fixed:
+        dense, midl = option_flops(model.get_submodule(lp.path), lp, shapes[lp.path])
+        fixed_saved += dense - midl
+    m = Measurements(count_flops(model, example_inputs), costs, fixed_saved, 0.0, "", axis=axis)
+    return m, trials, fixed, shapes

@@ -141,7 +141,7 @@ def test_unreachable_target_fails_before_measuring(monkeypatch):
     model = Stack()
     config = MIDLConfig(flops_ratio=1.01, budget_keeps=[0.25, 0.5, 0.75], budget_ranks=[2, 4], select="output")
     plan, _ = plan_conversion(model, config.model_copy(update={"flops_ratio": None}), (torch.randn(1, 32),))
-    bound = budget.check_flops_reachable(model, plan, config, (torch.randn(1, 32),))
+    bound = budget.max_ratio(budget.option_costs(model, plan, config, (torch.randn(1, 32),))[0])  # FLOPs alone
     with pytest.raises(MIDLError, match=rf"flops_ratio 100 cannot be reached: .* is {bound:.3f}x \(counted before measuring\)"):
         plan_for(model, 100.0, select="output")
     monkeypatch.undo()

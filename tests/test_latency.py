@@ -12,7 +12,7 @@ from rich.console import Console
 from torch import nn
 
 import midl_convert as mc
-from midl_convert import LayerPlan, MIDLConfig, MIDLError, budget_damage, latency, plan_conversion
+from midl_convert import LayerPlan, MIDLConfig, MIDLError, budget_damage, budget_knapsack, budget_options, latency, plan_conversion
 from midl_convert.budget import LayerCost, Measurements, Option, allocate, predicted_ratio
 from midl_convert.data import Batch
 from midl_convert.report import Report, build_report, slower_reason
@@ -114,6 +114,20 @@ def test_speedup_budget_allocates_on_measured_time(monkeypatch):
     assert set(latency.working_sets) == {weights}  # each option timed over the model's weights, not hot
     assert all(lp.side == "input" for todo in measured for options in todo.values() for lp in options)
     assert all(lp.side == "input" for lp in plan.converted)
+
+
+def test_speedup_budget_checks_reach_on_time_only(monkeypatch):
+    """Under ``speedup`` reachability is checked on measured time alone: options that cost more FLOPs than
+    dense but run faster are allocated, and no FLOPs check counts the example input a second time."""
+    fake_clock(monkeypatch, {"output": 1.5, "input": 0.5})
+    axes, counted = [], []
+    real_ratio, real_shapes = budget_knapsack.max_ratio, budget_options.input_shapes
+    monkeypatch.setattr(budget_knapsack, "max_ratio", lambda m, *a, **k: axes.append(m.axis) or real_ratio(m, *a, **k))
+    monkeypatch.setattr(budget_options, "input_shapes", lambda *a: counted.append(1) or real_shapes(*a))
+    grid = dict(SMALL_GRID, budget_input_keeps=[0.9], budget_input_ranks=[16])  # input side: more FLOPs than dense
+    plan, _ = plan_conversion(Stack(), MIDLConfig(speedup=1.2, **grid), (torch.randn(16, 32),), batches())
+    assert plan.budget["predicted_ratio"] >= 1.2 and plan.budget["predicted_flops_ratio"] < 1.0
+    assert axes and set(axes) == {"time"} and counted == [1]
 
 
 def tiny_llama():
