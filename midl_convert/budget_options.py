@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import MIDLConfig, resolve_rank
 from .flops import count_flops, dense_flops
-from .matching import matches
+from .matching import overrides_for
 from .sparse import SparseLayer
 from .surgery import LayerPlan, Plan, _midl_layer
 
@@ -136,11 +136,11 @@ def option_flops(module: nn.Module, lp: LayerPlan, shapes: Sequence[tuple[int, .
 
 def _pinned(lp: LayerPlan, config: MIDLConfig) -> bool:
     """An override that sets ``keep`` fixes the layer: per-pattern settings win over the budget."""
-    return any(o.keep is not None and any(matches(o.match, n) for n in [lp.path, *lp.aliases]) for o in config.overrides)
+    return any(o.keep is not None for o in overrides_for(config.overrides, [lp.path, *lp.aliases]))
 
 
 def _override_rank(lp: LayerPlan, config: MIDLConfig) -> bool:
-    return any(o.rank is not None and any(matches(o.match, n) for n in [lp.path, *lp.aliases]) for o in config.overrides)
+    return any(o.rank is not None for o in overrides_for(config.overrides, [lp.path, *lp.aliases]))
 
 
 def grid(lp: LayerPlan, config: MIDLConfig) -> list[tuple[str, float, int]]:
