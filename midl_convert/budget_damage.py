@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import latency
 from .budget_knapsack import check_reachable
 from .budget_options import Measurements, _dense_weight, _sharing, option_costs
 from .calibrate import collect_groups
@@ -304,8 +305,6 @@ def _time_options(
     """Put seconds on ``m``: each candidate's dense time and each option's, at the model's real call
     shape, keeping only options faster than the dense layer; the pinned layers' saving; the dense
     model's time end to end. Each distinct (layer shape, call shape, option set) is timed once."""
-    from . import latency
-
     causal = latency.is_causal_lm(model)
     m.call = latency.DECODE if causal else "example input"
     memo: dict[Any, tuple[float, list[float]]] = {}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import MIDLConfig, resolve_rank
-from .flops import count_flops, dense_flops
+from .flops import _forward, count_flops, dense_flops
 from .matching import overrides_for
 from .sparse import SparseLayer
 from .surgery import LayerPlan, Plan, _midl_layer
@@ -108,8 +108,6 @@ class _MetaView:
 
 def input_shapes(model: nn.Module, paths: Iterable[str], example_inputs: Any) -> dict[str, list[tuple[int, ...]]]:
     """The input shape of every call of each module in ``paths`` on the example input."""
-    from .flops import _forward
-
     shapes: dict[str, list[tuple[int, ...]]] = {p: [] for p in paths}
     handles = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: shapes[p].append(tuple(a[0].shape)))
                for p in shapes]

@@ -12,6 +12,7 @@ import functools
 import os
 import re
 import sysconfig
+from importlib import metadata
 
 _SPLIT = re.compile(r"(?<=[.!?])\s+")
 _CODE = re.compile(r"[{}<>=*]{2}|\*\*\*|>>>|\.\.\. |`{3}")
@@ -25,6 +26,18 @@ def sentences(text: str) -> list[str]:
         if 40 <= len(sent) <= 300 and sent[0].isupper() and not _CODE.search(sent):
             out.append(sent)
     return out
+
+
+def text_sentences() -> list[str]:
+    """English sentences from the help topics that ship with Python (``pydoc_data.topics``)."""
+    from pydoc_data.topics import topics  # 0.75 MB of help text, loaded only when asked for
+
+    out = []
+    for name in sorted(topics):
+        for sent in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", topics[name])):
+            if 40 <= len(sent) <= 300 and sent[0].isupper() and not re.search(r"[{}<>=*]{2}|\*\*\*", sent):
+                out.append(sent)
+    return list(dict.fromkeys(out))
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,8 +64,6 @@ def stdlib_docstrings() -> tuple[str, ...]:
 
 def package_descriptions() -> list[str]:
     """Sentences of the installed packages' descriptions (their README as published), by package name."""
-    from importlib import metadata
-
     found = {}
     for dist in metadata.distributions():
         name = (dist.metadata.get("Name") or "").lower()
@@ -64,6 +75,4 @@ def package_descriptions() -> list[str]:
 def mixed() -> list[str]:
     """Every source above, deduplicated: 14,340 sentences on Python 3.11 with the ``demo`` extra installed
     (1,607 of them help topics)."""
-    from .data import text_sentences
-
     return list(dict.fromkeys([*text_sentences(), *stdlib_docstrings(), *package_descriptions()]))

@@ -85,7 +85,7 @@ class Int8Linear(nn.Module):
 
 def set_weight_dtype(model: nn.Module, name: str) -> nn.Module:
     """Put ``model``'s weights in ``name`` (``WEIGHT_DTYPES``), in place; returns the model."""
-    from .input_layers import InputMIDLBase
+    from .input_layers import InputMIDLBase  # here, not on top: input_layers imports this module
 
     if name not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {name!r}")
