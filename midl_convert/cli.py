@@ -14,12 +14,21 @@ from pathlib import Path
 from typing import Any, Optional, get_args
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import Centring, Granularity, WeightDtype, select_choices
+from .config import Centring, Granularity, MIDLConfig, WeightDtype, select_choices
+from .conversion import plan_conversion
+from .distill import summary
 from .errors import MIDLError
+from .files import cache_dir
+from .log import setup
+from .models import load_model
+from .pipeline import run
+from .recipe import load_recipe, parse_recipe, recipe_schema
+from .report import Report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -68,8 +77,6 @@ TRUST = typer.Option(False, "--trust-remote-code", help="let a Hugging Face repo
 
 def _logging(quiet: bool, verbose: bool) -> None:
     """The library logs through ``logging``; show it through rich's handler at the asked level."""
-    from .log import setup
-
     if quiet and verbose:
         raise MIDLError("--quiet and --verbose contradict each other; pass one")
     setup(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
@@ -131,10 +138,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def build_recipe(target: str | None, recipe_file: Path | None, options: dict[str, Any], no_distill: bool):
     """A validated Recipe from a model spec or recipe file plus command-line overrides."""
-    import yaml
-
-    from .recipe import load_recipe, parse_recipe
-
     if target is not None and target.endswith((".yaml", ".yml")):
         recipe_file, target = Path(target), None
     data: dict[str, Any] = load_recipe(recipe_file).model_dump(exclude_unset=True) if recipe_file else {}
@@ -255,8 +258,6 @@ def convert(
                "checkpoint_every": checkpoint_every}
 
     def go() -> None:
-        from .pipeline import run
-
         _logging(quiet, verbose)
         options["rank"] = _number(rank)
         parsed = build_recipe(target, recipe, options, no_distill)
@@ -287,9 +288,6 @@ def convert(
 
 def run_summary(result: Any) -> dict[str, Any]:
     """What a finished run did, as JSON-able data: the folder (absolute), its files, the headline numbers."""
-    from .files import cache_dir
-    from .distill import summary
-
     folder = Path(result.out_dir).resolve()
     budget = result.plan.budget or {}
     report = result.report.to_dict() if result.report is not None else None
@@ -321,10 +319,6 @@ def inspect(
     debug: bool = DEBUG,
 ) -> None:
     def go() -> None:
-        from .config import MIDLConfig
-        from .models import load_model
-        from .conversion import plan_conversion
-
         _logging(quiet, verbose)
         loaded = load_model(model, weights=weights, random_init=random_init, trust_remote_code=trust_remote_code)
         cfg = MIDLConfig(include=("all-linear" if include == ["all-linear"] else include) or None, exclude=exclude)
@@ -344,8 +338,6 @@ def report(directory: Path = typer.Argument(..., help="a folder written by midl-
            as_json: bool = JSON,
            debug: bool = DEBUG) -> None:
     def go() -> None:
-        from .report import Report
-
         if not (directory / "report.json").is_file():
             raise MIDLError(f"{str(directory)!r} has no report.json; pass the --out folder of a finished run")
         saved = Report.load(directory)
@@ -356,8 +348,6 @@ def report(directory: Path = typer.Argument(..., help="a folder written by midl-
 
 @app.command(help="Print the recipe's JSON Schema.\n\nExample: `midl-convert schema > recipe.schema.json`")
 def schema() -> None:
-    from .recipe import recipe_schema
-
     print(json.dumps(recipe_schema(), indent=2))
 
 

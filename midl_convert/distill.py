@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from . import log as _log
 from . import lora
 from .calibrate import fit_thresholds
 from .data import CALIBRATION_OFFSET, Batch, Data
@@ -31,7 +32,7 @@ from .errors import MIDLError
 from .files import atomic_path, make_own_dir
 from .recovery import parse_train, parts, select
 from .sparse import SparseLayer
-from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output
+from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output, positions
 
 CHECKPOINT = "distill_checkpoint.pt"
 CHECKPOINT_PURPOSE = "checkpoints"  # the marker of a checkpoint folder this tool made (files.make_own_dir)
@@ -165,8 +166,6 @@ class _BlockLoss:
         return hook
 
     def pop(self, batch: Batch) -> torch.Tensor:
-        from .quality import positions
-
         s, t = self.outs["student"], self.outs["teacher"]
         self.outs = {"student": [], "teacher": []}
         terms = []
@@ -231,8 +230,6 @@ def _say(line: str) -> None:
 def _reporter(total: int, log_every: int):
     """A rich progress bar on a terminal (not under --quiet); a log line every ``log_every`` steps otherwise."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from . import log as _log
 
     console = _log.console()
     if console.is_terminal and _log.bars_shown():

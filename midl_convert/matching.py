@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import difflib
 import re
+from typing import Protocol, Sequence, TypeVar
 
 ALL_LINEAR = "all-linear"
+
+
+class _Pattern(Protocol):
+    match: str
+
+
+Override = TypeVar("Override", bound=_Pattern)
 
 
 def matches(pattern: str, path: str) -> bool:
@@ -19,6 +27,12 @@ def matches(pattern: str, path: str) -> bool:
 
 def matches_any(patterns: list[str], path: str) -> bool:
     return any(matches(p, path) for p in patterns)
+
+
+def overrides_for(overrides: Sequence[Override], names: Sequence[str]) -> list[Override]:
+    """The overrides whose ``match`` selects any of a layer's names (its path and aliases), in the order
+    given: where two set the same field, the later wins."""
+    return [o for o in overrides if any(matches(o.match, n) for n in names)]
 
 
 def closest(pattern: str, paths: list[str], n: int = 3) -> list[str]:

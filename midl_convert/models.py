@@ -8,6 +8,7 @@ file (as the spec or as ``weights``) loads as a float32 causal LM with its own t
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import MIDLError
-from .gguf_models import is_gguf
+from .gguf_models import is_gguf, read_gguf
 from .marker import is_marked, unmark
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -96,8 +97,6 @@ def _offline_message(spec: str) -> str:
 
 
 def _unknown_message(spec: str) -> str:
-    import difflib
-
     import timm
 
     near = difflib.get_close_matches(spec, timm.list_models(), n=3, cutoff=0.6)
@@ -303,8 +302,6 @@ def _load_hf(spec: str, random_init: bool, model_kwargs: dict, trust: bool) -> L
 
 
 def _load_gguf(file: str, spec: str, random_init: bool, model_kwargs: dict, notes: list[str]) -> LoadedModel:
-    from .gguf_models import read_gguf
-
     model, tokenizer = read_gguf(file, random_init, **model_kwargs)
     return LoadedModel(model, spec, "hf", "causal-lm", hf_example_inputs(model, tokenizer), tokenizer=tokenizer, notes=notes,
                        build={"source": "hf", "spec": spec, "task": "causal-lm"})

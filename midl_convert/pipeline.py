@@ -13,16 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from .budget_damage import damage_batches
 from .calibrate import LayerCalibration, calibrate, cap_thresholds
 from .config import MIDLConfig
 from .data import CALIBRATION_OFFSET, Batch, default_data, load_data
 from .distill import CHECKPOINT, CHECKPOINT_PURPOSE, DistillConfig, DistillResult, distill
 from .graph import TargetTable
+from .latency import end_to_end
 from .log import logger
 from .models import LoadedModel, check_remote_code, load_model
 from .processes import rank_and_size
 from .quality import OUTPUT_KIND
 from .recipe import Recipe
+from .report import build_report
 from .conversion import plan_conversion
 from .errors import MIDLError
 from .files import cache_dir, own_dir_marker, remove_own_dir
@@ -64,8 +67,6 @@ def history(result: RunResult) -> dict[str, Any]:
 def budget_data(data: Any, config: MIDLConfig) -> list[Batch]:
     """The batches a run's layer budget measures on (the first ``damage_batches``) and fits on (the rest),
     from the part of the data stream training never draws."""
-    from .budget import damage_batches
-
     first = [data.train_batch(CALIBRATION_OFFSET, config.budget_batch_size)]
     count = damage_batches(config, first) + config.budget_fit_batches
     return first + [data.train_batch(CALIBRATION_OFFSET + i, config.budget_batch_size) for i in range(1, count)]
@@ -73,8 +74,6 @@ def budget_data(data: Any, config: MIDLConfig) -> list[Batch]:
 
 def measure_speedup(teacher: nn.Module, student: nn.Module, example_inputs: Any, plan: Plan) -> dict[str, Any]:
     """The converted model's measured speed-up at its real call shape, printed and kept in the plan's budget."""
-    from .latency import end_to_end
-
     measured = end_to_end(teacher, student, example_inputs)
     line = (f"measured speed-up at the call shape ({measured['call']}, {measured['threads']} threads): "
             f"{measured['dense_ms']:.3f} -> {measured['converted_ms']:.3f} ms, {measured['speedup']:.3f}x")
@@ -188,8 +187,6 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
     if config.speedup is not None and device.type == "cpu":
         measured = measure_speedup(teacher, student, example.inputs, plan)
     if recipe.report.enabled:
-        from .report import build_report
-
         settings = {"model": m.model_dump(), "recipe": recipe.model_dump(), "data": spec, "seed": recipe.seed,
                     "device": str(device), "notes": loaded.notes}
         result.report = build_report(student, teacher, [b.to(device) for b in eval_batches], loaded.task, plan=plan,

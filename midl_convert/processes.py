@@ -9,16 +9,16 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import torch
+import torch.distributed as dist
+
 
 def rank_and_size() -> tuple[int, int]:
     """This process's index and the number of processes (``(0, 1)`` without a launcher)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    import torch
     from accelerate import PartialState
 
     # joins the process group the launcher's environment describes; without cpu=True accelerate runs
@@ -39,8 +39,6 @@ def gather(part: dict[str, Any], order: Sequence[str]) -> dict[str, Any]:
     rank, size = rank_and_size()
     if size == 1:
         return {k: part[k] for k in order if k in part}
-    import torch.distributed as dist
-
     parts: list[Any] = [None] * size
     dist.all_gather_object(parts, part)
     merged = {k: v for p in parts for k, v in p.items()}

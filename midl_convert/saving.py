@@ -27,6 +27,7 @@ from torch import nn
 from .errors import MIDLError
 from .files import MARKER_FILE, cache_dir, clean_stale, file_mode, read_json, temp_dir
 from .marker import PLAN_KEY, mark
+from .models import check_remote_code, hub_folder, load_model, read_state_dict, shape_mismatch
 from .sparse import SparseLayer
 from .surgery import LayerPlan, Plan, apply_plan
 from .weight_dtype import WEIGHT_DTYPES, set_weight_dtype, weight_dtype_of
@@ -272,8 +273,6 @@ def save(
 
 
 def _rebuild(folder: Path, build: dict[str, Any], trust_remote_code: bool) -> nn.Module:
-    from .models import check_remote_code, load_model
-
     source = build.get("source")
     if source == "hf":
         return load_model(str(folder), random_init=True, trust_remote_code=trust_remote_code).model
@@ -290,8 +289,6 @@ def _folder(directory: str | Path) -> Path:
     folder = Path(directory)
     if folder.exists() or not isinstance(directory, str) or directory.count("/") != 1 or directory.startswith((".", "/")):
         return folder
-    from .models import hub_folder
-
     return hub_folder(directory)
 
 
@@ -302,8 +299,6 @@ def load(directory: str | Path, model: nn.Module | None = None, trust_remote_cod
     same architecture) for custom models. Only safetensors are read: nothing is unpickled, and a
     repository's own code runs only with ``trust_remote_code=True``.
     """
-    from .models import read_state_dict, shape_mismatch
-
     folder = _folder(directory)
     meta_file, hf_file = folder / CONFIG_FILE, folder / "config.json"
     fix = "save the model again with midl_convert.save"

@@ -18,7 +18,7 @@ from .graph import Target, TargetTable
 from .kinds import build_layer, kind_for
 from .marker import mark, unmark
 from .sparse import SparseLayer, dense, sparse_layers
-from .matching import ALL_LINEAR, closest, matches, matches_any
+from .matching import ALL_LINEAR, closest, matches, matches_any, overrides_for
 
 
 @dataclass
@@ -102,13 +102,12 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
         elif t.weights < config.min_size:
             reason = f"smaller than min_size ({t.weights} < {config.min_size} weights)"
         keep, rank, gran, side, pinned = config.keep, config.rank, config.granularity, config.side, False
-        for o in config.overrides:  # later overrides win
-            if any(matches(o.match, n) for n in names):
-                keep = o.keep if o.keep is not None else keep
-                rank = o.rank if o.rank is not None else rank
-                gran = o.granularity or gran
-                side = o.select or side
-                pinned = pinned or o.keep is not None
+        for o in overrides_for(config.overrides, names):  # later overrides win
+            keep = o.keep if o.keep is not None else keep
+            rank = o.rank if o.rank is not None else rank
+            gran = o.granularity or gran
+            side = o.select or side
+            pinned = pinned or o.keep is not None
         if side == "auto" and pinned:  # a keep pinned outside the budget, with no side named: the input side
             side = "input"
         layers.append(LayerPlan(

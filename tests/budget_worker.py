@@ -11,12 +11,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ["MIDL_CACHE_DIR"] = sys.argv[2]
 from test_budget import Stack, plan_for  # noqa: E402
 
-from midl_convert import budget  # noqa: E402
+from midl_convert import budget_damage  # noqa: E402
 from midl_convert.processes import rank_and_size  # noqa: E402
 
 shares = []  # how many layers this process judged itself
-real_share = budget.my_share
-budget.my_share = lambda jobs: shares.append(len(mine := real_share(jobs))) or mine
+real_share = budget_damage.my_share
+budget_damage.my_share = lambda jobs: shares.append(len(mine := real_share(jobs))) or mine
 torch.manual_seed(0)
 plan = plan_for(Stack(blocks=5), 1.3)
 rank, size = rank_and_size()

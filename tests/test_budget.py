@@ -5,13 +5,14 @@ import copy
 import itertools
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from midl_convert import MIDLConfig, MIDLError, apply_plan, plan_conversion
-from midl_convert import budget
+from midl_convert import budget, budget_damage
 from midl_convert.budget import LayerCost, Measurements, Option, allocate, predicted_ratio
 from midl_convert.data import Batch
 from midl_convert.flops import model_flops
@@ -67,9 +68,9 @@ def test_measured_damage_is_larger_for_the_loud_block():
     torch.manual_seed(0)
     model = Stack()
     plan, _ = plan_conversion(model, MIDLConfig(), (torch.randn(1, 32),))
-    todo = {lp.path: [budget.replace(lp, keep=0.5, rank=4)] for lp in plan.converted}
+    todo = {lp.path: [replace(lp, keep=0.5, rank=4)] for lp in plan.converted}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    damage = budget.measure_damage(model, todo, batches(), "logits")
+    damage = budget_damage.measure_damage(model, todo, batches(), "logits")
     assert damage["blocks.2"][0] > 10 * max(damage[f"blocks.{i}"][0] for i in (0, 1, 3))
     # the model is handed back untouched: same modules, same weights
     assert all(type(m) is nn.Linear for m in model.blocks)
@@ -99,17 +100,17 @@ def test_conv_damage_is_measured_in_channels_last_and_the_layout_is_restored(mon
     example = (torch.randn(1, 3, 8, 8),)
     plan, _ = plan_conversion(model, MIDLConfig(), example)
     assert {lp.path for lp in plan.converted} == {"expand", "project"}
-    todo = {lp.path: [budget.replace(lp, keep=0.5, rank=4)] for lp in plan.converted}
+    todo = {lp.path: [replace(lp, keep=0.5, rank=4)] for lp in plan.converted}
     data = [Batch((torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)),)) for i in range(3)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layouts = []
-    real = budget.damage_of
-    monkeypatch.setattr(budget, "damage_of", lambda *a: layouts.append(
+    real = budget_damage.damage_of
+    monkeypatch.setattr(budget_damage, "damage_of", lambda *a: layouts.append(
         model.stem.weight.is_contiguous(memory_format=torch.channels_last)) or real(*a))
-    damage = budget.measure_damage(model, todo, data[:1], "logits", fit_batches=data[1:])
+    damage = budget_damage.measure_damage(model, todo, data[:1], "logits", fit_batches=data[1:])
     assert layouts and all(layouts)  # judged in channels-last layout
-    monkeypatch.setattr(budget, "_channels_last", lambda m: contextlib.nullcontext())
-    reference = budget.measure_damage(model, todo, data[:1], "logits", fit_batches=data[1:])
+    monkeypatch.setattr(budget_damage, "_channels_last", lambda m: contextlib.nullcontext())
+    reference = budget_damage.measure_damage(model, todo, data[:1], "logits", fit_batches=data[1:])
     for p in todo:
         assert damage[p][0] > 0 and damage[p][0] == pytest.approx(reference[p][0], rel=1e-3)
     for name, value in model.state_dict().items():  # handed back in the layout and values it came in
@@ -136,11 +137,11 @@ def test_unreachable_target_names_the_highest_reachable_ratio():
 
 
 def test_unreachable_target_fails_before_measuring(monkeypatch):
-    monkeypatch.setattr(budget, "measure_damage", lambda *a, **k: pytest.fail("measured an unreachable target"))
+    monkeypatch.setattr(budget_damage, "measure_damage", lambda *a, **k: pytest.fail("measured an unreachable target"))
     model = Stack()
     config = MIDLConfig(flops_ratio=1.01, budget_keeps=[0.25, 0.5, 0.75], budget_ranks=[2, 4], select="output")
     plan, _ = plan_conversion(model, config.model_copy(update={"flops_ratio": None}), (torch.randn(1, 32),))
-    bound = budget.check_flops_reachable(model, plan, config, (torch.randn(1, 32),))
+    bound = budget.max_ratio(budget.option_costs(model, plan, config, (torch.randn(1, 32),))[0])  # FLOPs alone
     with pytest.raises(MIDLError, match=rf"flops_ratio 100 cannot be reached: .* is {bound:.3f}x \(counted before measuring\)"):
         plan_for(model, 100.0, select="output")
     monkeypatch.undo()
@@ -151,8 +152,8 @@ def test_unreachable_target_fails_before_measuring(monkeypatch):
 def test_second_run_reads_the_cache(cache, monkeypatch):
     model = Stack()
     calls = []
-    real = budget.measure_damage
-    monkeypatch.setattr(budget, "measure_damage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = budget_damage.measure_damage
+    monkeypatch.setattr(budget_damage, "measure_damage", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = plan_for(model, 1.2)
     assert calls == [1] and not first.budget["cached"]
     files = list(cache.glob("budget/*.json"))

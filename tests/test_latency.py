@@ -4,6 +4,7 @@ unreachable speed-up failing before any damage is measured, the causal-LM call s
 report's line when the converted model is slower. No assertion depends on a timing."""
 import copy
 import io
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from rich.console import Console
 from torch import nn
 
 import midl_convert as mc
-from midl_convert import MIDLConfig, MIDLError, budget, latency, plan_conversion
+from midl_convert import LayerPlan, MIDLConfig, MIDLError, budget_damage, budget_knapsack, budget_options, latency, plan_conversion
 from midl_convert.budget import LayerCost, Measurements, Option, allocate, predicted_ratio
 from midl_convert.data import Batch
 from midl_convert.report import Report, build_report, slower_reason
@@ -56,7 +57,7 @@ def test_cache_key_changes_with_thread_count_and_cpu():
 
 def test_timings_are_written_atomically_and_read_back(cache, monkeypatch):
     shape = latency.LayerShape("linear", 32, 32, True)
-    option = budget.LayerPlan("x", "linear", 32, 32, 0, True, keep=0.5, rank=2, granularity="token")
+    option = LayerPlan("x", "linear", 32, 32, 0, True, keep=0.5, rank=2, granularity="token")
     first = latency.time_options(shape, (1, 1, 32), [option], repeats=3)
     assert latency.cache_file().is_file() and not list(cache.glob("budget/*.tmp*"))
     monkeypatch.setattr(latency, "interleaved", lambda *a, **k: pytest.fail("timed again despite the cache"))
@@ -79,7 +80,7 @@ def test_time_allocation_takes_the_harmless_option_and_never_a_slower_one():
 
 # ----- the budget on a model ---------------------------------------------------------------------
 def test_unreachable_speedup_fails_before_any_damage_is_measured(monkeypatch):
-    monkeypatch.setattr(budget, "measure_damage", lambda *a, **k: pytest.fail("damage measured for an unreachable target"))
+    monkeypatch.setattr(budget_damage, "measure_damage", lambda *a, **k: pytest.fail("damage measured for an unreachable target"))
     config = MIDLConfig(speedup=50.0, **SMALL_GRID)
     with pytest.raises(MIDLError, match=r"speedup 50 cannot be reached on this machine .* highest reachable whole-model "
                                         r"speed-up is \d+\.\d+x"):
@@ -104,8 +105,8 @@ def fake_clock(monkeypatch, factor: dict[str, float]):
 def test_speedup_budget_allocates_on_measured_time(monkeypatch):
     calls = fake_clock(monkeypatch, {"output": 1.5, "input": 0.5})  # output side slower than dense: never measured
     measured = []
-    real = budget.measure_damage
-    monkeypatch.setattr(budget, "measure_damage", lambda m, todo, *a, **k: measured.append(todo) or real(m, todo, *a, **k))
+    real = budget_damage.measure_damage
+    monkeypatch.setattr(budget_damage, "measure_damage", lambda m, todo, *a, **k: measured.append(todo) or real(m, todo, *a, **k))
     plan, _ = plan_conversion(Stack(), MIDLConfig(speedup=1.2, **SMALL_GRID), (torch.randn(16, 32),), batches())
     assert plan.budget["axis"] == "time" and plan.budget["predicted_ratio"] >= 1.2
     assert plan.budget["call"] == "example input" and set(calls) == {(16, 32)}
@@ -113,6 +114,20 @@ def test_speedup_budget_allocates_on_measured_time(monkeypatch):
     assert set(latency.working_sets) == {weights}  # each option timed over the model's weights, not hot
     assert all(lp.side == "input" for todo in measured for options in todo.values() for lp in options)
     assert all(lp.side == "input" for lp in plan.converted)
+
+
+def test_speedup_budget_checks_reach_on_time_only(monkeypatch):
+    """Under ``speedup`` reachability is checked on measured time alone: options that cost more FLOPs than
+    dense but run faster are allocated, and no FLOPs check counts the example input a second time."""
+    fake_clock(monkeypatch, {"output": 1.5, "input": 0.5})
+    axes, counted = [], []
+    real_ratio, real_shapes = budget_knapsack.max_ratio, budget_options.input_shapes
+    monkeypatch.setattr(budget_knapsack, "max_ratio", lambda m, *a, **k: axes.append(m.axis) or real_ratio(m, *a, **k))
+    monkeypatch.setattr(budget_options, "input_shapes", lambda *a: counted.append(1) or real_shapes(*a))
+    grid = dict(SMALL_GRID, budget_input_keeps=[0.9], budget_input_ranks=[16])  # input side: more FLOPs than dense
+    plan, _ = plan_conversion(Stack(), MIDLConfig(speedup=1.2, **grid), (torch.randn(16, 32),), batches())
+    assert plan.budget["predicted_ratio"] >= 1.2 and plan.budget["predicted_flops_ratio"] < 1.0
+    assert axes and set(axes) == {"time"} and counted == [1]
 
 
 def tiny_llama():
@@ -252,7 +267,7 @@ def test_layers_are_timed_over_the_working_set_of_the_model(monkeypatch):
     seen = []
     monkeypatch.setattr(latency, "interleaved", lambda fns, repeats: [seen.append(f()) or 1.0 for f in fns])
     shape = latency.LayerShape("linear", 32, 32, True)
-    option = budget.replace(plan_conversion(Stack(), MIDLConfig(), (torch.randn(1, 32),))[0].converted[0], keep=0.5, rank=0,
+    option = replace(plan_conversion(Stack(), MIDLConfig(), (torch.randn(1, 32),))[0].converted[0], keep=0.5, rank=0,
                             side="input")
     dense, times = latency.time_options(shape, (1, 1, 32), [option, option], use_cache=False, working_set=4 * size)
     assert dense == 1.0 and times == [1.0, 1.0] and len(seen) == 4  # each option against dense, in its own run
@@ -277,7 +292,7 @@ def test_timed_copies_are_each_called_once_first_and_built_outside_inference_mod
     real = latency.build_layer
     monkeypatch.setattr(latency, "build_layer", lambda *a: built.append(real(*a)) or built[-1])
     monkeypatch.setattr(latency, "interleaved", lambda fns, repeats: [1.0 for _ in fns])
-    option = budget.replace(plan_conversion(Stack(), MIDLConfig(), (torch.randn(1, 32),))[0].converted[0], keep=0.5, rank=0,
+    option = replace(plan_conversion(Stack(), MIDLConfig(), (torch.randn(1, 32),))[0].converted[0], keep=0.5, rank=0,
                             side="input")
     latency.time_options(latency.LayerShape("linear", 32, 32, True), (1, 1, 32), [option], use_cache=False)
     assert built and not any(t.is_inference() for t in built[0].parameters())

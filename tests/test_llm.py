@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import midl_convert as mc
 import midl_convert.gguf_models as gguf_models
+import midl_convert.models as models
 from midl_convert import MIDLError
 from midl_convert.models import OFFLINE_PACKAGES, load_model
 from test_models import offline  # noqa: F401 - autouse: the hub is reported unreachable
@@ -38,7 +39,7 @@ def fake_reader(monkeypatch):
         asked.append(str(file))
         return gguf_models.plain_float_model(as_read_from_gguf(tiny_llama())), None
 
-    monkeypatch.setattr(gguf_models, "read_gguf", read)
+    monkeypatch.setattr(models, "read_gguf", read)  # where models.load_model looks it up
     return asked
 
 

@@ -1,12 +1,13 @@
 """Block replay and option screening: the layer budget measures the same damage with the blocks before
 a layer played back, and screening keeps exactly the options the knapsack could pick."""
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from midl_convert import MIDLConfig, budget, plan_conversion
+from midl_convert import MIDLConfig, budget_damage, plan_conversion
 from midl_convert.data import Batch
 from midl_convert.replay import BlockReplay, block_stack
 from midl_convert.screening import lower_hull, pick_options
@@ -25,7 +26,7 @@ def llama_batches(n: int = 3, seed: int = 0) -> list[Batch]:
 
 def llama_todo(model):
     plan, _ = plan_conversion(model, MIDLConfig(), {"input_ids": torch.randint(0, 64, (1, 8))})
-    return {lp.path: [budget.replace(lp, side=s, keep=k, rank=r) for s, k, r in
+    return {lp.path: [replace(lp, side=s, keep=k, rank=r) for s, k, r in
                       (("input", 0.5, 0), ("output", 0.5, 4), ("input", 0.7, 2))] for lp in plan.converted}
 
 
@@ -36,8 +37,8 @@ def test_replayed_blocks_give_the_same_damage_as_running_them():
     replay = BlockReplay(model, list(todo))
     assert replay.name == "model.layers" and len(replay.blocks) == 2
     assert replay.block_of("model.layers.1.mlp.down_proj") == 1 and replay.block_of("lm_head") == 0
-    played = budget.measure_damage(model, todo, data[:2], "logits", fit_batches=data[2:])
-    ran = budget.measure_damage(model, todo, data[:2], "logits", fit_batches=data[2:], replay=False)
+    played = budget_damage.measure_damage(model, todo, data[:2], "logits", fit_batches=data[2:])
+    ran = budget_damage.measure_damage(model, todo, data[:2], "logits", fit_batches=data[2:], replay=False)
     assert played.keys() == ran.keys()
     for p in ran:
         assert played[p] == pytest.approx(ran[p], rel=1e-4, abs=1e-7), p
@@ -67,9 +68,9 @@ def test_blocks_run_out_of_order_are_not_replayed():
     assert not replay.enabled and replay.block_of("blocks.2") == 0
     data = [Batch((torch.randn(32, 16),)) for _ in range(2)]
     plan, _ = plan_conversion(model, MIDLConfig(), (torch.randn(1, 16),))
-    todo = {lp.path: [budget.replace(lp, side="input", keep=0.5, rank=0)] for lp in plan.converted}
-    played = budget.measure_damage(model, todo, data[:1], "hidden", fit_batches=data[1:])
-    ran = budget.measure_damage(model, todo, data[:1], "hidden", fit_batches=data[1:], replay=False)
+    todo = {lp.path: [replace(lp, side="input", keep=0.5, rank=0)] for lp in plan.converted}
+    played = budget_damage.measure_damage(model, todo, data[:1], "hidden", fit_batches=data[1:])
+    ran = budget_damage.measure_damage(model, todo, data[:1], "hidden", fit_batches=data[1:], replay=False)
     assert played == ran
 
 
@@ -108,19 +109,19 @@ def test_screened_budget_judges_at_most_judge_options_per_layer_and_meets_the_ta
     example = {"input_ids": torch.randint(0, 64, (1, 12))}
     cfg = dict(flops_ratio=1.3, budget_batch_size=2, budget_fit_batches=2)
     calls = []
-    real = budget.measure_damage
+    real = budget_damage.measure_damage
 
     def spy(*a, **k):
         out = real(*a, **k)
         calls.append(out)
         return out
 
-    budget.measure_damage, saved = spy, budget.measure_damage
+    budget_damage.measure_damage, saved = spy, budget_damage.measure_damage
     try:
         screened, _ = plan_conversion(model, MIDLConfig(budget_judge=3, **cfg), example, data[:3], output="logits")
         full, _ = plan_conversion(model, MIDLConfig(budget_judge=0, **cfg), example, data[:3], output="logits")
     finally:
-        budget.measure_damage = saved
+        budget_damage.measure_damage = saved
     judged = [sum(v is not None for v in d) for d in calls[0].values()]
     assert max(judged) == 3 and all(v is not None for d in calls[1].values() for v in d)
     assert len(calls[1]["lm_head" if "lm_head" in calls[1] else next(iter(calls[1]))]) > 3
@@ -129,9 +130,9 @@ def test_screened_budget_judges_at_most_judge_options_per_layer_and_meets_the_ta
 
 
 def test_default_judges_a_small_grid_whole_and_screens_a_large_one():
-    assert budget.judged_per_layer(None, 851) is None  # MiniLM's 37 layers x 23 options
-    assert budget.judged_per_layer(None, 4830) == 6  # SmolLM2's 210 x 23
-    assert budget.judged_per_layer(0, 4830) is None and budget.judged_per_layer(4, 10) == 4
+    assert budget_damage.judged_per_layer(None, 851) is None  # MiniLM's 37 layers x 23 options
+    assert budget_damage.judged_per_layer(None, 4830) == 6  # SmolLM2's 210 x 23
+    assert budget_damage.judged_per_layer(0, 4830) is None and budget_damage.judged_per_layer(4, 10) == 4
     with pytest.raises(ValueError):
         MIDLConfig(budget_judge=-1)
 

@@ -8,6 +8,7 @@ from torch import nn
 
 import midl_convert as mc
 from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
+from midl_convert.matching import overrides_for
 from test_graph import Block, inputs
 
 
@@ -48,6 +49,21 @@ def test_overrides_rank_fraction_and_granularity():
     assert plan["pw"].rank == 0  # clipped to min(in, out) = 4, where the light path costs more than the 4x16 conv
     assert plan["mlp.fc1"].granularity == "sequence" and plan["pw"].granularity == "sample"
     assert plan["head"].reason.startswith("classifier")
+
+
+OVERRIDES = [mc.LayerOverride(match="fc", keep=0.5), mc.LayerOverride(match=r"blocks\.[01]\.fc", rank=2),
+             mc.LayerOverride(match="other", keep=0.9)]
+
+
+@pytest.mark.parametrize("names,expected", [
+    (["blocks.1.fc"], [0, 1]),  # dotted suffix and regex
+    (["blocks.2.fc"], [0]),
+    (["x.other", "blocks.0.fc"], [0, 1, 2]),  # an alias counts; the order is the overrides', so later ones win
+    (["head"], []),
+])
+def test_overrides_for_a_layer_the_plan_and_the_budget_share(names, expected):
+    """One rule picks the overrides that touch a layer: the plan's settings and the budget's pins both read it."""
+    assert overrides_for(OVERRIDES, names) == [OVERRIDES[i] for i in expected]
 
 
 def test_a_rank_that_costs_more_than_dense_is_lowered_with_a_warning():
