@@ -266,7 +266,7 @@ def input_kernel_applies(x: torch.Tensor, wt: torch.Tensor) -> bool:
     return x.device.type == wt.device.type == "cpu" and (x.dtype, wt.dtype) in pairs
 
 
-def _kernel_runs(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+def kernel_runs(name: str, x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
     """Whether the C++ kernel (not the dense fallback) serves this call of op ``name``."""
     applies = input_kernel_applies(x, weight) if name == "input_rows" else kernel_applies(x, weight)
     return (0 < x.shape[0] <= max_rows and applies
@@ -292,47 +292,14 @@ for _name in ("output_rows", "input_rows"):  # the kernels compute in float32: a
     torch.library.register_autocast(f"midl::{_name}", "cpu", torch.float32)
 
 
-def _mean_picks(scores: torch.Tensor, k: int, threshold: float) -> float:
+def mean_picks(scores: torch.Tensor, k: int, threshold: float) -> float:
     """Mean picks per row: ``k``, or the rows' counts above the threshold (fake tensors: ``k``)."""
     if math.isnan(threshold) or scores.shape[0] == 0 or torch._subclasses.fake_tensor.is_fake(scores):
         return k
     return float((scores > threshold).sum(-1).clamp_min(1).float().mean())
 
 
-@register_flop_formula(torch.ops.midl.output_rows, get_raw=True)
-def _output_rows_flops(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold, kernel_rows,  # noqa: ANN001
-                       out_val=None) -> int:
-    """``midl_flops_parts`` for the rows; when dense compute plus masking ran, every row of W counts."""
-    from .kinds.output.flops import midl_flops_parts
-
-    (out_f, in_f), rows = weight.shape, x.shape[0]
-    if not _kernel_runs("output_rows", x, weight, min(kernel_rows, KERNEL_ROW_LIMIT)):
-        picked = out_f
-    elif math.isnan(threshold):
-        picked = k
-    else:
-        picked = _mean_picks(output_scores(x, down, gate, gate_bias, gate_abs)[1], k, threshold)
-    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
-    return sum(midl_flops_parts(in_f, out_f, 0.0, down.shape[0], rows, rows, picked).values())
-
-
-@register_flop_formula(torch.ops.midl.input_rows, get_raw=True)
-def _input_rows_flops(x, wt, bias, v, u, scale, k, threshold, wt_scale=None, centre=None,  # noqa: ANN001
-                      out_val=None) -> int:
-    """``input_flops_parts`` for the rows (the centre's subtraction included); when the masked GEMM
-    ran, every input counts."""
-    from .kinds.input.flops import input_flops_parts
-
-    (in_f, out_f), rows = wt.shape, x.shape[0]
-    if not _kernel_runs("input_rows", x, wt, KERNEL_MAX_ROWS):
-        picked = in_f
-    else:
-        picked = _mean_picks(input_scores(x if centre is None else x - centre, scale), k, threshold)
-    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
-    return sum(input_flops_parts(in_f, out_f, 0.0, v.shape[0], rows, rows, picked, centre is not None).values())
-
-
 @register_flop_formula(torch.ops.midl.top_k_rows)
 def _top_k_rows_flops(scores_shape, k, out_shape=None) -> int:  # noqa: ANN001
-    """One compare per score, as ``midl_flops_parts`` counts the selection."""
+    """One compare per score, as the kinds' FLOPs formulas count the selection."""
     return scores_shape[0] * scores_shape[1]

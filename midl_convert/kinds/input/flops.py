@@ -1,7 +1,12 @@
-"""FLOPs of an input-side layer, term by term as its ``mix_rows`` computes them."""
+"""FLOPs of an input-side layer, term by term as its ``mix_rows`` computes them, and of its op
+(``midl::input_rows``) as ``FlopCounterMode`` sees it run."""
 from __future__ import annotations
 
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
 from ...flops import dense_flops
+from ...kernels import KERNEL_MAX_ROWS, input_scores, kernel_runs, mean_picks
 
 
 def input_flops_parts(
@@ -25,3 +30,17 @@ def input_flops_parts(
         "light_up": 2 * r * out * rows,
         "blend": out * rows,  # bias (and the light path's sum)
     }
+
+
+@register_flop_formula(torch.ops.midl.input_rows, get_raw=True)
+def input_rows_flops(x, wt, bias, v, u, scale, k, threshold, wt_scale=None, centre=None,  # noqa: ANN001
+                     out_val=None) -> int:
+    """``input_flops_parts`` for the rows (the centre's subtraction included); when the masked GEMM
+    ran, every input counts."""
+    (in_f, out_f), rows = wt.shape, x.shape[0]
+    if not kernel_runs("input_rows", x, wt, KERNEL_MAX_ROWS):
+        picked = in_f
+    else:
+        picked = mean_picks(input_scores(x if centre is None else x - centre, scale), k, threshold)
+    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
+    return sum(input_flops_parts(in_f, out_f, 0.0, v.shape[0], rows, rows, picked, centre is not None).values())

@@ -1,7 +1,14 @@
-"""FLOPs of an output-side layer, term by term as its ``mix_rows`` computes them."""
+"""FLOPs of an output-side layer, term by term as its ``mix_rows`` computes them, and of its op
+(``midl::output_rows``) as ``FlopCounterMode`` sees it run."""
 from __future__ import annotations
 
+import math
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
 from ...flops import dense_flops
+from ...kernels import KERNEL_ROW_LIMIT, kernel_runs, mean_picks, output_scores
 
 
 def midl_flops_parts(
@@ -24,3 +31,18 @@ def midl_flops_parts(
         "exact": round(2 * k * in_features * rows),  # the k selected rows of W (k a mean, for adaptive masks)
         "blend": out * rows,  # bias on the light path (and the scatter of exact rows)
     }
+
+
+@register_flop_formula(torch.ops.midl.output_rows, get_raw=True)
+def output_rows_flops(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, threshold, kernel_rows,  # noqa: ANN001
+                      out_val=None) -> int:
+    """``midl_flops_parts`` for the rows; when dense compute plus masking ran, every row of W counts."""
+    (out_f, in_f), rows = weight.shape, x.shape[0]
+    if not kernel_runs("output_rows", x, weight, min(kernel_rows, KERNEL_ROW_LIMIT)):
+        picked = out_f
+    elif math.isnan(threshold):
+        picked = k
+    else:
+        picked = mean_picks(output_scores(x, down, gate, gate_bias, gate_abs)[1], k, threshold)
+    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
+    return sum(midl_flops_parts(in_f, out_f, 0.0, down.shape[0], rows, rows, picked).values())
