@@ -32,6 +32,7 @@ from .files import cache_dir, write_atomic
 from .kinds import build_layer
 from .running import run_model, watching
 from .sparse import new_conv1d, sparse_layers
+from .weight_dtype import set_weight_dtype
 
 CACHE_VERSION = 3  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode
 REPEATS = 15  # interleaved rounds per timing; the median is kept
@@ -171,8 +172,6 @@ def _in_turn(modules: list[nn.Module], x: torch.Tensor) -> Callable[[], Any]:
 
 def _in_dtype(module: nn.Module, weight_dtype: str) -> nn.Module:
     """``module`` with its weights in ``weight_dtype`` (a dense Linear becomes ``Int8Linear`` under int8)."""
-    from .weight_dtype import set_weight_dtype
-
     return set_weight_dtype(nn.Sequential(module), weight_dtype)[0]
 
 
