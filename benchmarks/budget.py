@@ -57,7 +57,7 @@ def global_plan(model, plan: Plan, example, target: float, rank: int | float) ->
         if ratio(keep) >= target:
             layers = [replace(lp, keep=keep, rank=resolve_rank(rank, lp.in_features, lp.out_features)) if lp.convert else lp
                       for lp in plan.layers]
-            return Plan(layers, plan.method, [f"global keep {keep:g}, rank {rank}"])
+            return Plan(layers, plan.trace, [f"global keep {keep:g}, rank {rank}"])
     best = max(ratio(k / 100) for k in range(1, 100))
     return f"global keep at rank {rank}: unreachable (at most {best:.3f}x)"
 

@@ -126,12 +126,12 @@ def check(task: dict) -> dict:
             raise RuntimeError(f"degenerate reference output (max |y| = {scale:g})")
         stage = "convert keep=1.0"
         model, plan = mc.convert(model, mc.MIDLConfig(keep=1.0), x)
-        res["method"], res["notes"], res["converted"] = plan.method, plan.notes, len(plan.converted)
+        res["method"], res["notes"], res["converted"] = plan.trace, plan.notes, len(plan.converted)
         stage = "forward keep=1.0"
         diff = (zoo.run(model, x) - ref).abs().max().item()
         res["rel_err"] = diff / scale
         if not diff <= 1e-4 * scale:
-            res.update(status="fail", reason=f"keep=1.0 output differs: rel err {diff / scale:.3g} (trace {plan.method})")
+            res.update(status="fail", reason=f"keep=1.0 output differs: rel err {diff / scale:.3g} (trace {plan.trace})")
             return res
         # keep 0.5: the same plan with another keep, so flip the converted layers' keep instead of
         # tracing and factorising (SVD) the model a second time.
@@ -292,7 +292,7 @@ def time_conversion(name: str = "vit_base_patch16_224", size: int = 224, threads
     with torch.no_grad():
         model(x)
     return {"model": name, "input": f"1x3x{size}x{size}", "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-            "layers": len(plan.converted), "method": plan.method, "graph_s": round(t1 - t0, 2),
+            "layers": len(plan.converted), "method": plan.trace, "graph_s": round(t1 - t0, 2),
             "surgery_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2), "threads": threads,
             "load": round(os.getloadavg()[0], 1), "cpus": os.cpu_count()}
 

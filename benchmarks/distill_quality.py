@@ -165,7 +165,7 @@ def each_alone(plan, teacher, held, calib) -> None:
 
     print("each converted layer alone, calibrated (agreement all / sure, KL):")
     for lp in plan.converted:
-        alone = mc.Plan([layer if layer.path == lp.path else replace(layer, convert=False) for layer in plan.layers], plan.method)
+        alone = mc.Plan([layer if layer.path == lp.path else replace(layer, convert=False) for layer in plan.layers], plan.trace)
         student = mc.apply_plan(copy.deepcopy(teacher), alone)
         mc.calibrate(student, calib)
         m = compare(student.eval(), teacher, held, "logits")

@@ -60,7 +60,7 @@ def budget_plan(
         "axis": axis, "target": target, "predicted_ratio": ratio, "predicted_damage": damage,
         "reachable": max_ratio(m), "dense_flops": m.dense_total, "measured_layers": len(m.layers),
         "options": sum(len(c.options) for c in m.layers.values()), "seconds": m.seconds, "cached": m.cached,
-        "damage_metric": "relative logit MSE" if kind == "logits" else "1 - cosine", "method": "lagrangian-knapsack+greedy",
+        "damage_metric": "relative logit MSE" if kind == "logits" else "1 - cosine", "knapsack": "lagrangian+greedy",
     }
     if axis == "time":
         summary.update(call=m.call, threads=torch.get_num_threads(), dense_ms=m.dense_time * 1e3,
@@ -70,7 +70,7 @@ def budget_plan(
             f"reachable {summary['reachable']:.3f}x), predicted damage {damage:.4g} ({summary['damage_metric']}, summed over "
             f"layers); {summary['options']} options on {len(m.layers)} layers measured in {m.seconds:.0f}s"
             f"{' (cached)' if m.cached else ''}")
-    new = Plan(layers=layers, method=plan.method, notes=[*plan.notes, note], budget=summary)
+    new = Plan(layers=layers, trace=plan.trace, notes=[*plan.notes, note], budget=summary)
     if not new.converted:
         raise MIDLError(f"the layer budget left every layer dense; raise {'flops_ratio' if axis == 'flops' else 'speedup'} "
                         f"or convert more layers")

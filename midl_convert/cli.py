@@ -265,7 +265,7 @@ def convert(
             _say_where(parsed.output.dir)
         result = run(parsed, dry_run=dry_run, progress=not quiet, trust_remote_code=trust_remote_code)
         if dry_run:
-            title = (f"plan ({result.plan.method} trace): {len(result.plan.converted)} "
+            title = (f"plan ({result.plan.trace} trace): {len(result.plan.converted)} "
                      f"of {len(result.plan.layers)} layers converted")
             _print_json(result.plan.to_dict()) if as_json else out.print(plan_table(result.plan, title))
             return
@@ -294,7 +294,7 @@ def run_summary(result: Any) -> dict[str, Any]:
     return {
         "out_dir": str(folder),
         "files": sorted(p.name for p in folder.iterdir()),
-        "converted_layers": len(result.plan.converted), "layers": len(result.plan.layers), "trace": result.plan.method,
+        "converted_layers": len(result.plan.converted), "layers": len(result.plan.layers), "trace": result.plan.trace,
         "budget": budget or None, "budget_cached": bool(budget.get("cached")),
         "budget_cache": str(cache_dir()) if budget.get("cached") else None,
         "distilled": summary(result.distilled) if result.distilled is not None else None,
@@ -324,10 +324,10 @@ def inspect(
         cfg = MIDLConfig(include=("all-linear" if include == ["all-linear"] else include) or None, exclude=exclude)
         plan, table = plan_conversion(loaded.model, cfg, loaded.example_inputs)
         if as_json:
-            _print_json({"model": model, "trace": table.method, "targets": len(table.targets),
+            _print_json({"model": model, "trace": table.trace, "targets": len(table.targets),
                          "target_flops": table.total_flops, "plan": plan.to_dict()})
             return
-        out.print(plan_table(plan, f"{model}: {len(table.targets)} targets ({table.method} trace), "
+        out.print(plan_table(plan, f"{model}: {len(table.targets)} targets ({table.trace} trace), "
                                    f"{table.total_flops / 1e9:.3f} GFLOPs in targets"))
 
     _guard(go, debug)

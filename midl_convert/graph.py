@@ -2,7 +2,7 @@
 input shape each one sees and its dense FLOPs.
 
 Tracing order: ``torch.export`` (non-strict), then ``torch.fx.symbolic_trace``, then a plain
-module walk with forward hooks; the method used and why the others failed are recorded, never
+module walk with forward hooks; the tracer used and why the others failed are recorded, never
 hidden.
 """
 from __future__ import annotations
@@ -73,8 +73,8 @@ class TargetTable:
     """All targets of a model, and how they were found."""
 
     targets: list[Target]
-    method: str  # "export" | "fx" | "walk"
-    notes: list[str] = field(default_factory=list)  # why earlier methods were not used
+    trace: str  # "export" | "fx" | "walk"
+    notes: list[str] = field(default_factory=list)  # why earlier tracers were not used
 
     @property
     def total_flops(self) -> int:
@@ -87,7 +87,7 @@ class TargetTable:
         raise KeyError(path)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "notes": self.notes, "targets": [t.to_dict() for t in self.targets]}
+        return {"trace": self.trace, "notes": self.notes, "targets": [t.to_dict() for t in self.targets]}
 
 
 # Subclasses that override forward but still compute exactly F.linear / F.conv2d with their weight.
@@ -233,11 +233,11 @@ def _shapes_by_hooks(model: nn.Module, args: tuple, kwargs: dict, paths: set[str
 def find_targets(
     model: nn.Module,
     example_inputs: tuple | dict | torch.Tensor | None = None,
-    method: str = "auto",
+    trace: str = "auto",
 ) -> TargetTable:
     """Every convertible layer of ``model`` with the shape it sees on ``example_inputs``.
 
-    ``method``: "auto" (export, then fx, then hooks), or one of "export", "fx", "walk".
+    ``trace``: "auto" (export, then fx, then hooks), or one of "export", "fx", "walk".
     Without example inputs only the module walk is possible and shapes are unknown.
     """
     by_path: dict[str, nn.Module] = {}
@@ -255,7 +255,7 @@ def find_targets(
     if example_inputs is not None:
         tracers = {"export": functools.partial(_shapes_by_export, downstream=downstream), "fx": _shapes_by_fx,
                    "walk": _shapes_by_hooks}
-        order = list(tracers) if method == "auto" else [method]
+        order = list(tracers) if trace == "auto" else [trace]
         was_training = model.training
         model.eval()
         try:
@@ -290,7 +290,7 @@ def find_targets(
             calls=max(1, len(calls)), role=role_of(path, is_head), is_head=is_head, aliases=all_paths[1:],
             norm=downstream.get(path, (None, None))[0], activation=downstream.get(path, (None, None))[1],
         ))
-    return TargetTable(targets=targets, method=used, notes=notes)
+    return TargetTable(targets=targets, trace=used, notes=notes)
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:

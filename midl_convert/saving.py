@@ -52,7 +52,7 @@ def plan_of(model: nn.Module) -> Plan:
                                     adaptive=mod.adaptive, side=mod.side, centre=getattr(mod, "centring", "none"))
     if not layers:
         raise MIDLError(f"{type(model).__name__} has no MID-L layers to save; convert it first (midl_convert.convert)")
-    return Plan(list(layers.values()), method="saved", weight_dtype=weight_dtype_of(model))
+    return Plan(list(layers.values()), trace="saved", weight_dtype=weight_dtype_of(model))
 
 
 # What a run writes: its own files, a Hugging Face config, a tokenizer's files and the report. A name

@@ -50,7 +50,7 @@ class Plan:
     """The decision for every target of a model; replaying it rebuilds the converted model."""
 
     layers: list[LayerPlan]
-    method: str
+    trace: str  # how the targets were found: "export", "fx", "walk" (graph.py), or "saved"
     notes: list[str] = field(default_factory=list)
     budget: dict[str, Any] | None = None  # the layer budget's target, prediction and cost, when one chose the settings
     weight_dtype: str = "float32"  # the weights' dtype after conversion (weight_dtype.py), set again on load
@@ -60,12 +60,13 @@ class Plan:
         return [layer for layer in self.layers if layer.convert]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "notes": self.notes, "budget": self.budget, "weight_dtype": self.weight_dtype,
+        return {"trace": self.trace, "notes": self.notes, "budget": self.budget, "weight_dtype": self.weight_dtype,
                 "layers": [asdict(layer) for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        return cls(layers=[LayerPlan(**d) for d in data["layers"]], method=data["method"], notes=list(data.get("notes", [])),
+        trace = data.get("trace", data.get("method"))  # plans saved before the rename call the tracer "method"
+        return cls(layers=[LayerPlan(**d) for d in data["layers"]], trace=trace, notes=list(data.get("notes", [])),
                    budget=data.get("budget"), weight_dtype=data.get("weight_dtype", "float32"))
 
 
@@ -119,7 +120,7 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
             adaptive=config.adaptive and reason is None, side=side,
             centre=config.centre if reason is None and (side == "auto" or kind_for(side).centres) else "none",
         ))
-    plan = Plan(layers=layers, method=table.method, notes=list(table.notes))
+    plan = Plan(layers=layers, trace=table.trace, notes=list(table.notes))
     if clamped:
         note = (f"rank lowered on {len(clamped)} layers so each still costs fewer FLOPs than dense ({', '.join(clamped[:3])}"
                 f"{', ...' if len(clamped) > 3 else ''}); ask for a lower rank to silence this")

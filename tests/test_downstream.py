@@ -34,7 +34,7 @@ class Mixed(nn.Module):
 def test_graph_records_norm_and_activation():
     model = Mixed().eval()
     table = find_targets(model, torch.randn(2, 8, 6, 6))
-    assert table.method == "export"
+    assert table.trace == "export"
     after = {t.path: (t.norm, t.activation) for t in table.targets}
     assert after == {"pw": ("bn1", "hardtanh:0:6"), "pwl": ("bn2", None), "fc1": (None, "gelu_tanh"), "fc2": (None, None)}
     plan, _ = plan_conversion(model, MIDLConfig(skip_head=False), torch.randn(2, 8, 6, 6))

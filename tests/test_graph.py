@@ -38,8 +38,8 @@ def inputs():
 
 @pytest.mark.parametrize("method", ["export", "walk", "auto"])
 def test_targets_shapes_flops_roles(method):
-    table = find_targets(Block(), inputs(), method=method)
-    assert table.method == ("export" if method == "auto" else method)
+    table = find_targets(Block(), inputs(), trace=method)
+    assert table.trace == ("export" if method == "auto" else method)
     by = {t.path: t for t in table.targets}
     assert set(by) == {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "shared", "pw", "head"}
     assert by["attn.qkv"].input_shape == (2, 5, 16)
@@ -66,14 +66,14 @@ def test_fx_fallback_is_recorded():
             return self.fc(-x)
 
     table = find_targets(Untraceable(), torch.ones(1, 8))
-    assert table.method == "walk"
+    assert table.trace == "walk"
     assert [n.split(" ")[0] for n in table.notes] == ["export", "fx"]
     assert table.targets[0].input_shape == (1, 8)
 
 
 def test_without_inputs_only_the_walk_runs():
     table = find_targets(Block())
-    assert table.method == "walk" and "no example inputs" in table.notes[0]
+    assert table.trace == "walk" and "no example inputs" in table.notes[0]
     assert "unused" in {t.path for t in table.targets}  # cannot know it never runs
     assert all(t.input_shape is None and t.flops == 0 for t in table.targets)
 

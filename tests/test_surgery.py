@@ -120,7 +120,7 @@ def test_convert_in_place_keeps_class_and_outputs_at_keep_one():
     ref = model(x)
     converted, plan = mc.convert(model, mc.MIDLConfig(keep=1.0), x)
     assert converted is model and type(model).__name__ == "ResNet"
-    assert plan.method == "export"
+    assert plan.trace == "export"
     assert isinstance(model.layer1[0].conv1, MIDLConv2d)
     assert not isinstance(model.fc, MIDLinear)  # head kept
     assert len(mc.midl_layers(model)) == len(plan.converted) > 10
@@ -169,3 +169,11 @@ def test_hf_model_keeps_save_pretrained(tmp_path):
     torch.testing.assert_close(model(**ids).last_hidden_state, ref)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+
+
+def test_a_plan_saved_before_the_tracer_was_called_trace_still_loads():
+    plan, _ = mc.plan_conversion(Block(), mc.MIDLConfig(keep=0.5), inputs())
+    saved = plan.to_dict()
+    assert saved["trace"] == plan.trace and "method" not in saved
+    old = {("method" if k == "trace" else k): v for k, v in saved.items()}
+    assert mc.Plan.from_dict(old) == plan

@@ -223,14 +223,14 @@ def test_zoo_conversion(source, name, kwargs, size):
 
     # keep 1.0: every neuron on the exact path, so the output is the original one.
     exact, plan = mc.convert(copy.deepcopy(model), mc.MIDLConfig(keep=1.0), inputs)
-    assert plan.converted, f"nothing converted (trace: {plan.method}, notes: {plan.notes})"
+    assert plan.converted, f"nothing converted (trace: {plan.trace}, notes: {plan.notes})"
     diff = (run(exact, inputs) - ref).abs().max().item()
-    assert diff <= 1e-4 * scale, f"keep=1.0 changed the output: max |diff| {diff:.3g} vs scale {scale:.3g} ({plan.method})"
+    assert diff <= 1e-4 * scale, f"keep=1.0 changed the output: max |diff| {diff:.3g} vs scale {scale:.3g} ({plan.trace})"
 
     # keep 0.5: layers really swapped, and the forward pass stays finite.
     torch.manual_seed(0)
     half, plan = mc.convert(copy.deepcopy(model), mc.MIDLConfig(keep=0.5), inputs)
-    assert plan.converted and mc.midl_layers(half), f"nothing converted at keep 0.5 ({plan.method})"
+    assert plan.converted and mc.midl_layers(half), f"nothing converted at keep 0.5 ({plan.trace})"
     y = run(half, inputs)
     assert y.shape == ref.shape
     assert torch.isfinite(y).all(), "keep=0.5 output has NaN or inf"
