@@ -235,7 +235,7 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--granularity", default="token")
-    p.add_argument("--select", choices=["output", "input", "auto"], default=None,
+    p.add_argument("--select", choices=[*mc.kind_names(), "auto"], default=None,
                    help="which neurons the masks pick (default: auto under --flops-ratio, else output)")
     p.add_argument("--adaptive", action="store_true", help="adaptive masks (a calibrated threshold, keep on average)")
     p.add_argument("--steps", type=int, default=300)

@@ -196,7 +196,7 @@ def main() -> None:
     p.add_argument("--flops-ratio", type=float, default=None, help="a whole-model FLOPs budget instead of one keep")
     p.add_argument("--speedup", type=float, default=None,
                    help="a speed-up budget instead: options timed at batch-1 decode on this machine (MIDLConfig(speedup=...))")
-    p.add_argument("--select", default="output", choices=["output", "input", "auto"],
+    p.add_argument("--select", default="output", choices=[*mc.kind_names(), "auto"],
                    help="which side of W a layer skips: output rows, input columns, or (with --flops-ratio) chosen per layer")
     p.add_argument("--centre", default="auto", choices=["auto", "mean", "median", "none"],
                    help="input-side centring (MIDLConfig.centre)")

@@ -77,7 +77,7 @@ def collect_groups(model: nn.Module, batches: Iterable[Batch], max_rows: int = 4
 def fit_thresholds(model: nn.Module, batches: Iterable[Batch], max_rows: int = 4096) -> None:
     """Refit every adaptive layer's threshold to its keep on ``batches`` (after training moved the
     gates, so the layers keep on average the share of neurons their FLOPs were counted with)."""
-    layers = {p: m for p, m in model.named_modules() if isinstance(m, SparseLayer) and m.adaptive and m.keep < 1.0}
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, SparseLayer) and m.adaptive and not m.keeps_all}
     if not layers:
         return
     was_training = model.training
@@ -104,7 +104,7 @@ def cap_thresholds(model: nn.Module, example_inputs: Any) -> list[str]:
     before it are capped.
     """
     layers = {p: m for p, m in model.named_modules() if isinstance(m, SparseLayer) and m.adaptive and m.threshold is not None
-              and m.keep < 1.0}
+              and not m.keeps_all}
     order: list[str] = []
     seen: dict[str, list[torch.Tensor]] = {}
 
@@ -167,7 +167,7 @@ def calibrate(
         layers = dict((p, m) for p, m in model.named_modules() if isinstance(m, SparseLayer))
         posts = {p: post_fn(model, *layers[p].downstream) for p in groups}
         weights: dict[str, torch.Tensor] = {}
-        plain = [p for p in groups if layers[p].keep < 1.0 and layers[p].takes_output_weights(posts[p])]
+        plain = [p for p in groups if not layers[p].keeps_all and layers[p].takes_output_weights(posts[p])]
         if kind is not None and plain and batches:
             with dense(model):
                 kind = output_kind(model, batches[0]) if kind == "auto" else kind

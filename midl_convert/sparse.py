@@ -5,7 +5,8 @@ A sparse layer holds a dense layer's ``W, b`` and, per input, computes only ``k`
 MID-L (``input_layers.py``). The rest of the package reads only what is declared here:
 
 - settings: ``side``, ``keep``, ``rank``, ``granularity``, ``adaptive``, ``threshold``, ``width``, ``k``;
-- ``flops_parts(rows, groups, k)``: its FLOPs on a call shape, gate, light path and selection counted;
+- ``flops_parts(rows, groups, k)``: its FLOPs on a call shape, gate, light path and selection counted
+  (``{"dense": ...}`` at keep 1, ``keeps_all``);
 - ``trainable_names(train)``: the parameters distillation trains;
 - ``calibrate_rows(groups, ...)``: its closed-form calibration on real input rows;
 - ``mask_scores(groups)``: the scores a threshold is fitted on (adaptive masks);
@@ -87,7 +88,12 @@ class SparseLayer(nn.Module):
     @property
     def exact(self) -> bool:
         """True when this layer runs as the original (keep 1, or disabled by ``dense``)."""
-        return self.disabled or self.keep >= 1.0
+        return self.disabled or self.keeps_all
+
+    @property
+    def keeps_all(self) -> bool:
+        """keep 1: every neuron takes the exact path, so the layer runs, and costs, as the original."""
+        return self.keep >= 1.0
 
     @property
     def threshold(self) -> float | None:

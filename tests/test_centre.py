@@ -115,7 +115,7 @@ def test_flops_count_the_subtraction_and_the_op_counter_agrees(rows):
     layer.centring = "auto"
     parts = layer.flops_parts(rows=rows, groups=rows)
     assert parts == {**plain, "centre": 64 * rows}
-    assert parts == input_flops_parts(64, 48, 0.5, 4, rows, rows, layer.k, centred=True)
+    assert parts == input_flops_parts(64, 48, 4, rows, rows, layer.k, centred=True)
     x = torch.randn(rows, 64)
     with torch.no_grad():
         layer(x)  # the first call folds W mu into the bias (one dense row, once): not a per-call cost
@@ -124,7 +124,7 @@ def test_flops_count_the_subtraction_and_the_op_counter_agrees(rows):
     if rows <= kernels.KERNEL_MAX_ROWS and kernels.fused_kernel() is not None:
         assert counter.get_total_flops() == sum(parts.values())  # the kernel ran: exactly the formula
     else:  # the masked GEMM ran: every input counts, the subtraction too
-        assert counter.get_total_flops() == sum(input_flops_parts(64, 48, 0.5, 4, rows, rows, 64, centred=True).values())
+        assert counter.get_total_flops() == sum(input_flops_parts(64, 48, 4, rows, rows, 64, centred=True).values())
 
 
 def test_budget_options_pay_for_the_centre():

@@ -40,7 +40,7 @@ def test_flop_counter_counts_what_the_output_kernel_runs(kernel, rank, rows):
     layer = make_layer("linear", 0.5, rank, True, 1)
     x = one_input("linear", rows)
     layer.path = "auto"
-    expected = midl_flops_parts(IN, OUT, layer.keep, rank, rows, rows, layer.k)
+    expected = midl_flops_parts(IN, OUT, rank, rows, rows, layer.k)
     assert counted(lambda: layer(x)) == sum(expected.values())
 
 
@@ -50,7 +50,7 @@ def test_flop_counter_counts_adaptive_picks(kernel):
     threshold = adaptive(layer, x)
     with torch.no_grad():
         picks = (layer.scores(x @ layer.light_down.T) > threshold).sum(-1).clamp_min(1).float().mean().item()
-    expected = midl_flops_parts(IN, OUT, layer.keep, 8, 4, 4, picks)
+    expected = midl_flops_parts(IN, OUT, 8, 4, 4, picks)
     assert counted(lambda: layer(x)) == sum(expected.values())
     torch.testing.assert_close(run(layer, x, "auto"), run(layer, x, "reference"), atol=1e-5, rtol=0)
 
@@ -69,7 +69,7 @@ def test_op_beyond_the_kernel_rows_runs_and_counts_dense_compute(kernel):
     with torch.no_grad():
         y = torch.ops.midl.output_rows(*output_args(layer, x))
     torch.testing.assert_close(y, run(layer, x, "reference"), atol=1e-5, rtol=0)
-    dense_rows = midl_flops_parts(IN, OUT, layer.keep, 8, len(x), len(x), OUT)
+    dense_rows = midl_flops_parts(IN, OUT, 8, len(x), len(x), OUT)
     assert counted(lambda: torch.ops.midl.output_rows(*output_args(layer, x))) == sum(dense_rows.values())
 
 
@@ -245,7 +245,7 @@ def test_flop_counter_counts_what_the_input_op_runs(kernel, rows, is_adaptive):
         picks = in_f
     else:
         picks = (s > threshold).sum(-1).clamp_min(1).float().mean().item() if is_adaptive else k
-    expected = sum(input_flops_parts(in_f, out_f, 0.5, rank, rows, rows, picks).values())
+    expected = sum(input_flops_parts(in_f, out_f, rank, rows, rows, picks).values())
     assert counted(lambda: torch.ops.midl.input_rows(x, wt, b, v, u, scale, k, threshold)) == expected
 
 

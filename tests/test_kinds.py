@@ -70,7 +70,7 @@ def test_flops_follow_the_formula_and_count_the_exact_share(row):
     dense, layer, x = _make(row)
     kind = row[0]
     parts = layer.flops_parts(rows=10, groups=10)
-    assert parts == kind.flops_parts(layer.in_features, layer.out_features, layer.keep, layer.rank, 10, 10, layer.k)
+    assert parts == kind.flops_parts(layer.in_features, layer.out_features, layer.rank, 10, 10, layer.k)
     assert parts["exact"] == 2 * layer.k * (layer.in_features if kind.picks_outputs else layer.out_features) * 10
     assert layer.width == kind.width(layer.in_features, layer.out_features)
     layer.track_stats = True

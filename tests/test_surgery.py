@@ -75,9 +75,9 @@ def test_a_rank_that_costs_more_than_dense_is_lowered_with_a_warning():
     for lp in plan.converted:
         k = round(lp.keep * lp.out_features)
         assert 0 <= lp.rank < min(lp.in_features, lp.out_features)
-        assert sum(midl_flops_parts(lp.in_features, lp.out_features, lp.keep, lp.rank, 1, 1, k).values()) < \
+        assert sum(midl_flops_parts(lp.in_features, lp.out_features, lp.rank, 1, 1, k).values()) < \
             dense_flops(lp.in_features, lp.out_features, 1) or lp.rank == 0
-        over = sum(midl_flops_parts(lp.in_features, lp.out_features, lp.keep, lp.rank + 1, 1, 1, k).values())
+        over = sum(midl_flops_parts(lp.in_features, lp.out_features, lp.rank + 1, 1, 1, k).values())
         assert over >= dense_flops(lp.in_features, lp.out_features, 1)  # the largest rank that still saves
 
 

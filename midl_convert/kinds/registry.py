@@ -47,7 +47,7 @@ class Kind:
     name: str  # what ``select`` and ``LayerPlan.side`` call it
     linear: type[SparseLayer]  # replaces nn.Linear and HF Conv1D
     conv: type[SparseLayer]  # replaces 1x1 nn.Conv2d
-    flops_parts: Callable[..., dict[str, int]]  # (in, out, keep, rank, rows, groups, k) -> FLOPs of each step
+    flops_parts: Callable[..., dict[str, int]]  # (in, out, rank, rows, groups, k) -> FLOPs of each step below keep 1
     picks_outputs: bool  # a mask picks output neurons (rows of W), else input neurons (columns)
     budget_grid: Callable[[Any], tuple[Sequence[float], Sequence[int | float]]]  # config -> keeps, ranks tried
     light_path: bool = True  # has a rank-r light path (without one, every rank is 0)
@@ -75,7 +75,7 @@ class Kind:
         dense = dense_flops(in_features, out_features, 1)
 
         def cost(r: int) -> int:
-            return sum(self.flops_parts(in_features, out_features, keep, r, rows, groups, k).values())
+            return sum(self.flops_parts(in_features, out_features, r, rows, groups, k).values())
 
         lo, hi = -1, min(in_features, out_features)  # cost grows with the rank: bisect for the last r that saves
         while lo < hi:

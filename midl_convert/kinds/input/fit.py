@@ -40,8 +40,8 @@ def calibrate_input_layer(layer: Any, groups: torch.Tensor, path: str = "", svd:
 
     layer.set_light_path(layer.light_up.detach().clone(), layer.light_down.detach().clone(), scale)  # c from W - U V
     before = error()
-    centre = fit_centre(layer, groups) if layer.centred and layer.keep < 1.0 else None
-    if layer.keep < 1.0:
+    centre = fit_centre(layer, groups) if layer.centred and not layer.keeps_all else None
+    if not layer.keeps_all:
         centred = groups - layer.centre.float() if layer.centred else groups
         for _ in range(rounds if layer.rank > 0 else 0):
             kept = layer.selection(groups.to(layer.weight.dtype)).float()  # (G, n, in) 1 = exact

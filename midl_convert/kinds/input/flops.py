@@ -5,21 +5,19 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ...flops import dense_flops
 from ...kernels import KERNEL_MAX_ROWS, input_scores, kernel_runs, mean_picks
 
 
 def input_flops_parts(
-    in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int, k: float, centred: bool = False
+    in_features: int, out_features: int, rank: int, rows: int, groups: int, k: float, centred: bool = False
 ) -> dict[str, int]:
-    """FLOPs of each step of an input-side layer (``input_layers.py``) over ``rows`` rows in ``groups`` masks.
+    """FLOPs of each step of an input-side layer (``layer.py``) over ``rows`` rows in ``groups`` masks (at
+    keep 1 the layer runs, and costs, as the dense layer instead: ``SparseLayer.keeps_all``).
 
     The light path runs on every row's left-out inputs as a dense product (``V`` reads all of
     ``in``); the exact path reads the ``k`` selected columns of ``W``. A ``centred`` layer subtracts
     its centre from every input first (``W centre`` is folded into the bias once, not per row).
     """
-    if keep >= 1.0:
-        return {"dense": dense_flops(in_features, out_features, rows)}
     r, out = rank, out_features
     return {
         **({"centre": in_features * rows} if centred else {}),  # x - centre on every row
@@ -42,5 +40,4 @@ def input_rows_flops(x, wt, bias, v, u, scale, k, threshold, wt_scale=None, cent
         picked = in_f
     else:
         picked = mean_picks(input_scores(x if centre is None else x - centre, scale), k, threshold)
-    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
-    return sum(input_flops_parts(in_f, out_f, 0.0, v.shape[0], rows, rows, picked, centre is not None).values())
+    return sum(input_flops_parts(in_f, out_f, v.shape[0], rows, rows, picked, centre is not None).values())  # a mask per row

@@ -33,6 +33,7 @@ from ...kernels import NO_BIAS  # importing kernels registers the midl ops
 from ...sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer
 from ...weight_dtype import Int8Linear, quantize_rows
 from .fit import calibrate_input_layer
+from ...flops import dense_flops
 from .flops import input_flops_parts
 
 # How an input-side layer centres its inputs: not at all, on each input's calibration mean or median,
@@ -261,7 +262,9 @@ class InputMIDLBase(SparseLayer):
 
     # ----- the interface (sparse.py) -------------------------------------------------------
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
-        return input_flops_parts(self.in_features, self.out_features, self.keep, self.rank, rows, groups,
+        if self.keeps_all:
+            return {"dense": dense_flops(self.in_features, self.out_features, rows)}
+        return input_flops_parts(self.in_features, self.out_features, self.rank, rows, groups,
                                  self.k if k is None else k, self.centred)
 
     def trainable_names(self, train: str) -> tuple[str, ...]:

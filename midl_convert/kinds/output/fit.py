@@ -45,7 +45,7 @@ def calibrate_output_layer(
     h, err = errors(layer.light_up.float(), layer.light_down.float())
     before = left_energy(layer.scores(h.mean(1).to(layer.weight.dtype)).float(), err.pow(2), layer.k,
                           layer.threshold is not None)
-    if layer.rank == 0 or layer.keep >= 1.0:
+    if layer.rank == 0 or layer.keeps_all:
         return LayerCalibration(path, x.shape[0], (before / total) ** 0.5, (before / total) ** 0.5, "none")
     if whiten:
         u, v = whitened_factors(w, x, layer.rank, svd)

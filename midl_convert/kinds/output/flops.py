@@ -7,20 +7,15 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from ...flops import dense_flops
 from ...kernels import KERNEL_ROW_LIMIT, kernel_runs, mean_picks, output_scores
 
 
-def midl_flops_parts(
-    in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int, k: float
-) -> dict[str, int]:
+def midl_flops_parts(in_features: int, out_features: int, rank: int, rows: int, groups: int, k: float) -> dict[str, int]:
     """FLOPs of each step of a MID-L layer over ``rows`` input rows split into ``groups`` masks.
 
     ``groups == rows`` for token/pixel granularity, the number of samples for sequence/sample.
-    ``keep >= 1`` runs the dense layer, so it costs exactly that (no gate is computed).
+    A layer at keep 1 runs as the dense layer and costs that instead (``SparseLayer.keeps_all``).
     """
-    if keep >= 1.0:
-        return {"dense": dense_flops(in_features, out_features, rows)}
     r, out = rank, out_features
     return {
         "light_down": 2 * r * in_features * rows,  # h = V x on every row
@@ -44,5 +39,4 @@ def output_rows_flops(x, weight, bias, down, up, gate, gate_bias, gate_abs, k, t
         picked = k
     else:
         picked = mean_picks(output_scores(x, down, gate, gate_bias, gate_abs)[1], k, threshold)
-    # one mask per row; keep only decides "the layer is dense" (keep >= 1), which never reaches this op
-    return sum(midl_flops_parts(in_f, out_f, 0.0, down.shape[0], rows, rows, picked).values())
+    return sum(midl_flops_parts(in_f, out_f, down.shape[0], rows, rows, picked).values())  # one mask per row

@@ -38,6 +38,7 @@ from ...kernels import KERNEL_MAX_ROWS, KERNEL_ROW_LIMIT, fused_kernel, kernel_a
 from ...kernels import NO_BIAS as _NO_BIAS
 from ...sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer, check_keep, check_rank
 from .fit import calibrate_output_layer
+from ...flops import dense_flops
 from .flops import midl_flops_parts
 
 Granularity = Literal["token", "sequence", "pixel", "sample"]
@@ -302,7 +303,9 @@ class MIDLBase(SparseLayer):
 
     # ----- the interface (sparse.py) -------------------------------------------------------
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
-        return midl_flops_parts(self.in_features, self.out_features, self.keep, self.rank, rows, groups,
+        if self.keeps_all:
+            return {"dense": dense_flops(self.in_features, self.out_features, rows)}
+        return midl_flops_parts(self.in_features, self.out_features, self.rank, rows, groups,
                                 self.k if k is None else k)
 
     def trainable_names(self, train: str) -> tuple[str, ...]:

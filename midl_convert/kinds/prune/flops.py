@@ -2,13 +2,8 @@
 columns is decided once, in calibration; the offset rides in the bias)."""
 from __future__ import annotations
 
-from ...flops import dense_flops
 
-
-def prune_flops_parts(in_features: int, out_features: int, keep: float, rank: int, rows: int, groups: int,
-                      k: float) -> dict[str, int]:
+def prune_flops_parts(in_features: int, out_features: int, rank: int, rows: int, groups: int, k: float) -> dict[str, int]:
     """FLOPs of each step over ``rows`` rows (``groups`` and ``rank`` do not change the cost: no mask
     is chosen at run time and there is no light path)."""
-    if keep >= 1.0:
-        return {"dense": dense_flops(in_features, out_features, rows)}
     return {"exact": round(2 * k * out_features * rows)}

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...fitting import LayerCalibration
 from ...sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer
+from ...flops import dense_flops
 from .flops import prune_flops_parts
 
 
@@ -57,7 +58,9 @@ class PruneBase(SparseLayer):
         return F.linear(x.index_select(-1, idx), self.dense_weight().index_select(1, idx), bias)
 
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
-        return prune_flops_parts(self.in_features, self.out_features, self.keep, self.rank, rows, groups,
+        if self.keeps_all:
+            return {"dense": dense_flops(self.in_features, self.out_features, rows)}
+        return prune_flops_parts(self.in_features, self.out_features, self.rank, rows, groups,
                                  self.k if k is None else k)
 
     def trainable_names(self, train: str) -> tuple[str, ...]:
@@ -86,7 +89,7 @@ class PruneBase(SparseLayer):
             return (exact - self.mix_rows(groups.to(self.weight.dtype)).reshape(exact.shape).float()).pow(2).sum().item()
 
         before = error()
-        if self.keep < 1.0:
+        if not self.keeps_all:
             self.importance.copy_(x.abs().mean(0) * w.norm(dim=0))
             rest = torch.ones(self.in_features, dtype=torch.bool, device=x.device)
             rest[self.kept()] = False
