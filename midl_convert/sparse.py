@@ -49,7 +49,7 @@ def check_rank(rank: int, in_features: int, out_features: int) -> int:
 class SparseLayer(nn.Module):
     """Settings, statistics and thresholds shared by every kind; the maths is the subclass's."""
 
-    side: ClassVar[str]  # "output" or "input": which neurons a mask picks
+    side: ClassVar[str]  # the registered kind's name (``kinds/``): "output", "input", "prune", ...
     default_rank: ClassVar[int]  # the light path's rank when a builder is given none
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -77,8 +77,8 @@ class SparseLayer(nn.Module):
     # ----- settings --------------------------------------------------------------------------
     @property
     def width(self) -> int:
-        """Neurons a mask chooses among."""
-        return self.out_features if self.side == "output" else self.in_features
+        """Neurons a mask chooses among (each kind says which)."""
+        raise NotImplementedError
 
     @property
     def k(self) -> int:

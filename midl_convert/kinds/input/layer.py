@@ -261,6 +261,10 @@ class InputMIDLBase(SparseLayer):
         return self._rows(x)
 
     # ----- the interface (sparse.py) -------------------------------------------------------
+    @property
+    def width(self) -> int:
+        return self.in_features  # a mask picks input neurons
+
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
         if self.keeps_all:
             return {"dense": dense_flops(self.in_features, self.out_features, rows)}

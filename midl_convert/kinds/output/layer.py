@@ -302,6 +302,10 @@ class MIDLBase(SparseLayer):
         return None if self.bias is None else self.bias.index_select(0, sel)
 
     # ----- the interface (sparse.py) -------------------------------------------------------
+    @property
+    def width(self) -> int:
+        return self.out_features  # a mask picks output neurons
+
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
         if self.keeps_all:
             return {"dense": dense_flops(self.in_features, self.out_features, rows)}

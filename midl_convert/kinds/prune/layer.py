@@ -57,6 +57,10 @@ class PruneBase(SparseLayer):
         bias = self.offset if self.bias is None else self.bias + self.offset
         return F.linear(x.index_select(-1, idx), self.dense_weight().index_select(1, idx), bias)
 
+    @property
+    def width(self) -> int:
+        return self.in_features  # the kept columns are input neurons
+
     def flops_parts(self, rows: int, groups: int, k: float | None = None) -> dict[str, int]:
         if self.keeps_all:
             return {"dense": dense_flops(self.in_features, self.out_features, rows)}
