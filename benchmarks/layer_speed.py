@@ -130,7 +130,7 @@ def table_rows(shape: Shape, keeps: list[float], repeats: int, warmup: int) -> I
         x = xs[0]
         for keep in keeps:
             layer.keep = keep
-            path = layer.compute_path(layer.groups_of(x))
+            path = layer.compute_route(layer.groups_of(x))
             t_dense, t_midl = interleaved([in_turn(dense, xs), in_turn(layer, xs)], repeats, warmup)
             single = not shape.is_conv and x.shape[0] == 1
             limit = f"{traffic_limit(keep, shape):.2f}x" if single else "–"

@@ -1,11 +1,11 @@
-"""What actually ran: the FLOPs each sparse layer's calls executed, and the path each call took.
+"""What actually ran: the FLOPs each sparse layer's calls executed, and the compute route each call took.
 
-The formulas in ``flops.py`` count what a layer's sparse maths costs; a call may run another path
+The formulas in ``flops.py`` count what a layer's sparse maths costs; a call may take another route
 (per-token masks on many rows run as dense compute plus masking). ``FlopCounterMode`` sees the
 ATen ops that ran, so each call is classed by what it saw against the dense layer's FLOPs:
 
 - ``masked``: at least the dense FLOPs (the dense product ran, the mask on top of it);
-- ``kernel``: the layer says its call takes the fused kernel (``compute_path``, asked outside the
+- ``kernel``: the layer says its call takes the fused kernel (``compute_route``, asked outside the
   counter: under a dispatch mode the kernel steps aside), or the counter saw nothing; counted by formula;
 - ``sparse``: the rest (gathered rows or columns, fewer FLOPs than dense).
 """
@@ -24,7 +24,7 @@ from .flops import dense_flops
 from .running import run_model, watching
 from .sparse import SparseLayer, sparse_layers
 
-PATH_WORDS = {
+ROUTE_WORDS = {
     "masked": "dense compute plus masking",
     "kernel": "the fused kernel",
     "sparse": "gathered sparse products",
@@ -34,16 +34,16 @@ PATH_WORDS = {
 
 @dataclass
 class RanFlops:
-    """FLOPs of one forward as run: the whole model, and per sparse layer with its calls' paths."""
+    """FLOPs of one forward as run: the whole model, and per sparse layer with its calls' routes."""
 
     total: int
     layers: dict[str, int] = field(default_factory=dict)
-    paths: dict[str, Counter] = field(default_factory=dict)
+    routes: dict[str, Counter] = field(default_factory=dict)
     rows: dict[str, list[int]] = field(default_factory=dict)
 
-    def path_of(self, layer: str) -> str | None:
-        """The path most of a layer's calls took."""
-        seen = self.paths.get(layer)
+    def route_of(self, layer: str) -> str | None:
+        """The compute route most of a layer's calls took."""
+        seen = self.routes.get(layer)
         return seen.most_common(1)[0][0] if seen else None
 
 
@@ -57,7 +57,7 @@ def ran_flops(model: nn.Module, inputs: Any, step: Callable[[], Any] | None = No
     out = RanFlops(0, {p: 0 for p in layers}, {p: Counter() for p in layers}, {p: [] for p in layers})
     extra = 0
     before: dict[str, int] = {}
-    chosen = _chosen_paths(layers, step)
+    chosen = _chosen_routes(layers, step)
 
     def pre(p: str, m: SparseLayer, x: torch.Tensor) -> None:
         before[p] = counter.get_total_flops()
@@ -70,17 +70,17 @@ def ran_flops(model: nn.Module, inputs: Any, step: Callable[[], Any] | None = No
         dense = dense_flops(m.in_features, m.out_features, rows)
         said = chosen[p].pop(0) if chosen[p] else None
         if m.exact:
-            path = "dense"
+            route = "dense"
         elif said == "kernel" or seen == 0:
-            path = "kernel"
+            route = "kernel"
             extra += sum(m.flops_parts(rows, groups).values()) - seen
             seen = sum(m.flops_parts(rows, groups).values())
         elif seen >= dense:
-            path = "masked"
+            route = "masked"
         else:
-            path = "sparse"
+            route = "sparse"
         out.layers[p] += seen
-        out.paths[p][path] += 1
+        out.routes[p][route] += 1
         out.rows[p].append(rows)
 
     with watching(layers, pre, post), sdpa_kernel(SDPBackend.MATH), counter:
@@ -90,12 +90,12 @@ def ran_flops(model: nn.Module, inputs: Any, step: Callable[[], Any] | None = No
 
 
 @torch.no_grad()
-def _chosen_paths(layers: dict[str, SparseLayer], step: Callable[[], Any]) -> dict[str, list[str | None]]:
-    """Per layer, the path each call takes when nothing watches (layers that can say: ``compute_path``)."""
+def _chosen_routes(layers: dict[str, SparseLayer], step: Callable[[], Any]) -> dict[str, list[str | None]]:
+    """Per layer, the route each call takes when nothing watches (layers that can say: ``compute_route``)."""
     chosen: dict[str, list[str | None]] = {p: [] for p in layers}
 
     def ask(p: str, m: SparseLayer, x: torch.Tensor) -> None:
-        say = getattr(m, "compute_path", None)
+        say = getattr(m, "compute_route", None)
         chosen[p].append(None if say is None or m.exact else say(m.groups_of(x)))
 
     with watching(layers, ask):
@@ -103,4 +103,4 @@ def _chosen_paths(layers: dict[str, SparseLayer], step: Callable[[], Any]) -> di
     return chosen
 
 
-__all__ = ["PATH_WORDS", "RanFlops", "ran_flops"]
+__all__ = ["ROUTE_WORDS", "RanFlops", "ran_flops"]

@@ -479,7 +479,7 @@ def build_report(
     kinds = {lp.path: lp.kind for lp in plan.layers} if plan is not None else {}
     layer_reports = [_layer_report(path, layer, kinds, counted.layers[path], active[path]) for path, layer in layers.items()]
     for lr in layer_reports:
-        lr.ran_flops, lr.ran_path = ran.layers.get(lr.path), ran.path_of(lr.path)
+        lr.ran_flops, lr.ran_path = ran.layers.get(lr.path), ran.route_of(lr.path)
         if lr.path in times:
             lr.dense_ms, lr.midl_ms = (t * 1e3 for t in times[lr.path])
     if call_latency is not None:
@@ -525,7 +525,7 @@ def slower_reason(latency: dict[str, Any], layers: Sequence[LayerReport], ran: R
     worst = min((r for r in ratios if r is not None), default=None)
     if worst is None or worst >= 1.0:
         return None
-    path_of = ran.path_of if ran is not None else {lr.path: lr.ran_path for lr in layers}.get
+    path_of = ran.route_of if ran is not None else {lr.path: lr.ran_path for lr in layers}.get
     masked = [lr for lr in layers if path_of(lr.path) == "masked"]
     slow = [lr for lr in layers if lr.dense_ms is not None and lr.midl_ms is not None and lr.midl_ms > lr.dense_ms]
     if masked:

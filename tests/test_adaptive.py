@@ -52,7 +52,7 @@ def test_every_path_picks_the_neurons_above_the_threshold(kind, granularity, sha
         expected = light + mask * (dense - light)
     paths = ["reference", "masked", "auto"] + (["sparse"] if granularity in ("sequence", "sample") else [])
     for path in paths:
-        layer.path = path
+        layer.route = path
         with torch.no_grad():
             y = layer(x)
         got = y

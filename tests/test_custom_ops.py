@@ -39,7 +39,7 @@ def adaptive(layer: MIDLinear, x: torch.Tensor) -> float:
 def test_flop_counter_counts_what_the_output_kernel_runs(kernel, rank, rows):
     layer = make_layer("linear", 0.5, rank, True, 1)
     x = one_input("linear", rows)
-    layer.path = "auto"
+    layer.route = "auto"
     expected = midl_flops_parts(IN, OUT, rank, rows, rows, layer.k)
     assert counted(lambda: layer(x)) == sum(expected.values())
 
@@ -85,7 +85,7 @@ with torch.no_grad():
     program = torch.export.export(layer, (torch.randn(4, 48),), dynamic_shapes={"x": {0: torch.export.Dim("b", max=64)}})
     for rows in (1, 20):
         x = torch.randn(rows, 48)
-        layer.path = "reference"
+        layer.route = "reference"
         torch.testing.assert_close(program.module()(x), layer(x), atol=1e-5, rtol=0)
     s = torch.randn(6, 50)
     assert torch.equal(torch.ops.midl.top_k_rows(s, 7), s.topk(7).indices.sort().values)
@@ -146,9 +146,9 @@ def test_bf16_autocast_runs_the_kernel_in_float32(kernel, rows):
     x = one_input("linear", rows)
     expected = run(layer, x, "reference")
     for given in (x, x.bfloat16()):  # the model's input, or a previous layer's autocast output
-        layer.path = "auto"
+        layer.route = "auto"
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-            assert layer.compute_path(layer.groups_of(given)) == "kernel"
+            assert layer.compute_route(layer.groups_of(given)) == "kernel"
             y = layer(given)
         torch.testing.assert_close(y.float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():

@@ -120,7 +120,7 @@ def test_analytic_count_close_to_counter_on_sparse_path(name, model, shape, conf
     x = torch.randn(*shape)
     student, teacher = converted(model(), x, **config)
     for layer in mc.midl_layers(student).values():
-        layer.path = "sparse"
+        layer.route = "sparse"
     analytic = model_flops(student, teacher, (x,)).midl
     counted = count_flops(student, (x,))
     assert counted <= analytic <= 1.05 * counted

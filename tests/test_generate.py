@@ -51,13 +51,13 @@ def convert(model: torch.nn.Module, keep: float, select: str) -> torch.nn.Module
 def paths_taken(monkeypatch) -> list[str]:
     """Record the compute path of every output-side MID-L call."""
     seen: list[str] = []
-    original = MIDLBase.compute_path
+    original = MIDLBase.compute_route
 
     def spy(self, x):
         seen.append(original(self, x))
         return seen[-1]
 
-    monkeypatch.setattr(MIDLBase, "compute_path", spy)
+    monkeypatch.setattr(MIDLBase, "compute_route", spy)
     return seen
 
 

@@ -44,7 +44,7 @@ def one_input(kind: str, rows: int = 1) -> torch.Tensor:
 
 
 def run(layer: nn.Module, x: torch.Tensor, path: str) -> torch.Tensor:
-    layer.path = path
+    layer.route = path
     with torch.no_grad():
         return layer(x)
 
@@ -206,5 +206,5 @@ def test_many_rows_in_eval_mask_the_dense_output(kernel, kind):
     """More rows than the kernel takes: dense compute plus masking, same numbers as the reference."""
     layer = make_layer(kind, 0.5, 8, True, 1)
     x = torch.randn(KERNEL_MAX_ROWS + 4, IN) if kind == "linear" else torch.randn(1, IN, 3, 4)
-    assert layer.compute_path(layer.groups_of(x)) == "masked"
+    assert layer.compute_route(layer.groups_of(x)) == "masked"
     torch.testing.assert_close(run(layer, x, "auto"), run(layer, x, "reference"), atol=1e-5, rtol=0)

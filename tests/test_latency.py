@@ -227,10 +227,10 @@ def test_kernel_calls_are_counted_by_formula_and_masked_calls_by_what_ran():
     layers = mc.midl_layers(student)
     assert len(layers) == 3
     for path, layer in layers.items():
-        assert ran.path_of(path) == "kernel"
+        assert ran.route_of(path) == "kernel"
         assert ran.layers[path] == layer_flops(layer, [(1, 1)]).midl
     decode = ran_flops(student, None, lambda: student(torch.randn(1, 1, 32)))  # a step callable, as for decode
-    assert decode.total == ran.total and all(decode.path_of(p) == "kernel" for p in decode.layers)
+    assert decode.total == ran.total and all(decode.route_of(p) == "kernel" for p in decode.layers)
 
 
 @pytest.mark.slow  # a whole run on the random test ViT: about 16 s on 2 shared cores

@@ -51,11 +51,11 @@ def test_sparse_path_equals_reference(name, dense, shape):
     for g in granularities(dense):
         for rank in (0, 4):
             layer = convert(dense, keep=0.5, rank=rank, granularity=g).eval()
-            layer.path = "reference"
+            layer.route = "reference"
             ref = layer(x)
-            layer.path = "sparse"
+            layer.route = "sparse"
             assert rel_err(layer(x), ref) <= 1e-5, (g, rank)
-            layer.path = "auto"  # eval default is the sparse path
+            layer.route = "auto"  # eval default is the sparse path
             assert rel_err(layer(x), ref) <= 1e-5
 
 

@@ -19,7 +19,7 @@ Forward: a hard Top-k mask; in training its gradient is that of ``sigma(score)``
 through), so the gate learns. The compute paths give the same numbers: ``reference`` (full
 output, then masked), ``sparse`` (only the selected rows of ``W`` per shared mask) and
 ``kernel`` (the fused C++ kernel of ``kernels.py`` for a few rows with their own masks, e.g.
-batch-1 decoding). ``path="auto"`` picks, in eval, the kernel for up to ``KERNEL_MAX_ROWS``
+batch-1 decoding). ``route="auto"`` picks, in eval, the kernel for up to ``KERNEL_MAX_ROWS``
 rows with their own masks (when autograd is off), ``sparse`` for shared masks, and ``masked``
 (``reference`` without the training-only blend) otherwise; in training, ``reference``. The
 choices are measured by ``benchmarks/layer_speed.py``.
@@ -43,7 +43,7 @@ from .flops import midl_flops_parts
 
 Granularity = Literal["token", "sequence", "pixel", "sample"]
 GateMode = Literal["abs", "linear"]
-ComputePath = Literal["auto", "reference", "sparse", "kernel"]
+Route = Literal["auto", "reference", "sparse", "kernel"]
 # Rows of W gathered at once by the sparse path (elements), so a long batch of per-token
 # masks does not materialise a (tokens, k, in) copy of W in one go.
 _GATHER_CHUNK = 1 << 24
@@ -79,7 +79,7 @@ class MIDLBase(SparseLayer):
         self._init_settings(in_features, out_features, keep, rank, granularity, allowed, device)
         # Gate form, kept in the state dict so a saved calibrated layer reloads as it was: 1 = abs, 0 = linear.
         self.register_buffer("gate_abs", torch.ones((), dtype=torch.uint8, device=device))
-        self.path: ComputePath = "auto"
+        self.route: Route = "auto"  # the compute route forced, or "auto"
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
@@ -137,35 +137,35 @@ class MIDLBase(SparseLayer):
         """MID-L on grouped rows ``x (G, n, in)``, one mask per group from the mean of its ``V x``."""
         if self.exact:
             return self._dense(x)
-        path = self.compute_path(x)
-        if path == "kernel":
+        route = self.compute_route(x)
+        if route == "kernel":
             return self._fused(x)
         h = F.linear(x, self.light_down)
         s = self.scores(h.mean(dim=1, keepdim=True) if x.shape[1] > 1 else h)  # (G, 1, out)
         idx = self._pick(s)
         self._record(self.counts if self.counts is not None else idx.shape[-1])
-        if path == "sparse":
+        if route == "sparse":
             return self._sparse(x, h, idx)
-        return self._masked(x, h, idx) if path == "masked" else self._reference(x, h, s, idx)
+        return self._masked(x, h, idx) if route == "masked" else self._reference(x, h, s, idx)
 
-    def compute_path(self, x: torch.Tensor) -> str:
-        """The path ``mix_rows`` takes for grouped rows ``x``: "kernel", "sparse", "masked" (eval's
-        dense compute plus masking) or "reference". ``path="kernel"`` raises when the kernel
+    def compute_route(self, x: torch.Tensor) -> str:
+        """The route ``mix_rows`` takes for grouped rows ``x``: "kernel", "sparse", "masked" (eval's
+        dense compute plus masking) or "reference". ``route="kernel"`` raises when the kernel
         cannot serve ``x``, rather than fall back unseen."""
-        if self.path in ("auto", "kernel"):
+        if self.route in ("auto", "kernel"):
             blocker = self._kernel_blocker(x, self._kernel_rows)
             if blocker is None:
                 return "kernel"
-            if self.path == "kernel":
+            if self.route == "kernel":
                 raise RuntimeError(f"path='kernel' cannot run this call: {blocker}; use path='auto' to fall back")
-        if self.path == "sparse" or (self.path == "auto" and not self.training and self._sparse_pays(x)):
+        if self.route == "sparse" or (self.route == "auto" and not self.training and self._sparse_pays(x)):
             return "sparse"
-        return "masked" if self.path == "auto" and not self.training else "reference"
+        return "masked" if self.route == "auto" and not self.training else "reference"
 
     @property
     def _kernel_rows(self) -> int:
         """Rows with their own masks the kernel serves: up to where it pays (auto), or all it can (forced)."""
-        return KERNEL_MAX_ROWS if self.path == "auto" else KERNEL_ROW_LIMIT
+        return KERNEL_MAX_ROWS if self.route == "auto" else KERNEL_ROW_LIMIT
 
     @staticmethod
     def _sparse_pays(x: torch.Tensor) -> bool:
@@ -285,7 +285,7 @@ class MIDLBase(SparseLayer):
         return out.transpose(1, 2)
 
     def _sparse_rows(self, x: torch.Tensor, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """A mask per row (``path="sparse"`` forced): rows of W gathered for all rows at once,
+        """A mask per row (``route="sparse"`` forced): rows of W gathered for all rows at once,
         in chunks, so a long batch does not copy a (rows, k, in) block of W in one go."""
         out = self._light(h)
         groups = idx.shape[0]
