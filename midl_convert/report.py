@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-from pydantic import ConfigDict, Field, NonNegativeFloat, NonNegativeInt, TypeAdapter, with_config
+from pydantic import ConfigDict, Field, NonNegativeFloat, NonNegativeInt, TypeAdapter
 from torch import nn
 from typing_extensions import Annotated, NotRequired, Required, TypedDict
 
@@ -45,15 +45,17 @@ Count = NonNegativeInt
 Ratio = float | None  # null where a ratio has no value (nothing converted, NaN)
 BatchSize = Annotated[int, Field(ge=1)]
 OutputKind = Literal[tuple(sorted(set(OUTPUT_KIND.values())))]  # type: ignore[valid-type]
-_OPEN = ConfigDict(extra="ignore")  # sections do not inherit the top level's extra="forbid"
+_OPEN = ConfigDict(extra="ignore")  # each section's own: sections do not inherit the top level's extra="forbid"
 
 
 def _about(text: str) -> Any:
     return Field(description=text)
 
 
-@with_config(_OPEN)
-class Versions(TypedDict, extra_items=str | None):
+class Versions(TypedDict):
+    # other libraries' versions may follow, each a string or null (PEP 728's extra_items says so from typing_extensions 4.13)
+    __pydantic_config__ = ConfigDict(json_schema_extra={"additionalProperties": {"type": ["string", "null"]}})  # type: ignore[misc]
+
     python: str | None
     torch: str | None
     timm: str | None
@@ -61,9 +63,10 @@ class Versions(TypedDict, extra_items=str | None):
     midl_convert: str | None
 
 
-@with_config(_OPEN)
 class Settings(TypedDict, total=False):
     """What produced the report; model, config, data and seed are the caller's, versions and device are measured."""
+
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
 
     model: Annotated[str | dict[str, Any] | None, _about("a name, or a run's model section")]
     config: dict[str, Any] | None
@@ -74,10 +77,11 @@ class Settings(TypedDict, total=False):
     versions: Required[Versions]
 
 
-@with_config(_OPEN)
 class HeldoutFlops(TypedDict, total=False):
     """The same counts summed over the first held-out batches (up to 4) (the headline: adaptive masks
     pick as many neurons as real data makes them)."""
+
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
 
     dense: Count
     midl: Count
@@ -86,8 +90,9 @@ class HeldoutFlops(TypedDict, total=False):
     batches: Count
 
 
-@with_config(_OPEN)
 class Flops(TypedDict):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     input_shapes: dict[str, list[Count]]
     input: NotRequired[Annotated[str, _about("which input the FLOPs were counted on")]]
     budget: NotRequired[Annotated[dict[str, Any] | None, _about("the layer budget's target and prediction, when one planned the run")]]
@@ -103,15 +108,17 @@ class Flops(TypedDict):
     heldout: NotRequired[HeldoutFlops | None]
 
 
-@with_config(_OPEN)
 class Parameters(TypedDict):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     original: Count
     converted: Count
     added: int
 
 
-@with_config(_OPEN)
 class Quality(TypedDict):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     kind: OutputKind
     headline: str
     value: Ratio
@@ -119,8 +126,9 @@ class Quality(TypedDict):
     batches: Count
 
 
-@with_config(_OPEN)
 class Timing(TypedDict):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     median_ms: NonNegativeFloat
     q1_ms: NonNegativeFloat
     q3_ms: NonNegativeFloat
@@ -128,8 +136,9 @@ class Timing(TypedDict):
     min_ms: NonNegativeFloat
 
 
-@with_config(_OPEN)
 class LatencyResult(TypedDict):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     batch_size: BatchSize
     warmup_runs: Count
     teacher: Timing
@@ -137,8 +146,9 @@ class LatencyResult(TypedDict):
     speedup: Ratio
 
 
-@with_config(_OPEN)
 class Latency(TypedDict):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     device: str
     timer: str
     repeats: BatchSize
@@ -148,44 +158,50 @@ class Latency(TypedDict):
     layer_call: NotRequired[str]
 
 
-@with_config(_OPEN)
 class MemoryUse(TypedDict):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     weights_bytes: Count | None
     forward_peak_bytes: Count | None
     peak_bytes: Count | None
 
 
-@with_config(_OPEN)
 class MemoryResult(TypedDict):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     batch_size: BatchSize
     teacher: MemoryUse
     student: MemoryUse
 
 
-@with_config(_OPEN)
 class Memory(TypedDict):
     """peak_bytes = weights_bytes (parameters and buffers) + forward_peak_bytes (tensors allocated during one forward)."""
+
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
 
     device: str
     method: str
     results: list[MemoryResult]
 
 
-@with_config(_OPEN)
 class Skipped(TypedDict):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     path: str
     reason: str | None
 
 
-@with_config(_OPEN)
 class Calibration(TypedDict, total=False):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     layers: Count
     error_before: Ratio
     error_after: Ratio
 
 
-@with_config(_OPEN)
 class Distillation(TypedDict, total=False):
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
+
     steps: Count
     seconds: float | None
     resumed_from: int | None
@@ -197,10 +213,11 @@ class Distillation(TypedDict, total=False):
     loss_last: float | None
 
 
-@with_config(_OPEN)
 class History(TypedDict, total=False):
     """What the run did before this measurement: calibration (mean relative layer error) and
     distillation (held-out quality before and after, time, steps, the step it resumed from)."""
+
+    __pydantic_config__ = _OPEN  # type: ignore[misc]
 
     calibration: Calibration
     distillation: Distillation
