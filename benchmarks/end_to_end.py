@@ -21,7 +21,8 @@ import torch
 
 import midl_convert as mc
 from midl_convert.flops import model_flops
-from midl_convert.quality import OUTPUT_KIND, compare, headline, run
+from midl_convert.quality import OUTPUT_KIND, compare, headline
+from midl_convert.running import run_model
 
 SPECS = {
     "resnet50": ("resnet50", True, "builtin:images", []),
@@ -35,12 +36,12 @@ def latency_ms(teacher, student, batch, repeats: int) -> tuple[float, float]:
     times: dict[str, list[float]] = {"t": [], "s": []}
     with torch.inference_mode():
         for _ in range(3):
-            run(teacher, batch)
-            run(student, batch)
+            run_model(teacher, batch)
+            run_model(student, batch)
         for _ in range(repeats):
             for key, model in (("t", teacher), ("s", student)):
                 t = time.perf_counter()
-                run(model, batch)
+                run_model(model, batch)
                 times[key].append(time.perf_counter() - t)
     return statistics.median(times["t"]) * 1e3, statistics.median(times["s"]) * 1e3
 

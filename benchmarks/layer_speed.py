@@ -27,7 +27,6 @@ import itertools
 import os
 import platform
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -37,6 +36,7 @@ from torch import nn
 
 from midl_convert.kernels import fused_kernel
 from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
+from midl_convert.runtime import interleaved_rounds
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,9 @@ def traffic_limit(keep: float, shape: Shape) -> float:
 
 
 def interleaved(fns: list[Callable[[], object]], repeats: int, warmup: int) -> list[float]:
-    """Median microseconds of each function, calls alternating (order flipped each round)."""
-    times: list[list[float]] = [[] for _ in fns]
-    for step in range(warmup + repeats):
-        order = list(range(len(fns)))[:: 1 if step % 2 else -1]
-        for j in order:
-            start = time.perf_counter()
-            fns[j]()
-            if step >= warmup:
-                times[j].append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e6 for t in times]
+    """Median microseconds of each function over ``interleaved_rounds``, after ``warmup`` untimed rounds."""
+    interleaved_rounds(fns, warmup)
+    return [statistics.median(t) * 1e6 for t in interleaved_rounds(fns, repeats)]
 
 
 def build(shape: Shape) -> tuple[nn.Module, nn.Module]:

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import math
 import random
 import re
 import sqlite3
@@ -63,6 +64,15 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         return self.map(lambda t: t.to(device))
+
+    def resized(self, size: int) -> "Batch":
+        """The first ``size`` samples, repeated when the batch holds fewer (a latency at another batch size)."""
+        def fit(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 0:
+                return t
+            return t.repeat(math.ceil(size / t.shape[0]), *[1] * (t.dim() - 1))[:size] if t.shape[0] < size else t[:size]
+
+        return self.map(fit)
 
     @property
     def size(self) -> int:

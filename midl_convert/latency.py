@@ -33,6 +33,7 @@ from .kinds import build_layer
 from .running import run_model, watching
 from .sparse import new_conv1d, sparse_layers
 from .weight_dtype import set_weight_dtype
+from .runtime import interleaved_rounds, weight_bytes
 
 CACHE_VERSION = 3  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode
 REPEATS = 15  # interleaved rounds per timing; the median is kept
@@ -98,7 +99,8 @@ def _write_cache(new: dict[str, float]) -> None:
 
 # ----- timing ----------------------------------------------------------------------------------
 def interleaved(fns: Sequence[Callable[[], Any]], repeats: int = REPEATS) -> list[float]:
-    """Median seconds per call of each function, run in turn (order reversed each round) so drift hits all."""
+    """Median seconds per call of each function, warmed first, over ``interleaved_rounds`` of enough calls
+    per sample to last about ``SAMPLE_S``."""
     for f in fns:  # warm: thread pools, caches, lazily built kernels
         f()
         f()
@@ -106,14 +108,7 @@ def interleaved(fns: Sequence[Callable[[], Any]], repeats: int = REPEATS) -> lis
     fns[0]()
     once = time.perf_counter() - start
     calls = max(1, min(MAX_CALLS, int(SAMPLE_S / max(once, 1e-7))))
-    times: list[list[float]] = [[] for _ in fns]
-    for i in range(repeats):
-        for j in (range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))):
-            start = time.perf_counter()
-            for _ in range(calls):
-                fns[j]()
-            times[j].append((time.perf_counter() - start) / calls)
-    return [statistics.median(t) for t in times]
+    return [statistics.median(t) for t in interleaved_rounds(fns, repeats, calls)]
 
 
 @dataclass(frozen=True)
@@ -149,9 +144,6 @@ def _entry(shape: LayerShape, call: tuple[int, ...], option: Any) -> dict[str, A
     return {"layer": asdict(shape), "call": list(call), "option": settings}
 
 
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s parameters and buffers (each tensor once)."""
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def _copies(module: nn.Module, working_set: int) -> list[nn.Module]:

@@ -10,12 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Batch
+from .running import run_model
 
 OUTPUT_KIND = {"classifier": "logits", "causal-lm": "logits", "seq2seq": "logits", "embedding": "embedding", "base": "hidden"}
-
-
-def run(model: nn.Module, batch: Batch) -> object:
-    return model(**batch.inputs) if isinstance(batch.inputs, dict) else model(*batch.inputs)
 
 
 @torch.no_grad()
@@ -24,7 +21,7 @@ def output_kind(model: nn.Module, batch: Batch) -> str:
     was = model.training
     model.eval()
     try:
-        out = run(model, batch)
+        out = run_model(model, batch)
     finally:
         model.train(was)
     if getattr(out, "logits", None) is not None or (isinstance(out, torch.Tensor) and out.dim() == 2):
@@ -38,7 +35,7 @@ def _mask(batch: Batch) -> torch.Tensor | None:
 
 def model_output(model: nn.Module, batch: Batch, kind: str) -> torch.Tensor:
     """The tensor compared between teacher and student: logits, a pooled normalised embedding, or hidden states."""
-    out = run(model, batch)
+    out = run_model(model, batch)
     if isinstance(out, torch.Tensor):
         return out
     if kind == "logits" and getattr(out, "logits", None) is not None:

@@ -68,6 +68,9 @@ def test_adaptive_budget_run_meets_the_target_on_the_example_input(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["flops"]["budget"]["target"] == 1.3
     assert report["flops"]["ratio"] >= 1.3  # adaptive thresholds capped to what the budget counted
+    from midl_convert.report import Report
+
+    assert Report.load(tmp_path / "out").flops["budget"] == report["flops"]["budget"]  # validates with a budget section
 
 
 def test_options_override_the_recipe(tmp_path):
@@ -275,6 +278,9 @@ def test_a_run_keeps_its_history_and_the_users_umask(tmp_path):
     md = (out / "report.md").read_text()
     assert "## History" in md and "Distillation: 2 steps" in md and "| agreement |" in md
     assert f"trained midl,lora,bias,norms ({d['trainable_parameters']:,} parameters)" in md
+    from midl_convert.report import Report
+
+    assert Report.load(out).history == history  # the history section validates against the schema
 
 
 def test_out_with_the_users_files_is_refused_and_overwrite_keeps_them(tmp_path):

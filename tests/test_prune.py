@@ -49,6 +49,8 @@ def test_select_prune_converts_saves_and_reports(tmp_path):
     assert isinstance(loaded[0], mc.PruneLinear) and torch.equal(loaded(x), converted.eval()(x))
     report = mc.report(converted, model, [mc.Batch((x,))], "base", example_inputs=(x,), repeats=2, progress=False)
     assert {lr.side for lr in report.layers} == {"prune"}
+    report.save(tmp_path / "report")  # a kind registered by its folder passes the report's schema too
+    assert {lr.side for lr in mc.Report.load(tmp_path / "report").layers} == {"prune"}
     assert report.flops["converted_ratio"] == pytest.approx(2.0, rel=0.01)
 
 

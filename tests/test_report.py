@@ -13,7 +13,8 @@ from torch import nn
 import midl_convert as mc
 from midl_convert.data import Batch
 from midl_convert.flops import count_flops
-from midl_convert.report import FILES, PRINT_ROWS, REPORT_SCHEMA, Report, build_report
+from midl_convert.report import FILES, REPORT_SCHEMA, Report, build_report
+from midl_convert.report_render import PRINT_ROWS, summary_rows
 
 
 class Stack(nn.Module):
@@ -96,6 +97,42 @@ def test_load_refuses_fields_of_the_wrong_type(built, tmp_path, field, value):
     (tmp_path / "report.json").write_text(json.dumps(data))
     with pytest.raises(mc.MIDLError, match=rf"is not a valid midl-convert report \(at {field}"):
         Report.load(tmp_path)
+
+
+@pytest.mark.parametrize("where,value", [
+    (("layers", 0, "kind"), "dense"),
+    (("layers", 0, "flops_parts", "gate"), -3),
+    (("memory", "results", 0, "student", "peak_bytes"), "big"),
+    (("latency", "results", 1, "teacher", "median_ms"), -1.0),
+    (("latency", "slower"), 2),
+    (("quality", "kind"), "pixels"),
+    (("settings", "versions", "torch"), 2),
+    (("flops", "heldout", "batches"), 1.5),
+    (("layers", 0, "unknown"), 1),
+])
+def test_load_refuses_nested_values_of_the_wrong_type(built, tmp_path, where, value):
+    """The schema is derived from the report's classes, nested sections included: each wrong value is named by its path."""
+    data = built[0].to_dict()
+    section = data
+    for key in where[:-1]:
+        section = section[key]
+    section[where[-1]] = value
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    at = "/".join(map(str, where[:-1] if where[-1] == "unknown" else where))
+    with pytest.raises(mc.MIDLError, match=rf"is not a valid midl-convert report \(at {at}:"):
+        Report.load(tmp_path)
+
+
+def test_schema_names_every_field_of_the_classes():
+    """Schema and classes cannot drift: the properties are the dataclass fields, all required at the top level."""
+    import dataclasses
+
+    from midl_convert.report import LayerReport
+
+    assert REPORT_SCHEMA["required"] == [f.name for f in dataclasses.fields(Report)]
+    layer = REPORT_SCHEMA["$defs"]["LayerReport"]
+    assert list(layer["properties"]) == [f.name for f in dataclasses.fields(LayerReport)]
+    assert layer["additionalProperties"] is False and REPORT_SCHEMA["additionalProperties"] is False
 
 
 def test_numbers_match_their_sources(built):
@@ -208,5 +245,5 @@ def test_flops_headline_is_measured_on_the_held_out_batches():
     f = report.flops
     assert f["heldout"]["dense"] == dense and f["heldout"]["midl"] == midl and f["heldout"]["batches"] == 2
     assert f["heldout"]["ratio"] == pytest.approx(dense / midl) and f["ratio"] > 1.1 * f["heldout"]["ratio"]
-    assert report.summary_rows()[0] == ("FLOPs ratio, whole model, held-out data (2 batches)", f"{dense / midl:.3f}")
+    assert summary_rows(report)[0] == ("FLOPs ratio, whole model, held-out data (2 batches)", f"{dense / midl:.3f}")
     jsonschema.validate(report.to_dict(), REPORT_SCHEMA)
