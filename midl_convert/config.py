@@ -56,9 +56,12 @@ def check_rank_setting(value: Union[int, float, None]) -> Union[int, float, None
     if value is None:
         return value
     if isinstance(value, bool) or (isinstance(value, int) and value < 0):
-        raise ValueError(f"rank must be an int >= 0 or a fraction in (0, 1] of min(in, out), got {value!r}")
-    if isinstance(value, float) and not 0.0 < value <= 1.0:
-        raise ValueError(f"a fractional rank must be in (0, 1] (share of min(in, out)), got {value!r}")
+        raise ValueError(f"rank must be an int >= 0 or a fraction in (0, 1) of min(in, out), got {value!r}")
+    if isinstance(value, float) and value == 1.0:  # an int and a share must not look alike
+        raise ValueError("rank 1.0 would be a share (the full rank of min(in, out)), not rank 1; write the int 1 for "
+                         "rank one, or a share below 1 such as 0.0625")
+    if isinstance(value, float) and not 0.0 < value < 1.0:
+        raise ValueError(f"a fractional rank must be in (0, 1) (share of min(in, out)), got {value!r}")
     return value
 
 
@@ -93,7 +96,7 @@ class TargetSettings(BaseModel):
 class LayerSettings(BaseModel):
     """How each converted layer is built, or how the layer budget chooses (a recipe's ``midl`` section).
 
-    ``rank`` is an int, or a float in (0, 1] taken as a share of ``min(in, out)``; an int larger
+    ``rank`` is an int, or a float in (0, 1) taken as a share of ``min(in, out)``; an int larger
     than a layer allows is clipped to ``min(in, out)``. ``granularity`` ``token``/``pixel`` gives a
     mask per position, ``sequence``/``sample`` one mask per sample; each layer kind takes the
     equivalent of its own.

@@ -96,7 +96,9 @@ def test_bad_plans_raise_midl_error(config, message):
     ({"keep": 0}, r"keep must be in \(0, 1\]"),
     ({"keep": 1.5}, r"keep must be in \(0, 1\]"),
     ({"rank": -2}, r"rank must be an int >= 0"),
-    ({"rank": 1.5}, r"a fractional rank must be in \(0, 1\]"),
+    ({"rank": 1.5}, r"a fractional rank must be in \(0, 1\)"),
+    ({"rank": 1.0}, r"rank 1.0 would be a share .* write the int 1 for rank one"),  # 1 and 1.0 must not differ silently
+    ({"budget_ranks": [0, 1.0]}, r"rank 1.0 would be a share"),
     ({"granularity": "row"}, r"granularity"),
     ({"kep": 0.5}, r"kep"),
 ])
