@@ -132,10 +132,8 @@ class LayerShape:
         if self.kind == "conv2d":
             return nn.Conv2d(self.in_features, self.out_features, 1, self.stride, self.padding, bias=self.bias)
         if self.kind == "conv1d":
-            layer = new_conv1d(self.in_features, self.out_features)
-            if self.bias:
-                layer.bias = nn.Parameter(torch.zeros(self.out_features))
-            return layer
+            return new_conv1d(self.in_features, self.out_features, 0.02 * torch.randn(self.out_features, self.in_features),
+                              torch.zeros(self.out_features) if self.bias else None)
         return nn.Linear(self.in_features, self.out_features, bias=self.bias)
 
 

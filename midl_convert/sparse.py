@@ -356,17 +356,11 @@ def is_conv1d(module: nn.Module) -> bool:
             and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
 
 
-def new_conv1d(in_features: int, out_features: int, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None) -> nn.Module:
-    """An HF ``Conv1D`` with ``W (out, in)`` and ``b`` copied in (stored transposed, as it keeps them), or
-    random (std 0.02, as transformers initialises it) and without a bias when ``weight`` is None."""
+def new_conv1d(in_features: int, out_features: int, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """An HF ``Conv1D`` with ``W (out, in)`` and ``b`` copied in (stored transposed, as it keeps them)."""
     from transformers.pytorch_utils import Conv1D  # only models that have Conv1D layers get here
 
     layer = Conv1D(out_features, in_features)
-    if weight is None:
-        nn.init.normal_(layer.weight, std=0.02)
-        layer.bias = None
-        return layer
     layer.weight = nn.Parameter(weight.T.contiguous())
     layer.bias = nn.Parameter(bias.clone()) if bias is not None else None
     return layer.to(weight.device)
