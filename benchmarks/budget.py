@@ -140,7 +140,7 @@ def main() -> None:
                 evaluate(gplan.notes[0], gplan, loaded, data, held, kind, args, rows)
         if "budget" in args.methods:
             t = time.perf_counter()
-            cfg = base.model_copy(update={"flops_ratio": target})
+            cfg = mc.MIDLConfig(**base.model_dump(exclude_unset=True), flops_ratio=target)  # select filled anew: auto
             bplan, _ = plan_conversion(loaded.model, cfg, loaded.example_inputs, calib_batches, kind)
             b = bplan.budget
             print(f"  budget: {b['measured_layers']} layers x {b['options']} options, "

@@ -217,7 +217,7 @@ def main() -> None:
             mc.cap_thresholds(student, example)
         counted = (held[0] if held else next(iter(photos.values()))[0]).inputs if args.adaptive else example
         ratio = model_flops(student, teacher, counted).ratio  # adaptive masks: counted on held-out data, as above
-        sides = {s: sum(lp.side == s for lp in plan.converted) for s in ("input", "output")}
+        sides = {s: sum(lp.select == s for lp in plan.converted) for s in ("input", "output")}
         judged = {None: "default judging", 0: "every option judged"}.get(args.judge, f"{args.judge} judged per layer")
         judged += ", adaptive masks" if args.adaptive else ""
         judged += f", centre {args.centre}"

@@ -4,7 +4,7 @@ measured on this machine (``MIDLConfig(speedup=1.3)``, ``--speedup 1.3``).
 
 Three stages, a file each:
 
-- ``budget_options.py``: the (side, keep, rank) grid each candidate layer tries, and each option's FLOPs;
+- ``budget_options.py``: the (select, keep, rank) grid each candidate layer tries, and each option's FLOPs;
 - ``budget_damage.py``: each option's damage at the model's output and, under ``speedup``, its time at
   the model's real call shape, cached on disk;
 - ``budget_knapsack.py``: the options that reach the target at the least summed damage.
@@ -53,7 +53,7 @@ def budget_plan(
             reason = (NO_GAIN if axis == "flops" else NO_TIME) if not m.layers[lp.path].options else TOO_SENSITIVE
             layers.append(replace(lp, convert=False, keep=None, rank=None, granularity=None, reason=reason))
         else:
-            layers.append(replace(lp, keep=o.keep, rank=o.rank, side=o.side, predicted_damage=o.damage))
+            layers.append(replace(lp, keep=o.keep, rank=o.rank, select=o.select, predicted_damage=o.damage))
     damage = sum(o.damage for o in choice.values() if o is not None)
     ratio = predicted_ratio(m, choice)
     summary = {

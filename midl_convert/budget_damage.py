@@ -1,7 +1,7 @@
 """The layer budget's measurements: each candidate option's damage at the model's output and, under
 ``speedup``, its time at the model's real call shape; cached on disk.
 
-Every candidate layer alone, at each (side, keep, rank) of its grid (``budget_options.py``), is
+Every candidate layer alone, at each (select, keep, rank) of its grid (``budget_options.py``), is
 swapped in, fitted to its real inputs (``SparseLayer.calibrate_rows``), and the model's output on a
 few calibration batches is compared with the original's by the distillation loss (KL on logits,
 1 - cosine on embeddings and hidden states). Damage is measured at the output because a layer's own
@@ -141,7 +141,7 @@ def measure_damage(
                     w = weight_matrix(originals[p])[0].float()
                     post = [post_fn(model, lp.norm, lp.activation) for lp in options]
                     with linalg_threads(w.numel()):
-                        svd = whitened_svd(w, x) if whiten and any(o.rank and kind_for(o.side).shares_whitened_svd for o in options) else None
+                        svd = whitened_svd(w, x) if whiten and any(o.rank and kind_for(o.select).shares_whitened_svd for o in options) else None
 
                     def fitted(j: int) -> SparseLayer:
                         layer = build_layer(originals[p], options[j], "share")
@@ -317,7 +317,7 @@ def _time_options(
         calls = latency.decode_calls(lp.in_features) if causal else shapes[lp.path]
         dense, per = 0.0, [0.0] * len(options)
         for call in calls:
-            key = (shape, call, tuple((o.side, o.keep, o.rank, o.granularity, o.adaptive) for o in options))
+            key = (shape, call, tuple((o.select, o.keep, o.rank, o.granularity, o.adaptive) for o in options))
             if key not in memo:
                 memo[key] = latency.time_options(shape, call, options, use_cache, working_set=working_set)
             dense += memo[key][0]

@@ -138,7 +138,7 @@ class LayerShape:
 
 
 def _entry(shape: LayerShape, call: tuple[int, ...], option: Any) -> dict[str, Any]:
-    settings = {k: getattr(option, k) for k in ("side", "keep", "rank", "granularity", "adaptive")} if option else "dense"
+    settings = {k: getattr(option, k) for k in ("select", "keep", "rank", "granularity", "adaptive")} if option else "dense"
     return {"layer": asdict(shape), "call": list(call), "option": settings}
 
 

@@ -245,8 +245,8 @@ class LayerReport:
     midl_flops: Count
     ratio: Ratio
     flops_parts: dict[str, Count]
-    side: Annotated[str, _about("the layer's kind (midl_convert/kinds): output picks rows of W (MID-L), input columns, "
-                                "prune one fixed set of columns")] = "output"
+    select: Annotated[str, _about("the layer's kind (midl_convert/kinds): output picks rows of W (MID-L), input columns, "
+                                  "prune one fixed set of columns")] = "output"
     ran_flops: Count | None = None  # FLOPs of the paths that ran on the FLOPs input (ran.py)
     ran_path: Annotated[str | None, _about("the path most calls took: masked, kernel, sparse, dense")] = None
     dense_ms: float | None = None  # measured per call at the model's call shape, dense against converted
@@ -480,7 +480,7 @@ def _layer_report(path: str, layer: SparseLayer, kinds: dict[str, str], f: Any, 
     kind = kinds.get(path) or layer.target_kind
     return LayerReport(
         path=path, kind=kind, in_features=layer.in_features, out_features=layer.out_features, keep=layer.keep,
-        rank=layer.rank, granularity=layer.granularity, k=layer.k, side=layer.side, calls=len(f.calls), rows=sum(r for r, _ in f.calls),
+        rank=layer.rank, granularity=layer.granularity, k=layer.k, select=layer.select, calls=len(f.calls), rows=sum(r for r, _ in f.calls),
         groups=sum(g for _, g in f.calls), active_fraction=active, dense_flops=f.dense, midl_flops=f.midl,
         ratio=f.ratio, flops_parts=dict(f.parts),
     )

@@ -49,7 +49,7 @@ def plan_of(model: nn.Module) -> Plan:
             continue
         layers[id(mod)] = LayerPlan(path, mod.target_kind, mod.in_features, mod.out_features, 0, True, mod.keep, mod.rank,
                                     mod.granularity, norm=mod.downstream[0], activation=mod.downstream[1],
-                                    adaptive=mod.adaptive, side=mod.side, centre=getattr(mod, "centring", "none"))
+                                    adaptive=mod.adaptive, select=mod.select, centre=getattr(mod, "centring", "none"))
     if not layers:
         raise MIDLError(f"{type(model).__name__} has no MID-L layers to save; convert it first (midl_convert.convert)")
     return Plan(list(layers.values()), trace="saved", weight_dtype=weight_dtype_of(model))

@@ -292,8 +292,8 @@ def test_a_named_rank_is_the_only_rank_the_budget_tries():
     from midl_convert.cli import build_recipe
     from midl_convert.surgery import LayerPlan
 
-    lp = LayerPlan("fc", "linear", 384, 1536, 0, True, keep=0.5, rank=32, granularity="token", side="auto")
-    ranks = lambda config: {(side, r) for side, _, r in budget.grid(lp, config)}  # noqa: E731
+    lp = LayerPlan("fc", "linear", 384, 1536, 0, True, keep=0.5, rank=32, granularity="token", select="auto")
+    ranks = lambda config: {(select, r) for select, _, r in budget.grid(lp, config)}  # noqa: E731
     assert ranks(MIDLConfig(flops_ratio=1.5)) == {("output", 12), ("output", 24), ("output", 48), ("input", 0),
                                                   ("input", 24)}
     assert ranks(MIDLConfig(flops_ratio=1.5, rank=0)) == {("output", 0), ("input", 0)}

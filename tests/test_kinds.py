@@ -25,7 +25,7 @@ def _make(row, keep=0.5, rank=4):
     torch.manual_seed(0)
     d = dense_fn().eval()
     lp = mc.LayerPlan("layer", target, 24, 32, 0, True, keep=keep, rank=rank if kind.light_path else 0,
-                      granularity=granularity, side=kind.name)
+                      granularity=granularity, select=kind.name)
     return d, mc.build_layer(d, lp).eval(), torch.randn(*shape)
 
 
@@ -192,7 +192,7 @@ def test_select_chooses_the_kind_and_overrides_pin_a_side():
                            overrides=[mc.LayerOverride(match="2", select="output")])
     converted, plan = mc.convert(copy.deepcopy(model), config, (torch.randn(1, 16),))
     assert isinstance(converted[0], InputMIDLinear) and isinstance(converted[2], MIDLinear)
-    assert [lp.side for lp in plan.converted] == ["input", "output"]
+    assert [lp.select for lp in plan.converted] == ["input", "output"]
     with pytest.raises(ValueError, match="select='auto'.*flops_ratio"):
         mc.MIDLConfig(select="auto")
 

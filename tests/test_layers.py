@@ -180,7 +180,7 @@ def test_state_dict_round_trip_and_repr():
     fresh.load_state_dict(layer.state_dict())
     assert fresh.gate_mode == "linear" and torch.equal(fresh(x), layer(x))
     assert repr(layer) == (
-        "MIDLinear(in_features=16, out_features=24, side=output, keep=0.5, rank=4, granularity=sequence, bias=True)"
+        "MIDLinear(in_features=16, out_features=24, select=output, keep=0.5, rank=4, granularity=sequence, bias=True)"
     )
 
 

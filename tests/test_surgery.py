@@ -107,6 +107,26 @@ def test_bad_config_values_raise(kwargs, message):
         mc.MIDLConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,select", [
+    ({}, "output"),
+    ({"keep": 0.7}, "output"),
+    ({"flops_ratio": 1.3}, "auto"),
+    ({"speedup": 1.2}, "auto"),
+    ({"select": None, "flops_ratio": 1.3}, "auto"),
+    ({"select": "input"}, "input"),
+    ({"select": "output", "flops_ratio": 1.3}, "output"),
+])
+def test_select_is_filled_so_each_mode_is_stated(kwargs, select):
+    config = mc.MIDLConfig(**kwargs)
+    assert config.select == select and config.model_dump()["select"] == select
+    assert ("select" in config.model_fields_set) == (kwargs.get("select") is not None)  # filled, not set by the user
+
+
+def test_auto_without_a_budget_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"select='auto' .* needs flops_ratio or speedup"):
+        mc.MIDLConfig(select="auto")
+
+
 def test_dry_run_leaves_model_untouched():
     model = Block()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -22,7 +22,7 @@ class LayerSettings(Protocol):
     """What ``build_layer`` reads of a plan for one layer (``surgery.LayerPlan`` has it all)."""
 
     kind: str  # the target: "linear", "conv1d" (HF Conv1D) or "conv2d"
-    side: str  # the registered kind to build
+    select: str  # the registered kind to build
     in_features: int
     out_features: int
     keep: float
@@ -44,14 +44,14 @@ WEIGHTS = ("copy", "empty", "share", "random")
 class Kind:
     """One kind of sparse layer, as the registry knows it."""
 
-    name: str  # what ``select`` and ``LayerPlan.side`` call it
+    name: str  # what ``MIDLConfig.select`` and ``LayerPlan.select`` call it
     linear: type[SparseLayer]  # replaces nn.Linear and HF Conv1D
     conv: type[SparseLayer]  # replaces 1x1 nn.Conv2d
     flops_parts: Callable[..., dict[str, int]]  # (in, out, rank, rows, groups, k) -> FLOPs of each step below keep 1
     picks_outputs: bool  # a mask picks output neurons (rows of W), else input neurons (columns)
     budget_grid: Callable[[Any], tuple[Sequence[float], Sequence[int | float]]]  # config -> keeps, ranks tried
     light_path: bool = True  # has a rank-r light path (without one, every rank is 0)
-    in_auto: bool = True  # the budget tries it on layers whose side is "auto"
+    in_auto: bool = True  # the budget tries it on layers whose select is "auto"
     centres: bool = False  # takes ``LayerPlan.centre`` (a per-input centre fitted in calibration)
     shares_whitened_svd: bool = False  # its fit takes a whitened SVD the budget computes once per layer
     description: str = ""
@@ -113,13 +113,13 @@ def kind_for(name: str) -> Kind:
 
 
 def build_layer(module: nn.Module, lp: LayerSettings, weights: str = "copy", device: Any = None) -> SparseLayer:
-    """The sparse layer of ``lp``'s settings (kind ``lp.side``) in place of ``module``.
+    """The sparse layer of ``lp``'s settings (kind ``lp.select``) in place of ``module``.
 
     ``weights`` (``WEIGHTS``) says how its tensors are filled; ``device="meta"`` with ``"empty"``
     gives a shell with no memory, for its shapes and FLOPs."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    cls = kind_for(lp.side).layer_class(lp.kind)
+    cls = kind_for(lp.select).layer_class(lp.kind)
     if weights == "copy":
         if lp.kind == "conv2d":
             layer = cls.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)

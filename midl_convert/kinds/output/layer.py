@@ -57,7 +57,7 @@ def _channels_first(x: torch.Tensor) -> bool:
 class MIDLBase(SparseLayer):
     """The maths of output-side MID-L layers on rows ``(G, n, in)``; subclasses map their input to rows."""
 
-    side = "output"
+    select = "output"
     default_rank = 32
 
     weight: nn.Parameter
