@@ -313,7 +313,7 @@ def _time_options(
     working_set = latency.weight_bytes(model)  # the weights a call reads, at most
 
     def layer_seconds(lp: LayerPlan, options: Sequence[LayerPlan]) -> tuple[float, list[float]]:
-        shape = latency.LayerShape.of(model.get_submodule(lp.path), lp.kind, lp.in_features, lp.out_features)
+        shape = latency.LayerShape.of(model.get_submodule(lp.path), lp.module_type, lp.in_features, lp.out_features)
         calls = latency.decode_calls(lp.in_features) if causal else shapes[lp.path]
         dense, per = 0.0, [0.0] * len(options)
         for call in calls:

@@ -201,9 +201,9 @@ def resolve_rank(rank: Union[int, float], in_features: int, out_features: int) -
     return min(rank, limit)
 
 
-def granularity_for(kind: str, granularity: str) -> str:
-    """Map a config granularity onto the names a layer kind uses (token<->pixel, sequence<->sample)."""
+def granularity_for(module_type: str, granularity: str) -> str:
+    """Map a config granularity onto the names a module type uses (token<->pixel, sequence<->sample)."""
     per_sample = granularity in PER_SAMPLE
-    if kind == "conv2d":
+    if module_type == "conv2d":
         return "sample" if per_sample else "pixel"
     return "sequence" if per_sample else "token"

@@ -113,9 +113,9 @@ def interleaved(fns: Sequence[Callable[[], Any]], repeats: int = REPEATS) -> lis
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What a layer's time depends on besides its option: kind, sizes, bias, conv geometry."""
+    """What a layer's time depends on besides its option: module type, sizes, bias, conv geometry."""
 
-    kind: str  # "linear", "conv1d" (HF, transposed) or "conv2d" (1x1)
+    module_type: str  # "linear", "conv1d" (HF, transposed) or "conv2d" (1x1)
     in_features: int
     out_features: int
     bias: bool
@@ -123,15 +123,15 @@ class LayerShape:
     padding: tuple[int, int] = (0, 0)
 
     @classmethod
-    def of(cls, module: nn.Module, kind: str, in_features: int, out_features: int) -> "LayerShape":
-        return cls(kind, in_features, out_features, module.bias is not None,
+    def of(cls, module: nn.Module, module_type: str, in_features: int, out_features: int) -> "LayerShape":
+        return cls(module_type, in_features, out_features, module.bias is not None,
                    tuple(getattr(module, "stride", (1, 1))), tuple(getattr(module, "padding", (0, 0))))
 
     def dense(self) -> nn.Module:
         """A dense module of this shape with random weights (times do not depend on the values)."""
-        if self.kind == "conv2d":
+        if self.module_type == "conv2d":
             return nn.Conv2d(self.in_features, self.out_features, 1, self.stride, self.padding, bias=self.bias)
-        if self.kind == "conv1d":
+        if self.module_type == "conv1d":
             return new_conv1d(self.in_features, self.out_features, 0.02 * torch.randn(self.out_features, self.in_features),
                               torch.zeros(self.out_features) if self.bias else None)
         return nn.Linear(self.in_features, self.out_features, bias=self.bias)

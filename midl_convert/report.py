@@ -230,7 +230,7 @@ class LayerReport:
     __pydantic_config__ = ConfigDict(extra="forbid")
 
     path: str
-    kind: Literal["linear", "conv1d", "conv2d"]
+    module_type: Literal["linear", "conv1d", "conv2d"]
     in_features: Count
     out_features: Count
     keep: float
@@ -398,8 +398,8 @@ def build_report(
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
-    kinds = {lp.path: lp.kind for lp in plan.layers} if plan is not None else {}
-    layer_reports = [_layer_report(path, layer, kinds, counted.layers[path], active[path]) for path, layer in layers.items()]
+    types = {lp.path: lp.module_type for lp in plan.layers} if plan is not None else {}
+    layer_reports = [_layer_report(path, layer, types, counted.layers[path], active[path]) for path, layer in layers.items()]
     for lr in layer_reports:
         lr.ran_flops, lr.ran_path = ran.layers.get(lr.path), ran.route_of(lr.path)
         if lr.path in times:
@@ -476,10 +476,9 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _layer_report(path: str, layer: SparseLayer, kinds: dict[str, str], f: Any, active: float | None) -> LayerReport:
-    kind = kinds.get(path) or layer.target_kind
+def _layer_report(path: str, layer: SparseLayer, types: dict[str, str], f: Any, active: float | None) -> LayerReport:
     return LayerReport(
-        path=path, kind=kind, in_features=layer.in_features, out_features=layer.out_features, keep=layer.keep,
+        path=path, module_type=types.get(path) or layer.module_type, in_features=layer.in_features, out_features=layer.out_features, keep=layer.keep,
         rank=layer.rank, granularity=layer.granularity, k=layer.k, select=layer.select, calls=len(f.calls), rows=sum(r for r, _ in f.calls),
         groups=sum(g for _, g in f.calls), active_fraction=active, dense_flops=f.dense, midl_flops=f.midl,
         ratio=f.ratio, flops_parts=dict(f.parts),

@@ -47,7 +47,7 @@ def plan_of(model: nn.Module) -> Plan:
         if id(mod) in layers:
             layers[id(mod)].aliases.append(path)
             continue
-        layers[id(mod)] = LayerPlan(path, mod.target_kind, mod.in_features, mod.out_features, 0, True, mod.keep, mod.rank,
+        layers[id(mod)] = LayerPlan(path, mod.module_type, mod.in_features, mod.out_features, 0, True, mod.keep, mod.rank,
                                     mod.granularity, norm=mod.downstream[0], activation=mod.downstream[1],
                                     adaptive=mod.adaptive, select=mod.select, centre=getattr(mod, "centring", "none"))
     if not layers:

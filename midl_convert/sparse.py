@@ -215,8 +215,8 @@ class LinearRows:
     transposed: bool
 
     @property
-    def target_kind(self) -> str:
-        """The kind of module this layer replaced, as the graph pass names it."""
+    def module_type(self) -> str:
+        """The type of module this layer replaced, as the graph pass names it."""
         return "conv1d" if self.transposed else "linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,7 +281,7 @@ class ConvRows:
     stride: tuple[int, int]
     padding: tuple[int, int]
 
-    target_kind = "conv2d"
+    module_type = "conv2d"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_features:

@@ -26,7 +26,7 @@ class LayerPlan:
     """What happens to one target: converted with these settings, or left dense and why."""
 
     path: str
-    kind: str
+    module_type: str  # the target: "linear", "conv1d" (HF Conv1D) or "conv2d" (1x1)
     in_features: int
     out_features: int
     flops: int
@@ -92,7 +92,7 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
         names = [t.path, *t.aliases]
         explicit = isinstance(include, list) and any(matches_any(include, n) for n in names)
         reason = None
-        if include == ALL_LINEAR and t.kind == "conv2d":
+        if include == ALL_LINEAR and t.module_type == "conv2d":
             reason = "not a linear layer (include='all-linear')"
         elif isinstance(include, list) and not explicit:
             reason = "not included"
@@ -112,10 +112,10 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
         if select == "auto" and pinned:  # a keep pinned outside the budget, with no kind named: the input kind
             select = "input"
         layers.append(LayerPlan(
-            path=t.path, kind=t.kind, in_features=t.in_features, out_features=t.out_features, flops=t.flops,
+            path=t.path, module_type=t.module_type, in_features=t.in_features, out_features=t.out_features, flops=t.flops,
             convert=reason is None, keep=keep if reason is None else None,
             rank=_useful_rank(t, keep, rank, gran, config, clamped, select) if reason is None else None,
-            granularity=granularity_for(t.kind, gran) if reason is None else None,
+            granularity=granularity_for(t.module_type, gran) if reason is None else None,
             reason=reason, role=t.role, aliases=t.aliases, norm=t.norm, activation=t.activation,
             adaptive=config.adaptive and reason is None, select=select,
             centre=config.centre if reason is None and (select == "auto" or kind_for(select).centres) else "none",

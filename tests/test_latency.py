@@ -46,7 +46,7 @@ SMALL_GRID = dict(budget_keeps=[0.5], budget_ranks=[2], budget_input_keeps=[0.5]
 
 # ----- the cache ---------------------------------------------------------------------------------
 def test_cache_key_changes_with_thread_count_and_cpu():
-    entry = {"layer": {"kind": "linear", "in_features": 32, "out_features": 32}, "call": [1, 1, 32], "option": "dense"}
+    entry = {"layer": {"module_type": "linear", "in_features": 32, "out_features": 32}, "call": [1, 1, 32], "option": "dense"}
     key = latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
     assert key == latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
     assert key != latency.cache_key(entry, threads=1, cpu="Intel Xeon A")

@@ -100,7 +100,7 @@ def test_load_refuses_fields_of_the_wrong_type(built, tmp_path, field, value):
 
 
 @pytest.mark.parametrize("where,value", [
-    (("layers", 0, "kind"), "dense"),
+    (("layers", 0, "module_type"), "dense"),
     (("layers", 0, "flops_parts", "gate"), -3),
     (("memory", "results", 0, "student", "peak_bytes"), "big"),
     (("latency", "results", 1, "teacher", "median_ms"), -1.0),
@@ -144,7 +144,7 @@ def test_numbers_match_their_sources(built):
     assert f["converted_midl"] == sum(lr.midl_flops for lr in report.layers)
     assert f["ratio"] == pytest.approx(f["dense"] / f["midl"]) and f["converted_ratio"] > 1
     by = {lr.path: lr for lr in report.layers}
-    assert len(by) == 23 and by["stem"].kind == "conv2d" and by["stem"].granularity == "pixel"
+    assert len(by) == 23 and by["stem"].module_type == "conv2d" and by["stem"].granularity == "pixel"
     assert by["blocks.0"].active_fraction == pytest.approx(by["blocks.0"].k / 16)  # Top-k keeps exactly k
     assert by["blocks.21"].keep == 1.0 and by["blocks.21"].ratio == 1.0 and by["blocks.21"].active_fraction == 1.0
     assert report.skipped == [{"path": "head", "reason": "classifier / output head (skip_head)"}]

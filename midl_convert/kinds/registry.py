@@ -21,7 +21,7 @@ from ..sparse import SparseLayer, weight_matrix
 class LayerSettings(Protocol):
     """What ``build_layer`` reads of a plan for one layer (``surgery.LayerPlan`` has it all)."""
 
-    kind: str  # the target: "linear", "conv1d" (HF Conv1D) or "conv2d"
+    module_type: str  # the target: "linear", "conv1d" (HF Conv1D) or "conv2d"
     select: str  # the registered kind to build
     in_features: int
     out_features: int
@@ -56,9 +56,9 @@ class Kind:
     shares_whitened_svd: bool = False  # its fit takes a whitened SVD the budget computes once per layer
     description: str = ""
 
-    def layer_class(self, target_kind: str) -> type[SparseLayer]:
-        """The class that replaces a target of ``target_kind`` ("linear", "conv1d" or "conv2d")."""
-        return self.conv if target_kind == "conv2d" else self.linear
+    def layer_class(self, module_type: str) -> type[SparseLayer]:
+        """The class that replaces a target of ``module_type`` ("linear", "conv1d" or "conv2d")."""
+        return self.conv if module_type == "conv2d" else self.linear
 
     def width(self, in_features: int, out_features: int) -> int:
         """Neurons a mask chooses among."""
@@ -119,9 +119,9 @@ def build_layer(module: nn.Module, lp: LayerSettings, weights: str = "copy", dev
     gives a shell with no memory, for its shapes and FLOPs."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    cls = kind_for(lp.select).layer_class(lp.kind)
+    cls = kind_for(lp.select).layer_class(lp.module_type)
     if weights == "copy":
-        if lp.kind == "conv2d":
+        if lp.module_type == "conv2d":
             layer = cls.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
         else:
             layer = cls.from_linear(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
@@ -129,10 +129,10 @@ def build_layer(module: nn.Module, lp: LayerSettings, weights: str = "copy", dev
         w = module.weight
         common = dict(keep=lp.keep, rank=lp.rank, granularity=lp.granularity, bias=module.bias is not None,
                       device=w.device if device is None else device, dtype=w.dtype)
-        if lp.kind == "conv2d":
+        if lp.module_type == "conv2d":
             layer = cls(lp.in_features, lp.out_features, stride=module.stride, padding=module.padding, **common)
         else:
-            layer = cls(lp.in_features, lp.out_features, transposed=lp.kind == "conv1d", **common)
+            layer = cls(lp.in_features, lp.out_features, transposed=lp.module_type == "conv1d", **common)
     layer.configure(lp)
     if weights == "share":
         w, b = weight_matrix(module)
