@@ -6,7 +6,7 @@
     model, plan = mc.convert(model, mc.MIDLConfig(flops_ratio=1.3), example_inputs, batches)  # a budget, each layer's side chosen
     with mc.dense(model): teacher_out = model(x)  # the converted model as its own teacher
     mc.calibrate(model, batches); mc.distill(model, teacher, data)
-    mc.calibrate(model, batches, kind="embedding")  # gates weigh each neuron's error by its reach to the output
+    mc.calibrate(model, batches, output="embedding")  # gates weigh each neuron's error by its reach to the output
     mc.cap_thresholds(model, example_inputs)  # adaptive masks under a budget: the example costs at most what was counted
     mc.set_weight_dtype(model, "int8")  # last: bfloat16 or int8 weights (MIDLConfig(weight_dtype=...) does it in convert)
     mc.save(model, "out")

@@ -29,7 +29,7 @@ from .files import atomic_path, read_json, write_atomic
 from .flops import model_flops, model_flops_over
 from .latency import DECODE, is_causal_lm, layer_times, model_step
 from .log import progress_bar
-from .quality import OUTPUT_KIND, compare, headline
+from .quality import TASK_OUTPUT, compare, headline
 from .ran import RanFlops, ran_flops
 from .runtime import device_name, measure
 from .sparse import SparseLayer
@@ -44,7 +44,7 @@ FILES = ("report.json", "report.md", "report.png")
 Count = NonNegativeInt
 Ratio = float | None  # null where a ratio has no value (nothing converted, NaN)
 BatchSize = Annotated[int, Field(ge=1)]
-OutputKind = Literal[tuple(sorted(set(OUTPUT_KIND.values())))]  # type: ignore[valid-type]
+ModelOutput = Literal[tuple(sorted(set(TASK_OUTPUT.values())))]  # type: ignore[valid-type]
 _OPEN = ConfigDict(extra="ignore")  # each section's own: sections do not inherit the top level's extra="forbid"
 
 
@@ -119,7 +119,7 @@ class Parameters(TypedDict):
 class Quality(TypedDict):
     __pydantic_config__ = _OPEN  # type: ignore[misc]
 
-    kind: OutputKind
+    output: ModelOutput
     headline: str
     value: Ratio
     metrics: dict[str, float | None]
@@ -368,8 +368,8 @@ def build_report(
     pipeline's, under ``speedup``); on the CPU each layer's time per call is measured there, dense
     against converted.
     """
-    if task not in OUTPUT_KIND:
-        raise MIDLError(f"unknown task {task!r}; use one of {', '.join(OUTPUT_KIND)}")
+    if task not in TASK_OUTPUT:
+        raise MIDLError(f"unknown task {task!r}; use one of {', '.join(TASK_OUTPUT)}")
     if not batches:
         raise MIDLError("build_report needs at least one held-out batch; pass Data.heldout_batches(...)")
     if repeats < 1 or any(b < 1 for b in latency_batch_sizes):
@@ -424,7 +424,7 @@ def build_report(
                         "batches": min(len(batches), HELDOUT_FLOPS_BATCHES)},
         },
         parameters={"original": n_orig, "converted": n_conv, "added": n_conv - n_orig},
-        quality={"kind": OUTPUT_KIND[task], "headline": key, "value": value, "metrics": quality, "batches": len(batches)},
+        quality={"output": TASK_OUTPUT[task], "headline": key, "value": value, "metrics": quality, "batches": len(batches)},
         latency=latency,
         memory=memory,
         layers=layer_reports,
@@ -494,7 +494,7 @@ def _quality_and_activity(
         m.track_stats = True
         m.reset_stats()
     try:
-        quality = compare(student, teacher, batches, OUTPUT_KIND[task])
+        quality = compare(student, teacher, batches, TASK_OUTPUT[task])
         active = {p: m.active_fraction for p, m in layers.items()}
     finally:
         for p, m in layers.items():

@@ -238,11 +238,11 @@ def test_input_side_weighted_calibration_counts_columns_by_their_reach():
         dense.fc.weight[2:, :8] *= 50  # big columns 0..7 feed only the outputs that do not matter
     x = torch.randn(256, 16)
     errs = {}
-    for kind in (None, "hidden"):
+    for output in (None, "hidden"):
         model = copy.deepcopy(dense)
         mc.convert(model, mc.MIDLConfig(keep=0.5, rank=0, select="input", skip_head=False), (x[:1],))
-        mc.calibrate(model, [mc.Batch((x,))], kind=kind)
-        errs[kind] = (model(x) - dense(x)).pow(2).mean().item()
+        mc.calibrate(model, [mc.Batch((x,))], output=output)
+        errs[output] = (model(x) - dense(x)).pow(2).mean().item()
     assert errs["hidden"] < 0.2 * errs[None], errs  # 56 vs 435 when written
 
 

@@ -105,7 +105,7 @@ def test_load_refuses_fields_of_the_wrong_type(built, tmp_path, field, value):
     (("memory", "results", 0, "student", "peak_bytes"), "big"),
     (("latency", "results", 1, "teacher", "median_ms"), -1.0),
     (("latency", "slower"), 2),
-    (("quality", "kind"), "pixels"),
+    (("quality", "output"), "pixels"),
     (("settings", "versions", "torch"), 2),
     (("flops", "heldout", "batches"), 1.5),
     (("layers", 0, "unknown"), 1),
@@ -150,7 +150,7 @@ def test_numbers_match_their_sources(built):
     assert report.skipped == [{"path": "head", "reason": "classifier / output head (skip_head)"}]
     assert report.parameters["original"] == sum(p.numel() for p in teacher.parameters())
     assert report.parameters["converted"] == sum(p.numel() for p in student.parameters())
-    assert report.quality["kind"] == "logits" and report.quality["headline"] == "agreement"
+    assert report.quality["output"] == "logits" and report.quality["headline"] == "agreement"
     assert report.quality["metrics"]["samples"] == 12
     assert torch.__version__.startswith(report.settings["versions"]["torch"])
     assert report.settings["config"]["keep"] == 0.25 and report.settings["task"] == "classifier"
@@ -220,7 +220,7 @@ def test_embedding_model_with_dict_inputs():
     student, plan = mc.convert(copy.deepcopy(teacher), mc.MIDLConfig(keep=0.5, rank=8, granularity="sequence"), held[0].inputs)
     report = build_report(student, teacher, held, "embedding", plan=plan, repeats=1)
     jsonschema.validate(report.to_dict(), REPORT_SCHEMA)
-    assert report.quality["kind"] == "embedding" and report.quality["headline"] == "cosine"
+    assert report.quality["output"] == "embedding" and report.quality["headline"] == "cosine"
     assert report.flops["input_shapes"] == {"input_ids": [1, 6], "attention_mask": [1, 6]}
     attention = 2 * (2 * 6 * 6 * 32)  # q k^T and p v over 6 tokens
     assert report.flops["dense"] - report.flops["converted_dense"] >= attention
