@@ -30,12 +30,13 @@ def renamed_kwargs(**renames: str) -> Callable[[F], F]:
     return wrap
 
 
-def renamed_attribute(module: str, renames: dict[str, str], namespace: dict[str, Any]) -> Callable[[str], Any]:
-    """A module-level ``__getattr__`` that serves each old name in ``renames`` as its new one, with a warning."""
+def renamed_attributes(module: str, renames: dict[str, str], namespace: dict[str, Any]) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` (PEP 562) that serves each old name in ``renames`` as the object its
+    new name has in ``namespace``, with a warning."""
 
     def getattr_(name: str) -> Any:
         if name in renames:
-            warnings.warn(f"{module}.{name} is deprecated and goes in the next version; use {module}.{renames[name]}",
+            warnings.warn(f"{module}.{name} is deprecated and goes in the next version; use {renames[name]}",
                           FutureWarning, stacklevel=2)
             return namespace[renames[name]]
         raise AttributeError(f"module {module!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from midl_convert import kernels
-from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS, MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS, OutputMIDLConv2d, OutputMIDLinear
 
 IN, OUT = 48, 64
 
@@ -28,9 +28,9 @@ def make_layer(kind: str, keep: float, rank: int, bias: bool, gate_abs: int) -> 
     """A converted layer with a random gate, so scores are distinct floats (no ties)."""
     torch.manual_seed(0)
     if kind == "linear":
-        layer = MIDLinear.from_linear(nn.Linear(IN, OUT, bias=bias), keep=keep, rank=rank)
+        layer = OutputMIDLinear.from_linear(nn.Linear(IN, OUT, bias=bias), keep=keep, rank=rank)
     else:
-        layer = MIDLConv2d.from_conv(nn.Conv2d(IN, OUT, 1, bias=bias), keep=keep, rank=rank, granularity="pixel")
+        layer = OutputMIDLConv2d.from_conv(nn.Conv2d(IN, OUT, 1, bias=bias), keep=keep, rank=rank, granularity="pixel")
     with torch.no_grad():
         layer.gate_weight.normal_()
         layer.gate_bias.normal_()
@@ -74,7 +74,7 @@ def test_kernel_equals_reference_for_rows_with_their_own_masks(kernel, rows, ran
 def test_two_threads_split_the_rows_the_same(kernel, rows):
     """Layers with enough work run on all torch threads: the split must not change a number."""
     torch.manual_seed(2)
-    layer = MIDLinear.from_linear(nn.Linear(512, 640), keep=0.5, rank=16).eval()
+    layer = OutputMIDLinear.from_linear(nn.Linear(512, 640), keep=0.5, rank=16).eval()
     x = torch.randn(rows, 512)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -101,13 +101,13 @@ def test_kernel_picks_the_top_k_set(kernel):
 
 def spy_on_kernel(monkeypatch) -> list:
     calls = []
-    original = MIDLinear._fused
+    original = OutputMIDLinear._fused
 
     def spy(self, x):
         calls.append(x.shape)
         return original(self, x)
 
-    monkeypatch.setattr(MIDLinear, "_fused", spy)
+    monkeypatch.setattr(OutputMIDLinear, "_fused", spy)
     return calls
 
 
@@ -121,7 +121,7 @@ def test_auto_uses_the_kernel_only_where_it_applies(kernel, monkeypatch):
     layer(one_input("linear"))  # autograd recording
     run(transposed_weight(layer), one_input("linear"), "auto")  # the kernel would copy W
     run(layer.double(), one_input("linear").double(), "auto")  # not float32
-    seq = MIDLinear.from_linear(nn.Linear(IN, OUT), keep=0.5, rank=8, granularity="sequence").eval()
+    seq = OutputMIDLinear.from_linear(nn.Linear(IN, OUT), keep=0.5, rank=8, granularity="sequence").eval()
     run(seq, torch.randn(1, 5, IN), "auto")  # a shared mask: the sparse path
     assert len(calls) == 2
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import midl_convert as mc
 from midl_convert.kinds.input.layer import InputMIDLConv2d, InputMIDLinear
-from midl_convert.kinds.output.layer import MIDLinear
+from midl_convert.kinds.output.layer import OutputMIDLinear
 from midl_convert.sparse import SparseLayer
 
 # Every registered kind on each target shape, from the registry: a newly registered kind is tested
@@ -191,7 +191,7 @@ def test_select_chooses_the_kind_and_overrides_pin_a_side():
     config = mc.MIDLConfig(keep=0.5, rank=0, select="input", skip_head=False,
                            overrides=[mc.LayerOverride(match="2", select="output")])
     converted, plan = mc.convert(copy.deepcopy(model), config, (torch.randn(1, 16),))
-    assert isinstance(converted[0], InputMIDLinear) and isinstance(converted[2], MIDLinear)
+    assert isinstance(converted[0], InputMIDLinear) and isinstance(converted[2], OutputMIDLinear)
     assert [lp.select for lp in plan.converted] == ["input", "output"]
     with pytest.raises(ValueError, match="select='auto'.*flops_ratio"):
         mc.MIDLConfig(select="auto")

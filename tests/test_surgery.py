@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import midl_convert as mc
-from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import OutputMIDLConv2d, OutputMIDLinear
 from midl_convert.matching import overrides_for
 from test_graph import Block, inputs
 
@@ -143,8 +143,8 @@ def test_convert_in_place_keeps_class_and_outputs_at_keep_one():
     converted, plan = mc.convert(model, mc.MIDLConfig(keep=1.0), x)
     assert converted is model and type(model).__name__ == "ResNet"
     assert plan.trace == "export"
-    assert isinstance(model.layer1[0].conv1, MIDLConv2d)
-    assert not isinstance(model.fc, MIDLinear)  # head kept
+    assert isinstance(model.layer1[0].conv1, OutputMIDLConv2d)
+    assert not isinstance(model.fc, OutputMIDLinear)  # head kept
     assert len(mc.midl_layers(model)) == len(plan.converted) > 10
     torch.testing.assert_close(model(x), ref)
 
@@ -155,7 +155,7 @@ def test_shared_module_converted_once_at_every_path():
     x = torch.randn(3, 8)
     _, plan = mc.convert(model, mc.MIDLConfig(keep=0.5, rank=2), x)
     assert [lp.path for lp in plan.converted] == ["0", "3"] and plan.converted[0].aliases == ["2"]
-    assert isinstance(model[0], MIDLinear) and model[0] is model[2]
+    assert isinstance(model[0], OutputMIDLinear) and model[0] is model[2]
     assert torch.isfinite(model(x)).all()
 
 
