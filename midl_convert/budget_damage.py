@@ -42,8 +42,9 @@ from .sparse import SparseLayer, weight_matrix
 from .kinds import build_layer, kind_for
 from .surgery import LayerPlan, Plan, set_module
 
-CACHE_VERSION = 6  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation; 4: sides;
-# 5: options screened by own error (damage None when not judged); 6: low-rank whitened SVD
+CACHE_VERSION = 7  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation; 4: sides;
+# 5: options screened by own error (damage None when not judged); 6: low-rank whitened SVD; 7: an option's kind is
+# 'select', a layer's module 'module_type' (format 2, migrate.py): older entries are simply not read
 JUDGE_ALL_UP_TO, DEFAULT_JUDGE = 1000, 6  # MIDLConfig.budget_judge=None: judge a grid this small whole, else 6 per layer
 SCREEN_ROWS = 1024  # input rows per layer, from the judged batches, that each option's own error is measured on
 

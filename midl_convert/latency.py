@@ -35,7 +35,8 @@ from .sparse import new_conv1d, sparse_layers
 from .weight_dtype import set_weight_dtype
 from .runtime import interleaved_rounds, weight_bytes
 
-CACHE_VERSION = 3  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode
+CACHE_VERSION = 4  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode;
+# 4: entries say select and module_type (format 2, migrate.py): older entries are simply not read
 REPEATS = 15  # interleaved rounds per timing; the median is kept
 SAMPLE_S = 1e-3  # one timed sample repeats the call until it lasts about this long (timer resolution, call overhead)
 MAX_CALLS = 2000  # ... but never more calls than this per sample

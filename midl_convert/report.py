@@ -22,7 +22,7 @@ from pydantic import ConfigDict, Field, NonNegativeFloat, NonNegativeInt, TypeAd
 from torch import nn
 from typing_extensions import Annotated, NotRequired, Required, TypedDict
 
-from . import report_plot, report_render
+from . import migrate, report_plot, report_render
 from .data import Batch
 from .errors import MIDLError
 from .files import atomic_path, read_json, write_atomic
@@ -35,7 +35,7 @@ from .runtime import device_name, measure
 from .sparse import SparseLayer
 from .surgery import Plan, midl_layers
 
-SCHEMA_VERSION = 1
+FORMAT_VERSION = migrate.FORMAT_VERSION  # as midl_config.json's; a version-1 report said schema_version
 FILES = ("report.json", "report.md", "report.png")
 
 # ----- what report.json holds: the classes REPORT_SCHEMA is derived from -------------------------
@@ -279,7 +279,7 @@ class Report:
     layers: list[LayerReport]
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    schema_version: Literal[1] = SCHEMA_VERSION
+    format_version: Literal[FORMAT_VERSION] = FORMAT_VERSION  # type: ignore[valid-type]
     history: History = field(default_factory=dict)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,12 +287,9 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise MIDLError(
-                f"report schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION}; rebuild the report with this midl-convert"
-            )
-        fields = dict(data)
-        fields["layers"] = [LayerReport(**layer) for layer in data["layers"]]
+        """A report from ``report.json``'s contents, an earlier version's keys renamed (``migrate.py``)."""
+        fields = dict(migrate.report_file(data, "the report"))
+        fields["layers"] = [LayerReport(**layer) for layer in fields["layers"]]
         return cls(**fields)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -311,14 +308,13 @@ class Report:
         if not path.is_file():
             raise MIDLError(f"no report.json in {str(directory)!r}; pass the folder that Report.save wrote")
         fix = "rerun midl-convert to write the report again"
-        data = read_json(path, fix)
         import jsonschema
 
-        if data.get("schema_version") == SCHEMA_VERSION:  # an older version's report gets from_dict's own line
-            error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(REPORT_SCHEMA).iter_errors(data))
-            if error is not None:
-                where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-                raise MIDLError(f"{str(path)!r} is not a valid midl-convert report (at {where}: {error.message[:160]}); {fix}")
+        data = migrate.report_file(read_json(path, fix), repr(str(path)))  # a newer version is refused in one line
+        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(REPORT_SCHEMA).iter_errors(data))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+            raise MIDLError(f"{str(path)!r} is not a valid midl-convert report (at {where}: {error.message[:160]}); {fix}")
         try:
             return cls.from_dict(data)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -543,4 +539,4 @@ def _finite(value: Any) -> Any:
     return value
 
 
-__all__ = ["REPORT_SCHEMA", "SCHEMA_VERSION", "LayerReport", "Report", "build_report", "versions"]
+__all__ = ["FORMAT_VERSION", "REPORT_SCHEMA", "LayerReport", "Report", "build_report", "versions"]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import migrate
 from .config import PER_SAMPLE, MIDLConfig, granularity_for, resolve_rank
 from .errors import MIDLError
 from .graph import Target, TargetTable
@@ -65,8 +66,8 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        trace = data.get("trace", data.get("method"))  # plans saved before the rename call the tracer "method"
-        return cls(layers=[LayerPlan(**d) for d in data["layers"]], trace=trace, notes=list(data.get("notes", [])),
+        data = migrate.plan(data)  # an earlier version's keys (side, kind, method) in today's names
+        return cls(layers=[LayerPlan(**d) for d in data["layers"]], trace=data.get("trace"), notes=list(data.get("notes", [])),
                    budget=data.get("budget"), weight_dtype=data.get("weight_dtype", "float32"))
 
 

@@ -45,7 +45,7 @@ SMALL_GRID = dict(budget_keeps=[0.5], budget_ranks=[2], budget_input_keeps=[0.5]
 
 
 # ----- the cache ---------------------------------------------------------------------------------
-def test_cache_key_changes_with_thread_count_and_cpu():
+def test_cache_key_changes_with_thread_count_cpu_and_cache_version(monkeypatch):
     entry = {"layer": {"module_type": "linear", "in_features": 32, "out_features": 32}, "call": [1, 1, 32], "option": "dense"}
     key = latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
     assert key == latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
@@ -53,6 +53,8 @@ def test_cache_key_changes_with_thread_count_and_cpu():
     assert key != latency.cache_key(entry, threads=2, cpu="AMD EPYC B")
     assert key != latency.cache_key({**entry, "call": [1, 16, 32]}, threads=2, cpu="Intel Xeon A")
     assert set(latency.machine()) == {"cpu", "capability", "threads", "torch"}
+    monkeypatch.setattr(latency, "CACHE_VERSION", latency.CACHE_VERSION - 1)  # an older version's entries: not read
+    assert key != latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
 
 
 def test_timings_are_written_atomically_and_read_back(cache, monkeypatch):
