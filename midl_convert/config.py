@@ -97,7 +97,7 @@ class LayerSettings(BaseModel):
 
     ``rank`` is an int, or a float in (0, 1) taken as a share of ``min(in, out)``; an int larger
     than a layer allows is clipped to ``min(in, out)``. ``granularity`` ``token``/``pixel`` gives a
-    mask per position, ``sequence``/``sample`` one mask per sample; each layer kind takes the
+    mask per position, ``sequence``/``sample`` one mask per sample; each module type takes the
     equivalent of its own.
     """
 
