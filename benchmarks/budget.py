@@ -25,7 +25,7 @@ import torch
 import midl_convert as mc
 from midl_convert.budget import option_flops, input_shapes
 from midl_convert.flops import count_flops, model_flops
-from midl_convert.quality import OUTPUT_KIND, compare
+from midl_convert.quality import TASK_OUTPUT, compare
 from midl_convert.pipeline import budget_data
 from midl_convert.conversion import plan_conversion
 from midl_convert.surgery import Plan
@@ -62,14 +62,14 @@ def global_plan(model, plan: Plan, example, target: float, rank: int | float) ->
     return f"global keep at rank {rank}: unreachable (at most {best:.3f}x)"
 
 
-def evaluate(name: str, plan: Plan, loaded, data, held, kind: str, args, rows: list) -> None:
+def evaluate(name: str, plan: Plan, loaded, data, held, output: str, args, rows: list) -> None:
     teacher = loaded.model
     student = mc.apply_plan(copy.deepcopy(teacher), plan).eval()
     t = time.perf_counter()
     mc.calibrate(student, [data.train_batch(1_000_000 + i, args.batch_size) for i in range(args.calib_batches)])
     if plan.budget is not None:  # as a CLI run does: adaptive masks may not cost more than counted on the example
         mc.cap_thresholds(student, loaded.example_inputs)
-    calib = compare(student, teacher, held, kind)
+    calib = compare(student, teacher, held, output)
     secs = time.perf_counter() - t
     after = None
     if args.steps:
@@ -77,7 +77,7 @@ def evaluate(name: str, plan: Plan, loaded, data, held, kind: str, args, rows: l
                          log_every=max(1, args.steps // 5))
         if plan.budget is not None:
             mc.cap_thresholds(student, loaded.example_inputs)
-        after, secs = compare(student, teacher, held, kind), secs + res.seconds
+        after, secs = compare(student, teacher, held, output), secs + res.seconds
     # Counted last: adaptive masks pick as many neurons as their (re)fitted thresholds let through.
     achieved = model_flops(student, teacher, loaded.example_inputs).ratio
     converted = sum(lp.convert for lp in plan.layers)
@@ -110,7 +110,7 @@ def main() -> None:
     loaded = mc.load_model(spec, random_init=args.model in RANDOM_INIT)
     for note in loaded.notes:
         print(note)
-    kind = OUTPUT_KIND[loaded.task]
+    output = TASK_OUTPUT[loaded.task]
     data = mc.load_data(data_spec, loaded, seed=0)
     held = data.heldout_batches(32, limit=args.eval)
     calib_batches = budget_data(data, mc.MIDLConfig())  # what a CLI run measures and fits on
@@ -122,7 +122,7 @@ def main() -> None:
         cfg = mc.MIDLConfig(exclude=exclude, granularity=args.granularity, adaptive=args.adaptive, flops_ratio=args.ratios[0])
         for attempt in ("measured", "cached"):
             t = time.perf_counter()
-            bplan, _ = plan_conversion(loaded.model, cfg, loaded.example_inputs, calib_batches, kind)
+            bplan, _ = plan_conversion(loaded.model, cfg, loaded.example_inputs, calib_batches, output)
             b = bplan.budget
             print(f"| {spec} | {attempt} | {b['measured_layers']} | {b['options']} | {time.perf_counter() - t:.1f} s |", flush=True)
         return
@@ -137,16 +137,16 @@ def main() -> None:
                 print(f"  {gplan}", flush=True)
                 rows.append((gplan, None, 0, None, None, 0.0))
             else:
-                evaluate(gplan.notes[0], gplan, loaded, data, held, kind, args, rows)
+                evaluate(gplan.notes[0], gplan, loaded, data, held, output, args, rows)
         if "budget" in args.methods:
             t = time.perf_counter()
-            cfg = base.model_copy(update={"flops_ratio": target})
-            bplan, _ = plan_conversion(loaded.model, cfg, loaded.example_inputs, calib_batches, kind)
+            cfg = mc.MIDLConfig(**base.model_dump(exclude_unset=True), flops_ratio=target)  # select filled anew: auto
+            bplan, _ = plan_conversion(loaded.model, cfg, loaded.example_inputs, calib_batches, output)
             b = bplan.budget
             print(f"  budget: {b['measured_layers']} layers x {b['options']} options, "
                   f"{'cached' if b['cached'] else 'measured'}; allocation took {time.perf_counter() - t:.1f}s "
                   f"(measurement {b['seconds']:.1f}s when first run)")
-            evaluate("budget allocation", bplan, loaded, data, held, kind, args, rows)
+            evaluate("budget allocation", bplan, loaded, data, held, output, args, rows)
     print()
     stage = f"after {args.steps} steps" if args.steps else "after calibration"
     print(f"| target | method | achieved ratio | layers converted | {' / '.join(keys)} after calibration |"

@@ -35,8 +35,8 @@ BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}  # per weight
 
 
 def option(text: str) -> tuple[str, float, int]:
-    side, keep, rank = text.split(":")
-    return side, float(keep), int(rank)
+    select, keep, rank = text.split(":")
+    return select, float(keep), int(rank)
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=latency.REPEATS)
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32", help="weights of the dense layer and the options")
-    p.add_argument("--options", default="input:0.5:0,input:0.7:0,output:0.7:8", help="side:keep:rank, comma-separated")
+    p.add_argument("--options", default="input:0.5:0,input:0.7:0,output:0.7:8", help="select:keep:rank, comma-separated")
     p.add_argument("--shapes", default=None, help="INxOUT,... instead of the model's (its working set is kept)")
     p.add_argument("--working-sets", default="hot,model", help="hot (weights stay in cache), model (the model's bytes)")
     args = p.parse_args()
@@ -65,7 +65,7 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(options) + "---|" + ("---|---|" if extra else ""))
     for fan_in, fan_out in shapes:
         shape = latency.LayerShape("linear", fan_in, fan_out, bias=False)
-        plans = [LayerPlan("x", "linear", fan_in, fan_out, 0, True, keep=k, rank=r, granularity="token", side=s)
+        plans = [LayerPlan("x", "linear", fan_in, fan_out, 0, True, keep=k, rank=r, granularity="token", select=s)
                  for s, k, r in options]
         for label in args.working_sets.split(","):
             ws = 0 if label == "hot" else weights

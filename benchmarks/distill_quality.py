@@ -33,8 +33,8 @@ from midl_convert.pipeline import budget_data
 from midl_convert.quality import compare
 
 
-def stage(rows: list, name: str, student, teacher, held, kind: str, seconds: float) -> None:
-    metrics = compare(student, teacher, held, kind)
+def stage(rows: list, name: str, student, teacher, held, output: str, seconds: float) -> None:
+    metrics = compare(student, teacher, held, output)
     rows.append((name, metrics, seconds))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("samples", "sure_samples"))
     print(f"  {name:<28} {shown}  ({seconds:.1f}s)", flush=True)
@@ -73,18 +73,18 @@ def adaptive_flops(student, teacher, example, held) -> None:
                   f"whole model {flops.ratio:.3f}x fewer FLOPs", flush=True)
 
 
-def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list, task: str, kind: str,
+def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list, task: str, output: str,
                           args: argparse.Namespace, example) -> None:
     """The two recovery stages every row shares: closed-form calibration, then ``args.steps`` of distillation."""
     t = time.perf_counter()
-    mc.calibrate(student, calib, whiten=not args.no_whiten, kind=kind if args.sensitivity else None)
+    mc.calibrate(student, calib, whiten=not args.no_whiten, output=output if args.sensitivity else None)
     if args.flops_ratio:  # as a CLI budget run does: the example costs at most what was counted
         mc.cap_thresholds(student, example)
-    stage(rows, "after calibration", student, teacher, held, kind, time.perf_counter() - t)
+    stage(rows, "after calibration", student, teacher, held, output, time.perf_counter() - t)
     adaptive_flops(student, teacher, example, held)
     if args.oracle:
         with oracle_gates(student):
-            stage(rows, "calibrated, oracle gates", student, teacher, held, kind, 0.0)
+            stage(rows, "calibrated, oracle gates", student, teacher, held, output, 0.0)
     if args.steps:
         res = mc.distill(student, teacher, data, task, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          layer_weight=args.layer_weight, train=args.train, base_lr=args.base_lr, eval_batches=held,
@@ -92,11 +92,11 @@ def calibrate_and_distill(rows: list, student, teacher, data, held, calib: list,
                          log_every=50)
         if args.flops_ratio:
             mc.cap_thresholds(student, example)
-        stage(rows, f"after {args.steps} steps", student, teacher, held, kind, res.seconds)
+        stage(rows, f"after {args.steps} steps", student, teacher, held, output, res.seconds)
         adaptive_flops(student, teacher, example, held)
         if args.oracle:
             with oracle_gates(student):
-                stage(rows, f"{args.steps} steps, oracle gates", student, teacher, held, kind, 0.0)
+                stage(rows, f"{args.steps} steps, oracle gates", student, teacher, held, output, 0.0)
 
 
 def minilm(args: argparse.Namespace) -> None:
@@ -248,7 +248,7 @@ def main() -> None:
     p.add_argument("--block-weight", type=float, default=0.0, help="weight of the block-by-block loss against the teacher")
     p.add_argument("--no-whiten", action="store_true")
     p.add_argument("--sensitivity", action="store_true",
-                   help="MiniLM, effnet: gates fitted to each layer's error weighted by its reach to the output (calibrate(kind=...))")
+                   help="MiniLM, effnet: gates fitted to each layer's error weighted by its reach to the output (calibrate(output=...))")
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--eval", type=int, default=512, help="held-out sentences")
     p.add_argument("--eval-images", type=int, default=256, help="effnet: held-out crops")

@@ -21,7 +21,7 @@ import torch
 
 import midl_convert as mc
 from midl_convert.flops import model_flops
-from midl_convert.quality import OUTPUT_KIND, compare, headline
+from midl_convert.quality import TASK_OUTPUT, compare, headline
 from midl_convert.running import run_model
 
 SPECS = {
@@ -62,7 +62,7 @@ def main() -> None:
         loaded = mc.load_model(spec, random_init=random_init)
         teacher = loaded.model.eval()
         data = mc.load_data(data_spec, loaded)
-        kind = OUTPUT_KIND[loaded.task]
+        output = TASK_OUTPUT[loaded.task]
         one = data.heldout_batches(1, limit=1)[0]
         held = data.heldout_batches(32, limit=128)
         calib = [data.train_batch(1_000_000 + i, 16) for i in range(2)]
@@ -72,13 +72,13 @@ def main() -> None:
             configs.append(("pixel, 1.2x budget", mc.MIDLConfig(flops_ratio=1.2, granularity="pixel")))
         for label, cfg in configs:
             student = copy.deepcopy(teacher)
-            _, plan = mc.convert(student, cfg, loaded.example_inputs, batches=calib[:1], output=kind)
+            _, plan = mc.convert(student, cfg, loaded.example_inputs, batches=calib[:1], output=output)
             student.eval()
             ratio = model_flops(student, teacher, loaded.example_inputs).ratio
             quality = "random weights"
             if not random_init:
                 mc.calibrate(student, calib)
-                key, value = headline(compare(student, teacher, held, kind))
+                key, value = headline(compare(student, teacher, held, output))
                 quality = f"{key} {value:.3f} (calibrated, no training)"
             t_ms, s_ms = latency_ms(teacher, student, one, args.repeats)
             print(f"| {spec} | {label} | {len(plan.converted)} | {ratio:.3f}x | {t_ms:.2f} | {s_ms:.2f} | {t_ms / s_ms:.2f}x | {quality} |",

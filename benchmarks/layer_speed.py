@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from midl_convert.kernels import fused_kernel
-from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import OutputMIDLConv2d, OutputMIDLinear
 from midl_convert.runtime import interleaved_rounds
 
 
@@ -92,9 +92,9 @@ def build(shape: Shape) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     if shape.is_conv:
         dense = nn.Conv2d(shape.in_features, shape.out_features, 1)
-        return dense.eval(), MIDLConv2d.from_conv(dense, keep=0.5, rank=RANK, granularity="sample").eval()
+        return dense.eval(), OutputMIDLConv2d.from_conv(dense, keep=0.5, rank=RANK, granularity="sample").eval()
     dense = nn.Linear(shape.in_features, shape.out_features)
-    return dense.eval(), MIDLinear.from_linear(dense, keep=0.5, rank=RANK, granularity="token").eval()
+    return dense.eval(), OutputMIDLinear.from_linear(dense, keep=0.5, rank=RANK, granularity="token").eval()
 
 
 def inputs(shape: Shape) -> list[tuple[str, list[torch.Tensor]]]:

@@ -116,9 +116,9 @@ def convert_at(teacher: nn.Module, config_for: Callable[[float], mc.MIDLConfig],
     return best
 
 
-def judge(model: nn.Module, teacher: nn.Module, held, kind: str, photos) -> dict[str, float]:
-    if kind == "embedding":
-        m = compare(model, teacher, held, kind)
+def judge(model: nn.Module, teacher: nn.Module, held, output: str, photos) -> dict[str, float]:
+    if output == "embedding":
+        m = compare(model, teacher, held, output)
         return {"cosine": m["cosine"], "overlap": m["top10_overlap"]}
     per = {name: compare(model, teacher, batches, "logits") for name, batches in photos.items()}
     sure = {name: m.get("agreement_sure", float("nan")) for name, m in per.items()}
@@ -164,7 +164,7 @@ def main() -> None:
     if args.model == "minilm":
         loaded = mc.load_model("sentence-transformers/all-MiniLM-L6-v2")
         data = mc.load_data(args.data, loaded)
-        held, kind, photos, task = data.heldout_batches(64, limit=args.eval), "embedding", None, loaded.task
+        held, output, photos, task = data.heldout_batches(64, limit=args.eval), "embedding", None, loaded.task
         exclude, granularity = ["pooler.dense"], "token"
     else:
         from midl_convert.data import HELDOUT_PHOTOS, _heldout_crops, _image_collate
@@ -173,19 +173,19 @@ def main() -> None:
         data = mc.load_data("builtin:images", loaded)
         collate = _image_collate(loaded)
         photos = {name: [collate(_heldout_crops((name,), 48, seed=0), False)] for name in HELDOUT_PHOTOS}
-        held, kind, task = None, "logits", loaded.task
+        held, output, task = None, "logits", loaded.task
         exclude, granularity = [], "pixel"
     teacher, example = loaded.model.eval(), loaded.example_inputs
     calib = [data.train_batch(1_000_000 + i, 16) for i in range(4)]
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if args.keep:
-        names = ["cosine", "top-10 overlap"] if kind == "embedding" else ["worst photo", *[f"sure {n}" for n in photos]]
+        names = ["cosine", "top-10 overlap"] if output == "embedding" else ["worst photo", *[f"sure {n}" for n in photos]]
         centrings(teacher, example, args.keep, exclude, granularity, calib, names,
-                  lambda m: judge(m, teacher, held, kind, photos))
+                  lambda m: judge(m, teacher, held, output, photos))
         return
     for target in ratios:
-        q_names = ["cosine", "top-10 overlap"] if kind == "embedding" else ["worst photo", *[f"sure {n}" for n in photos]]
-        print(f"\n{args.model}, whole-model target {target}x (held-out: {'KJV verses' if kind == 'embedding' else 'photos'})\n")
+        q_names = ["cosine", "top-10 overlap"] if output == "embedding" else ["worst photo", *[f"sure {n}" for n in photos]]
+        print(f"\n{args.model}, whole-model target {target}x (held-out: {'KJV verses' if output == 'embedding' else 'photos'})\n")
         print(f"| method | whole-model ratio | {' | '.join(q_names)} | seconds |")
         print("|" + "---|" * (3 + len(q_names)))
         for name, config_for, tweak in methods(args.rank, exclude, granularity):
@@ -203,7 +203,7 @@ def main() -> None:
             fit_thresholds(student, calib)  # adaptive masks keep their share with the tweak in place
             if "adaptive" in name or name.startswith("TEAL"):  # masks follow the input: count on held-out data
                 ratio = model_flops(student, teacher, (held[0] if held else next(iter(photos.values()))[0]).inputs).ratio
-            row(f"{name}, keep {keep:.3f}", ratio, judge(student, teacher, held, kind, photos), time.perf_counter() - t)
+            row(f"{name}, keep {keep:.3f}", ratio, judge(student, teacher, held, output, photos), time.perf_counter() - t)
         if only and not any("budget".startswith(o) for o in only):
             continue
         t = time.perf_counter()
@@ -211,19 +211,19 @@ def main() -> None:
         cfg = mc.MIDLConfig(flops_ratio=target, select="auto", exclude=exclude, granularity=granularity,
                             budget_judge=args.judge, adaptive=args.adaptive, centre=args.centre,
                             **({"budget_batches": args.budget_batches} if args.budget_batches else {}))
-        _, plan = mc.convert(student, cfg, example, batches=budget_data(data, cfg), output=kind)
+        _, plan = mc.convert(student, cfg, example, batches=budget_data(data, cfg), output=output)
         mc.calibrate(student, calib)
         if args.adaptive:
             mc.cap_thresholds(student, example)
         counted = (held[0] if held else next(iter(photos.values()))[0]).inputs if args.adaptive else example
         ratio = model_flops(student, teacher, counted).ratio  # adaptive masks: counted on held-out data, as above
-        sides = {s: sum(lp.side == s for lp in plan.converted) for s in ("input", "output")}
+        sides = {s: sum(lp.select == s for lp in plan.converted) for s in ("input", "output")}
         judged = {None: "default judging", 0: "every option judged"}.get(args.judge, f"{args.judge} judged per layer")
         judged += ", adaptive masks" if args.adaptive else ""
         judged += f", centre {args.centre}"
         judged += f", damage on {cfg.budget_batches} batches" if args.budget_batches else ""
         row(f"budget, select=auto, {judged} ({sides['input']} input / {sides['output']} output side, "
-            f"{len(plan.layers) - len(plan.converted)} dense)", ratio, judge(student, teacher, held, kind, photos),
+            f"{len(plan.layers) - len(plan.converted)} dense)", ratio, judge(student, teacher, held, output, photos),
             time.perf_counter() - t)
         settings = {k: v for k, v in (("lr", args.lr), ("lora_rank", args.lora_rank), ("lora_lr", args.lora_lr),
                                       ("block_weight", args.block_weight)) if v is not None}
@@ -236,7 +236,7 @@ def main() -> None:
             shown = ", ".join(f"{k} {v:g}" for k, v in settings.items())
             row(f"budget, select=auto, after {args.steps} steps, train {res.train} ({res.trainable:,} parameters"
                 f"{', ' + shown if shown else ''}{', data ' + args.data if args.data != 'builtin:text' else ''})",
-                model_flops(tuned, teacher, counted).ratio, judge(tuned, teacher, held, kind, photos), res.seconds)
+                model_flops(tuned, teacher, counted).ratio, judge(tuned, teacher, held, output, photos), res.seconds)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ measured on this machine (``MIDLConfig(speedup=1.3)``, ``--speedup 1.3``).
 
 Three stages, a file each:
 
-- ``budget_options.py``: the (side, keep, rank) grid each candidate layer tries, and each option's FLOPs;
+- ``budget_options.py``: the (select, keep, rank) grid each candidate layer tries, and each option's FLOPs;
 - ``budget_damage.py``: each option's damage at the model's output and, under ``speedup``, its time at
   the model's real call shape, cached on disk;
 - ``budget_knapsack.py``: the options that reach the target at the least summed damage.
@@ -24,6 +24,7 @@ from .budget_knapsack import allocate, check_reachable, max_ratio, predicted_rat
 from .budget_options import AXES, LayerCost, Measurements, Option, grid, input_shapes, option_costs, option_flops
 from .config import MIDLConfig
 from .data import Batch
+from .deprecation import renamed_kwargs
 from .errors import MIDLError
 from .surgery import Plan
 
@@ -32,16 +33,18 @@ NO_TIME = "no time to gain: at the model's call shape every option tried ran slo
 NO_GAIN = "no FLOPs to gain: at every keep and rank tried, the gate and light path cost as much as the rows skipped"
 
 
+@renamed_kwargs(kind="output")
 def budget_plan(
-    model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
+    model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], output: str, example_inputs: Any,
     whiten: bool = True, use_cache: bool = True, progress: bool = True,
 ) -> Plan:
     """``plan`` with each candidate's keep and rank chosen for ``config.flops_ratio`` or ``config.speedup``
-    (or dense, and why). ``progress=False`` hides the measuring bar (it shows only on a terminal anyway)."""
+    (or dense, and why); ``output`` is what damage compares ("logits", "embedding", "hidden"). ``progress=False``
+    hides the measuring bar (it shows only on a terminal anyway)."""
     if config.target is None:
         raise MIDLError("budget_plan needs MIDLConfig(flops_ratio=...) or MIDLConfig(speedup=...), e.g. flops_ratio=1.5")
     axis, target = config.target
-    m = measure(model, plan, config, batches, kind, example_inputs, whiten, use_cache, progress)
+    m = measure(model, plan, config, batches, output, example_inputs, whiten, use_cache, progress)
     choice = allocate(m, target)
     layers = []
     for lp in plan.layers:
@@ -53,14 +56,14 @@ def budget_plan(
             reason = (NO_GAIN if axis == "flops" else NO_TIME) if not m.layers[lp.path].options else TOO_SENSITIVE
             layers.append(replace(lp, convert=False, keep=None, rank=None, granularity=None, reason=reason))
         else:
-            layers.append(replace(lp, keep=o.keep, rank=o.rank, side=o.side, predicted_damage=o.damage))
+            layers.append(replace(lp, keep=o.keep, rank=o.rank, select=o.select, predicted_damage=o.damage))
     damage = sum(o.damage for o in choice.values() if o is not None)
     ratio = predicted_ratio(m, choice)
     summary = {
         "axis": axis, "target": target, "predicted_ratio": ratio, "predicted_damage": damage,
         "reachable": max_ratio(m), "dense_flops": m.dense_total, "measured_layers": len(m.layers),
         "options": sum(len(c.options) for c in m.layers.values()), "seconds": m.seconds, "cached": m.cached,
-        "damage_metric": "relative logit MSE" if kind == "logits" else "1 - cosine", "knapsack": "lagrangian+greedy",
+        "damage_metric": "relative logit MSE" if output == "logits" else "1 - cosine", "knapsack": "lagrangian+greedy",
     }
     if axis == "time":
         summary.update(call=m.call, threads=torch.get_num_threads(), dense_ms=m.dense_time * 1e3,

@@ -1,7 +1,7 @@
 """The layer budget's measurements: each candidate option's damage at the model's output and, under
 ``speedup``, its time at the model's real call shape; cached on disk.
 
-Every candidate layer alone, at each (side, keep, rank) of its grid (``budget_options.py``), is
+Every candidate layer alone, at each (select, keep, rank) of its grid (``budget_options.py``), is
 swapped in, fitted to its real inputs (``SparseLayer.calibrate_rows``), and the model's output on a
 few calibration batches is compared with the original's by the distillation loss (KL on logits,
 1 - cosine on embeddings and hidden states). Damage is measured at the output because a layer's own
@@ -42,8 +42,9 @@ from .sparse import SparseLayer, weight_matrix
 from .kinds import build_layer, kind_for
 from .surgery import LayerPlan, Plan, set_module
 
-CACHE_VERSION = 6  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation; 4: sides;
-# 5: options screened by own error (damage None when not judged); 6: low-rank whitened SVD
+CACHE_VERSION = 7  # 2: logits damage is relative squared error, not KL; 3: gates fitted after the activation; 4: sides;
+# 5: options screened by own error (damage None when not judged); 6: low-rank whitened SVD; 7: an option's kind is
+# 'select', a layer's module 'module_type' (format 2, migrate.py): older entries are simply not read
 JUDGE_ALL_UP_TO, DEFAULT_JUDGE = 1000, 6  # MIDLConfig.budget_judge=None: judge a grid this small whole, else 6 per layer
 SCREEN_ROWS = 1024  # input rows per layer, from the judged batches, that each option's own error is measured on
 
@@ -64,12 +65,12 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def cache_key(model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Sequence[Batch], kind: str,
+def cache_key(model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Sequence[Batch], output: str,
               example_inputs: Any, whiten: bool, fixed: Sequence[LayerPlan], judged: int, screen: str = "") -> str:
     """Hash of what the measurements depend on: the candidates' weights, the grid, the data (the
     first ``judged`` batches measure damage, the rest fit), the settings."""
     h = hashlib.sha256(
-        f"v{CACHE_VERSION}|{type(model).__qualname__}|{kind}|{whiten}|{judged}|{screen}|{torch.__version__}".encode())
+        f"v{CACHE_VERSION}|{type(model).__qualname__}|{output}|{whiten}|{judged}|{screen}|{torch.__version__}".encode())
     for path, options in todo.items():
         module = model.get_submodule(path)
         h.update(json.dumps([asdict(lp) for lp in options], sort_keys=True).encode())
@@ -85,7 +86,7 @@ def cache_key(model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Seque
 
 @torch.no_grad()
 def measure_damage(
-    model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Sequence[Batch], kind: str, whiten: bool = True,
+    model: nn.Module, todo: dict[str, list[LayerPlan]], batches: Sequence[Batch], output: str, whiten: bool = True,
     progress: bool = True, fit_batches: Sequence[Batch] = (), saved: dict[str, list[float]] | None = None,
     judge: int | None = None, replay: bool = True,
 ) -> dict[str, list[float | None]]:
@@ -117,13 +118,13 @@ def measure_damage(
             loss = 0.0
             for j, (b, t) in enumerate(zip(batches, targets)):
                 replay.batch = j
-                loss += damage_of(model_output(model, b, kind), t, kind, b)
+                loss += damage_of(model_output(model, b, output), t, output, b)
         return loss / len(batches)
 
     with _channels_last(model):
         with replay.recording():
-            targets = [model_output(model, b, kind) for b in batches]
-        replay.check(lambda j: model_output(model, batches[j], kind), targets)
+            targets = [model_output(model, b, output) for b in batches]
+        replay.check(lambda j: model_output(model, batches[j], output), targets)
         try:
             # Every candidate as a dense MID-L shell (keep 1 runs the original matmul), to collect its input groups.
             for p, options in todo.items():
@@ -141,7 +142,7 @@ def measure_damage(
                     w = weight_matrix(originals[p])[0].float()
                     post = [post_fn(model, lp.norm, lp.activation) for lp in options]
                     with linalg_threads(w.numel()):
-                        svd = whitened_svd(w, x) if whiten and any(o.rank and kind_for(o.side).shares_whitened_svd for o in options) else None
+                        svd = whitened_svd(w, x) if whiten and any(o.rank and kind_for(o.select).shares_whitened_svd for o in options) else None
 
                     def fitted(j: int) -> SparseLayer:
                         layer = build_layer(originals[p], options[j], "share")
@@ -189,7 +190,7 @@ def _channels_last(model: nn.Module) -> Iterator[None]:
             m.weight.data = m.weight.data.contiguous()
 
 
-def damage_of(student: torch.Tensor, teacher: torch.Tensor, kind: str, batch: Batch) -> float:
+def damage_of(student: torch.Tensor, teacher: torch.Tensor, output: str, batch: Batch) -> float:
     """How far the output moved: the logits' squared error relative to the teacher's logit spread, or
     1 - cosine for embeddings and hidden states.
 
@@ -198,8 +199,8 @@ def damage_of(student: torch.Tensor, teacher: torch.Tensor, kind: str, batch: Ba
     EfficientNet-Lite0's last 1x1 conv, harmless on the built-in photos, alone cut top-1 agreement
     on unseen cat and coffee crops to 0.56; measure on data like the data the model will serve.
     """
-    if kind != "logits":
-        return distill_loss(student, teacher, kind, batch).item()
+    if output != "logits":
+        return distill_loss(student, teacher, output, batch).item()
     s, t = positions(student, batch).float(), positions(teacher, batch).float()
     spread = (t - t.mean(-1, keepdim=True)).pow(2).sum(-1).clamp_min(1e-12)
     return ((s - t).pow(2).sum(-1) / spread).mean().item()
@@ -232,7 +233,7 @@ def damage_batches(config: MIDLConfig, batches: Sequence[Batch]) -> int:
 
 
 def measure(
-    model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], kind: str, example_inputs: Any,
+    model: nn.Module, plan: Plan, config: MIDLConfig, batches: Sequence[Batch], output: str, example_inputs: Any,
     whiten: bool = True, use_cache: bool = True, progress: bool = True,
 ) -> Measurements:
     """FLOPs (and, under ``config.speedup``, seconds) and damage of every candidate option; damage from
@@ -255,7 +256,7 @@ def measure(
         check_reachable(m, config.target[1], config.fixed_rank)
     todo = {p: t for p, t in trials.items() if t}
     judge = judged_per_layer(config.budget_judge, sum(len(t) for t in todo.values()))  # None: every option
-    m.key = cache_key(model, todo, [*batches, *fit_batches], kind, example_inputs, whiten, fixed, len(batches),
+    m.key = cache_key(model, todo, [*batches, *fit_batches], output, example_inputs, whiten, fixed, len(batches),
                       f"judge {judge} on {axis}")
     path = cache_dir() / f"{m.key}.json"
     stored = _stored(path) if use_cache else None
@@ -263,7 +264,7 @@ def measure(
         damage = {p: [o.damage for o in stored.layers[p].options] for p in todo}
     else:
         saved = {p: [m.layers[p].saved(o, axis) for o in m.layers[p].options] for p in todo}
-        damage = measure_damage(model, todo, batches, kind, whiten, progress, fit_batches, saved, judge)
+        damage = measure_damage(model, todo, batches, output, whiten, progress, fit_batches, saved, judge)
     for p, values in damage.items():
         for option, value in zip(m.layers[p].options, values):
             option.damage = value
@@ -313,11 +314,11 @@ def _time_options(
     working_set = latency.weight_bytes(model)  # the weights a call reads, at most
 
     def layer_seconds(lp: LayerPlan, options: Sequence[LayerPlan]) -> tuple[float, list[float]]:
-        shape = latency.LayerShape.of(model.get_submodule(lp.path), lp.kind, lp.in_features, lp.out_features)
+        shape = latency.LayerShape.of(model.get_submodule(lp.path), lp.module_type, lp.in_features, lp.out_features)
         calls = latency.decode_calls(lp.in_features) if causal else shapes[lp.path]
         dense, per = 0.0, [0.0] * len(options)
         for call in calls:
-            key = (shape, call, tuple((o.side, o.keep, o.rank, o.granularity, o.adaptive) for o in options))
+            key = (shape, call, tuple((o.select, o.keep, o.rank, o.granularity, o.adaptive) for o in options))
             if key not in memo:
                 memo[key] = latency.time_options(shape, call, options, use_cache, working_set=working_set)
             dense += memo[key][0]

@@ -1,4 +1,4 @@
-"""The layer budget's options: the (side, keep, rank) grid each candidate layer tries, and what each
+"""The layer budget's options: the (select, keep, rank) grid each candidate layer tries, and what each
 option costs in FLOPs on the example input, counted as the report counts them
 (each kind's FLOPs formula on the example input's calls, the rest of the model by ``FlopCounterMode``),
 gate and light path included. ``Option``, ``LayerCost`` and ``Measurements`` carry the options and
@@ -25,13 +25,13 @@ AXES = ("flops", "time")  # what the knapsack spends: FLOPs on the example input
 
 @dataclass
 class Option:
-    """One (side, keep, rank) setting of one layer: its FLOPs (and seconds, when timed) and measured damage."""
+    """One (select, keep, rank) setting of one layer: its FLOPs (and seconds, when timed) and measured damage."""
 
     keep: float
     rank: int
     flops: int
     damage: float
-    side: str = "output"
+    select: str = "output"
     seconds: float | None = None  # per call of the model at its real call shape (``latency.py``)
 
     def cost(self, axis: str) -> float:
@@ -124,18 +124,18 @@ def _override_rank(lp: LayerPlan, config: MIDLConfig) -> bool:
 
 
 def grid(lp: LayerPlan, config: MIDLConfig) -> list[tuple[str, float, int]]:
-    """The (side, keep, rank) settings tried on one layer: each kind ``lp.side`` allows ("auto": every
+    """The (select, keep, rank) settings tried on one layer: each kind ``lp.select`` allows ("auto": every
     kind in the auto grid) with the kind's own keeps and ranks; a rank the user named
     (``config.fixed_rank``) replaces every rank grid of a kind with a light path, and an override's
     rank replaces that."""
     out = []
     for kind in all_kinds():
-        if lp.side != kind.name and not (lp.side == "auto" and kind.in_auto):
+        if lp.select != kind.name and not (lp.select == "auto" and kind.in_auto):
             continue
-        side, (keeps, ranks) = kind.name, kind.budget_grid(config)
+        select, (keeps, ranks) = kind.name, kind.budget_grid(config)
         ranks = ranks if config.fixed_rank is None or not kind.light_path else [config.fixed_rank]
         ranks = [lp.rank] if _override_rank(lp, config) else [resolve_rank(r, lp.in_features, lp.out_features) for r in ranks]
-        out += [(side, k, r) for k in sorted(set(keeps)) if k < 1.0 for r in sorted(set(ranks))]
+        out += [(select, k, r) for k in sorted(set(keeps)) if k < 1.0 for r in sorted(set(ranks))]
     return out
 
 
@@ -156,13 +156,13 @@ def option_costs(
     for lp in candidates:
         module = model.get_submodule(lp.path)
         options = []
-        dense, _ = option_flops(module, replace(lp, keep=1.0, side="output"), shapes[lp.path])
-        for side, keep, rank in grid(lp, config):
-            trial = replace(lp, keep=keep, rank=rank, side=side)
+        dense, _ = option_flops(module, replace(lp, keep=1.0, select="output"), shapes[lp.path])
+        for select, keep, rank in grid(lp, config):
+            trial = replace(lp, keep=keep, rank=rank, select=select)
             _, midl = option_flops(module, trial, shapes[lp.path])
             if midl < dense or axis == "time":  # on the time axis the clock decides what pays
                 options.append((trial, midl))
-        costs[lp.path] = LayerCost(lp.path, dense, [Option(o.keep, o.rank, f, 0.0, o.side) for o, f in options])
+        costs[lp.path] = LayerCost(lp.path, dense, [Option(o.keep, o.rank, f, 0.0, o.select) for o, f in options])
         trials[lp.path] = [o for o, _ in options]
     fixed_saved = 0
     for lp in fixed:

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from .data import Batch
+from .deprecation import renamed_kwargs
 from .downstream import post_fn
 from .fitting import LayerCalibration, fit_threshold, linalg_threads
 from .log import progress_bar
 from .sparse import SparseLayer, dense
-from .quality import OUTPUT_KIND, output_kind
+from .quality import TASK_OUTPUT, output_of
 from .running import run_model, watching
 from .sensitivity import neuron_sensitivity
 
@@ -141,14 +142,15 @@ def cap_thresholds(model: nn.Module, example_inputs: Any) -> list[str]:
     return raised
 
 
+@renamed_kwargs(kind="output")
 def calibrate(
-    model: nn.Module, batches: Iterable[Batch], whiten: bool = True, max_rows: int = 4096, kind: str | None = None,
+    model: nn.Module, batches: Iterable[Batch], whiten: bool = True, max_rows: int = 4096, output: str | None = None,
     progress: bool = True,
 ) -> list[LayerCalibration]:
     """Calibrate every MID-L layer of ``model`` in closed form on ``batches`` (no gradient steps).
 
-    With ``kind`` (the output distillation compares: "logits", "embedding", "hidden"; "auto" asks
-    ``quality.output_kind``; None, the default: each layer's own error only) the gate of each
+    With ``output`` (what distillation compares: "logits", "embedding", "hidden"; "auto" asks
+    ``quality.output_of``; None, the default: each layer's own error only) the gate of each
     layer with nothing elementwise after it predicts its error weighted by how far that error
     reaches the model's output (``sensitivity.py``). Layers followed by a norm or an activation
     keep predicting the error left after it, which already says what passes on. On MiniLM at
@@ -156,9 +158,10 @@ def calibrate(
     one only from 0.893 to 0.896 (``benchmarks/distill_quality.py --sensitivity``), so it is
     not the default. ``progress=False`` hides the bar (shown only on a terminal anyway).
     """
-    kinds = ("auto", *sorted(set(OUTPUT_KIND.values())))
-    if kind is not None and kind not in kinds:
-        raise ValueError(f"kind must be None or one of {', '.join(kinds)}, got {kind!r}; e.g. kind='logits' for a classifier")
+    outputs = ("auto", *sorted(set(TASK_OUTPUT.values())))
+    if output is not None and output not in outputs:
+        raise ValueError(f"output must be None or one of {', '.join(outputs)}, got {output!r}; e.g. output='logits' for a "
+                         f"classifier")
     batches = list(batches)
     was_training = model.training
     model.eval()
@@ -168,10 +171,10 @@ def calibrate(
         posts = {p: post_fn(model, *layers[p].downstream) for p in groups}
         weights: dict[str, torch.Tensor] = {}
         plain = [p for p in groups if not layers[p].keeps_all and layers[p].takes_output_weights(posts[p])]
-        if kind is not None and plain and batches:
+        if output is not None and plain and batches:
             with dense(model):
-                kind = output_kind(model, batches[0]) if kind == "auto" else kind
-                weights = {p: s.sqrt() for p, s in neuron_sensitivity(model, plain, batches, kind, probes=2).items()}
+                output = output_of(model, batches[0]) if output == "auto" else output
+                weights = {p: s.sqrt() for p, s in neuron_sensitivity(model, plain, batches, output, probes=2).items()}
         out = []
         with progress_bar("calibrating", len(groups), progress) as advance:
             for p, g in groups.items():

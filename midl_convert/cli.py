@@ -161,14 +161,14 @@ def build_recipe(target: str | None, recipe_file: Path | None, options: dict[str
 
 def plan_table(plan, title: str = "plan") -> Table:
     budget = plan.budget is not None
-    cols = ("layer", "kind", "in -> out", "FLOPs share", "keep", "rank", "granularity", *(("damage",) if budget else ()), "decision")
+    cols = ("layer", "module type", "in -> out", "FLOPs share", "keep", "rank", "granularity", *(("damage",) if budget else ()), "decision")
     table = Table(title=title, caption=plan.notes[-1] if budget else None)
     for col in cols:
         table.add_column(col, justify="right" if col in ("FLOPs share", "keep", "rank", "damage") else "left")
     total = sum(lp.flops for lp in plan.layers) or 1
     for lp in plan.layers:
         damage = ("" if lp.predicted_damage is None else f"{lp.predicted_damage:.2e}",) if budget else ()
-        table.add_row(lp.path, lp.kind, f"{lp.in_features} -> {lp.out_features}", f"{lp.flops / total:.1%}",
+        table.add_row(lp.path, lp.module_type, f"{lp.in_features} -> {lp.out_features}", f"{lp.flops / total:.1%}",
                       "" if lp.keep is None else f"{lp.keep:g}", "" if lp.rank is None else str(lp.rank),
                       lp.granularity or "", *damage, "convert" if lp.convert else f"dense: {lp.reason}")
     return table

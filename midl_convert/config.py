@@ -14,7 +14,6 @@ Granularity = Literal["token", "sequence", "pixel", "sample"]
 PER_SAMPLE = {"sequence", "sample"}
 # Which neurons a mask picks: a registered kind's name (``kinds/``: "output", the paper's MID-L; "input";
 # "prune"), or "auto" under a budget: per layer, by measured damage.
-Side = str
 Select = str
 
 
@@ -73,7 +72,7 @@ class LayerOverride(BaseModel):
     keep: float | None = None
     rank: Union[int, float, None] = None
     granularity: Granularity | None = None
-    select: Side | None = None
+    select: Select | None = None  # None: the config's own select
 
     _keep = field_validator("keep")(lambda v: None if v is None else check_keep(v))
     _select = field_validator("select")(lambda v: check_select(v, auto=False))
@@ -98,7 +97,7 @@ class LayerSettings(BaseModel):
 
     ``rank`` is an int, or a float in (0, 1) taken as a share of ``min(in, out)``; an int larger
     than a layer allows is clipped to ``min(in, out)``. ``granularity`` ``token``/``pixel`` gives a
-    mask per position, ``sequence``/``sample`` one mask per sample; each layer kind takes the
+    mask per position, ``sequence``/``sample`` one mask per sample; each module type takes the
     equivalent of its own.
     """
 
@@ -109,8 +108,8 @@ class LayerSettings(BaseModel):
     select: Select | None = Field(
         None, description="which neurons each mask picks: 'output' (MID-L: rows of W, gate on V x), 'input' (columns "
                           "of W by |x| times column norm), 'prune' (one fixed set of columns: a peer), or 'auto' (the budget "
-                          "measures each kind in its auto grid per layer); default: "
-                          "'auto' under flops_ratio, else 'output'")
+                          "measures each kind in its auto grid per layer); left out, it is filled: "
+                          "'auto' under flops_ratio or speedup, else 'output'")
     adaptive: bool = Field(False, description="masks whose size follows the input: each layer keeps the neurons whose "
                                               "score passes a threshold calibrated to keep `keep` of them on average")
     centre: Centring = Field("auto", description="input side: subtract a per-input centre fitted in calibration before "
@@ -158,6 +157,9 @@ class LayerSettings(BaseModel):
         if self.select == "auto" and not self.budgeted:
             raise ValueError("select='auto' chooses each layer's side from measured damage, so it needs flops_ratio or "
                              "speedup; use select='input' or 'output' with a fixed keep")
+        if self.select is None:  # filled, not set: a recipe merged with flags later is filled again from the merge
+            self.__dict__["select"] = "auto" if self.budgeted else "output"
+            self.__pydantic_fields_set__.discard("select")
         return self
 
     @property
@@ -177,11 +179,6 @@ class LayerSettings(BaseModel):
         if self.speedup is not None:
             return "time", self.speedup
         return None if self.flops_ratio is None else ("flops", self.flops_ratio)
-
-    @property
-    def side(self) -> str:
-        """The side every layer takes before the budget chooses: 'auto' only under a budget."""
-        return self.select or ("auto" if self.budgeted else "output")
 
     _budget_keeps = field_validator("budget_keeps")(check_keep_list)
     _budget_ranks = field_validator("budget_ranks")(check_rank_list)
@@ -204,9 +201,9 @@ def resolve_rank(rank: Union[int, float], in_features: int, out_features: int) -
     return min(rank, limit)
 
 
-def granularity_for(kind: str, granularity: str) -> str:
-    """Map a config granularity onto the names a layer kind uses (token<->pixel, sequence<->sample)."""
+def granularity_for(module_type: str, granularity: str) -> str:
+    """Map a config granularity onto the names a module type uses (token<->pixel, sequence<->sample)."""
     per_sample = granularity in PER_SAMPLE
-    if kind == "conv2d":
+    if module_type == "conv2d":
         return "sample" if per_sample else "pixel"
     return "sequence" if per_sample else "token"

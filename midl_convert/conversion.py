@@ -14,7 +14,7 @@ from .config import MIDLConfig
 from .data import Batch
 from .errors import MIDLError
 from .graph import TargetTable, find_targets
-from .quality import output_kind
+from .quality import output_of
 from .surgery import Plan, apply_plan, make_plan
 from .weight_dtype import set_weight_dtype
 
@@ -38,7 +38,7 @@ def plan_conversion(
         if not batches or example_inputs is None:
             raise MIDLError(f"{'flops_ratio' if config.target[0] == 'flops' else 'speedup'} needs example_inputs and a few calibration batches to measure each layer's damage: "
                             "convert(model, config, example_inputs, batches=[Batch(...), ...])")
-        plan = budget_plan(model, plan, config, batches, output or output_kind(model, batches[0]), example_inputs,
+        plan = budget_plan(model, plan, config, batches, output or output_of(model, batches[0]), example_inputs,
                            progress=progress)
     return plan, table
 

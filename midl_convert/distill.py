@@ -32,7 +32,7 @@ from .errors import MIDLError
 from .files import atomic_path, make_own_dir
 from .recovery import parse_train, parts, select
 from .sparse import SparseLayer
-from .quality import OUTPUT_KIND, compare, distill_loss, headline, model_output, positions
+from .quality import TASK_OUTPUT, compare, distill_loss, headline, model_output, positions
 
 CHECKPOINT = "distill_checkpoint.pt"
 CHECKPOINT_PURPOSE = "checkpoints"  # the marker of a checkpoint folder this tool made (files.make_own_dir)
@@ -268,7 +268,7 @@ def distill(
 
     cfg = (config or DistillConfig()).model_copy(update=overrides)
     cfg = DistillConfig.model_validate(cfg.model_dump())
-    kind = OUTPUT_KIND[task]
+    output = TASK_OUTPUT[task]
     acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if cfg.bf16 else "no",
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     torch.manual_seed(cfg.seed)
@@ -276,7 +276,7 @@ def distill(
     student.to(acc.device)
     eval_batches = eval_batches if eval_batches is not None else data.heldout_batches(cfg.batch_size)
     eval_batches = [b.to(acc.device) for b in eval_batches]
-    before = compare(student.eval(), teacher, eval_batches, kind)
+    before = compare(student.eval(), teacher, eval_batches, output)
     groups = trainable(student, cfg)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -307,10 +307,10 @@ def distill(
         for step in range(start, cfg.steps):
             batch = _shard(data.train_batch(step, cfg.batch_size), acc.process_index, acc.num_processes).to(acc.device)
             with torch.no_grad():
-                target = model_output(teacher, batch, kind)
+                target = model_output(teacher, batch, output)
             with acc.autocast():
-                out = model_output(model, batch, kind)
-                loss = cfg.output_weight * distill_loss(out, target, kind, batch, cfg.temperature)
+                out = model_output(model, batch, output)
+                loss = cfg.output_weight * distill_loss(out, target, output, batch, cfg.temperature)
                 if layer_loss is not None:
                     loss = loss + cfg.layer_weight * layer_loss.pop()
                 if block_loss is not None:
@@ -356,7 +356,7 @@ def distill(
         dev = next(student.parameters()).device
         fit_thresholds(student, [data.train_batch(CALIBRATION_OFFSET + i, cfg.batch_size).to(dev)
                                  for i in range(max(1, cfg.calibration_batches))])
-    after = compare(student, teacher, eval_batches, kind)
+    after = compare(student, teacher, eval_batches, output)
     return DistillResult(cfg.steps, losses, before, after, time.perf_counter() - t0, resumed,
                          str(ckpt) if ckpt is not None and ckpt.is_file() else None, train=cfg.train,
                          trainable=sum(p.numel() for p in params))

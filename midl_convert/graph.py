@@ -45,7 +45,7 @@ class Target:
     """One convertible layer as the model runs it."""
 
     path: str
-    kind: str  # "linear" | "conv1d" (HF Conv1D) | "conv2d" (1x1)
+    module_type: str  # "linear" | "conv1d" (HF Conv1D) | "conv2d" (1x1)
     in_features: int
     out_features: int
     input_shape: tuple[int, ...] | None  # as seen on the example input (first call)
@@ -102,8 +102,8 @@ def _plain_forward(module: nn.Module, base: type) -> bool:
     return cls.forward is base.forward or f"{cls.__module__}.{cls.__qualname__}" in SAME_FORWARD
 
 
-def target_kind(module: nn.Module) -> str | None:
-    """The target kind of a module, or None if MID-L does not apply to it."""
+def module_type_of(module: nn.Module) -> str | None:
+    """The module type of a target ("linear", "conv1d", "conv2d"), or None if MID-L does not apply to it."""
     if isinstance(module, nn.Linear) and _plain_forward(module, nn.Linear):
         return "linear"
     if is_conv1d(module):
@@ -121,10 +121,10 @@ def target_kind(module: nn.Module) -> str | None:
     return None
 
 
-def in_out(module: nn.Module, kind: str) -> tuple[int, int]:
-    if kind == "linear":
+def in_out(module: nn.Module, module_type: str) -> tuple[int, int]:
+    if module_type == "linear":
         return module.in_features, module.out_features
-    if kind == "conv1d":
+    if module_type == "conv1d":
         return module.weight.shape[0], module.weight.shape[1]
     return module.in_channels, module.out_channels
 
@@ -153,9 +153,9 @@ def head_modules(model: nn.Module) -> set[int]:
     return heads
 
 
-def _rows(kind: str, shape: tuple[int, ...], module: nn.Module) -> int:
+def _rows(module_type: str, shape: tuple[int, ...], module: nn.Module) -> int:
     """Positions a layer computes for an input of ``shape`` (tokens, or output pixels)."""
-    if kind == "conv2d":
+    if module_type == "conv2d":
         b = shape[0] if len(shape) == 4 else 1
         h, w = shape[-2:]
         (sh, sw), (ph, pw) = module.stride, module.padding
@@ -243,7 +243,7 @@ def find_targets(
     by_path: dict[str, nn.Module] = {}
     aliases: dict[int, list[str]] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
-        if path and target_kind(mod) is not None:
+        if path and module_type_of(mod) is not None:
             aliases.setdefault(id(mod), []).append(path)
             by_path.setdefault(path, mod)
     primary = {paths[0] for paths in aliases.values()}
@@ -276,16 +276,16 @@ def find_targets(
     targets = []
     for path in sorted(primary, key=list(by_path).index):
         mod = by_path[path]
-        kind = target_kind(mod)
-        fin, fout = in_out(mod, kind)
+        module_type = module_type_of(mod)
+        fin, fout = in_out(mod, module_type)
         all_paths = aliases[id(mod)]
         calls = [s for p in all_paths for s in shapes.get(p, [])]
         if shapes and not calls:
             continue  # never runs on this input (e.g. an unused branch): nothing to convert
-        rows = sum(_rows(kind, s, mod) for s in calls)
+        rows = sum(_rows(module_type, s, mod) for s in calls)
         is_head = id(mod) in heads or any(HEAD_PATHS.match(p) for p in all_paths)
         targets.append(Target(
-            path=path, kind=kind, in_features=fin, out_features=fout,
+            path=path, module_type=module_type, in_features=fin, out_features=fout,
             input_shape=calls[0] if calls else None, rows=rows, flops=dense_flops(fin, fout, rows),
             calls=max(1, len(calls)), role=role_of(path, is_head), is_head=is_head, aliases=all_paths[1:],
             norm=downstream.get(path, (None, None))[0], activation=downstream.get(path, (None, None))[1],

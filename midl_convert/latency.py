@@ -35,7 +35,8 @@ from .sparse import new_conv1d, sparse_layers
 from .weight_dtype import set_weight_dtype
 from .runtime import interleaved_rounds, weight_bytes
 
-CACHE_VERSION = 3  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode
+CACHE_VERSION = 4  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode;
+# 4: entries say select and module_type (format 2, migrate.py): older entries are simply not read
 REPEATS = 15  # interleaved rounds per timing; the median is kept
 SAMPLE_S = 1e-3  # one timed sample repeats the call until it lasts about this long (timer resolution, call overhead)
 MAX_CALLS = 2000  # ... but never more calls than this per sample
@@ -113,9 +114,9 @@ def interleaved(fns: Sequence[Callable[[], Any]], repeats: int = REPEATS) -> lis
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What a layer's time depends on besides its option: kind, sizes, bias, conv geometry."""
+    """What a layer's time depends on besides its option: module type, sizes, bias, conv geometry."""
 
-    kind: str  # "linear", "conv1d" (HF, transposed) or "conv2d" (1x1)
+    module_type: str  # "linear", "conv1d" (HF, transposed) or "conv2d" (1x1)
     in_features: int
     out_features: int
     bias: bool
@@ -123,22 +124,22 @@ class LayerShape:
     padding: tuple[int, int] = (0, 0)
 
     @classmethod
-    def of(cls, module: nn.Module, kind: str, in_features: int, out_features: int) -> "LayerShape":
-        return cls(kind, in_features, out_features, module.bias is not None,
+    def of(cls, module: nn.Module, module_type: str, in_features: int, out_features: int) -> "LayerShape":
+        return cls(module_type, in_features, out_features, module.bias is not None,
                    tuple(getattr(module, "stride", (1, 1))), tuple(getattr(module, "padding", (0, 0))))
 
     def dense(self) -> nn.Module:
         """A dense module of this shape with random weights (times do not depend on the values)."""
-        if self.kind == "conv2d":
+        if self.module_type == "conv2d":
             return nn.Conv2d(self.in_features, self.out_features, 1, self.stride, self.padding, bias=self.bias)
-        if self.kind == "conv1d":
+        if self.module_type == "conv1d":
             return new_conv1d(self.in_features, self.out_features, 0.02 * torch.randn(self.out_features, self.in_features),
                               torch.zeros(self.out_features) if self.bias else None)
         return nn.Linear(self.in_features, self.out_features, bias=self.bias)
 
 
 def _entry(shape: LayerShape, call: tuple[int, ...], option: Any) -> dict[str, Any]:
-    settings = {k: getattr(option, k) for k in ("side", "keep", "rank", "granularity", "adaptive")} if option else "dense"
+    settings = {k: getattr(option, k) for k in ("select", "keep", "rank", "granularity", "adaptive")} if option else "dense"
     return {"layer": asdict(shape), "call": list(call), "option": settings}
 
 

@@ -23,7 +23,7 @@ from .latency import end_to_end
 from .log import logger
 from .models import LoadedModel, check_remote_code, load_model
 from .processes import rank_and_size
-from .quality import OUTPUT_KIND
+from .quality import TASK_OUTPUT
 from .recipe import Recipe
 from .report import build_report
 from .conversion import plan_conversion
@@ -141,7 +141,7 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
         logger.info(f"layer budget: fitting each option on {config.budget_fit_batches} batch(es) and measuring its damage "
                     f"on {judged} other batch(es) of {config.budget_batch_size} from {spec} for a "
                     f"{target:g}x {'FLOPs' if axis == 'flops' else 'measured speed-up'} target")
-    plan, table = plan_conversion(loaded.model, config, loaded.example_inputs, budget_batches, OUTPUT_KIND[loaded.task],
+    plan, table = plan_conversion(loaded.model, config, loaded.example_inputs, budget_batches, TASK_OUTPUT[loaded.task],
                                   progress=progress)
     if plan.budget is not None and plan.budget.get("cached"):
         logger.info(f"layer budget: measurements read from the cache ({cache_dir()}); delete it to measure again")

@@ -12,11 +12,11 @@ from torch import nn
 from .data import Batch
 from .running import run_model
 
-OUTPUT_KIND = {"classifier": "logits", "causal-lm": "logits", "seq2seq": "logits", "embedding": "embedding", "base": "hidden"}
+TASK_OUTPUT = {"classifier": "logits", "causal-lm": "logits", "seq2seq": "logits", "embedding": "embedding", "base": "hidden"}
 
 
 @torch.no_grad()
-def output_kind(model: nn.Module, batch: Batch) -> str:
+def output_of(model: nn.Module, batch: Batch) -> str:
     """What to compare when the task is not known: ``logits`` for a classifier-like output, else ``hidden``."""
     was = model.training
     model.eval()
@@ -33,15 +33,15 @@ def _mask(batch: Batch) -> torch.Tensor | None:
     return batch.inputs.get("attention_mask") if isinstance(batch.inputs, dict) else None
 
 
-def model_output(model: nn.Module, batch: Batch, kind: str) -> torch.Tensor:
+def model_output(model: nn.Module, batch: Batch, output: str) -> torch.Tensor:
     """The tensor compared between teacher and student: logits, a pooled normalised embedding, or hidden states."""
     out = run_model(model, batch)
     if isinstance(out, torch.Tensor):
         return out
-    if kind == "logits" and getattr(out, "logits", None) is not None:
+    if output == "logits" and getattr(out, "logits", None) is not None:
         return out.logits
     hidden = out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out[0]
-    if kind == "embedding":  # sentence-transformers mean pooling over real tokens, then L2 norm
+    if output == "embedding":  # sentence-transformers mean pooling over real tokens, then L2 norm
         mask = _mask(batch)
         mask = torch.ones(hidden.shape[:2], device=hidden.device) if mask is None else mask.to(hidden.dtype)
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
@@ -57,10 +57,10 @@ def positions(t: torch.Tensor, batch: Batch) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, batch: Batch, temperature: float = 2.0) -> torch.Tensor:
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, output: str, batch: Batch, temperature: float = 2.0) -> torch.Tensor:
     """KL with temperature on logits; 1 - cosine on embeddings and hidden states."""
     s, t = positions(student, batch), positions(teacher, batch)
-    if kind == "logits":
+    if output == "logits":
         log_p = F.log_softmax(t.float() / temperature, -1)
         log_q = F.log_softmax(s.float() / temperature, -1)
         return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
@@ -71,7 +71,7 @@ ROWS_AT_ONCE = 1024  # output rows whose softmaxes are taken together: an LLM's 
 
 
 @torch.no_grad()
-def compare(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], kind: str, top: int = 10) -> dict[str, float]:
+def compare(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], output: str, top: int = 10) -> dict[str, float]:
     """Held-out agreement of student with teacher (and accuracy when labels exist).
 
     Logits and hidden states are reduced batch by batch, ``ROWS_AT_ONCE`` rows at a time: holding every
@@ -81,22 +81,22 @@ def compare(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], ki
     emb_s, emb_t = [], []
     labelled = True
     for batch in batches:
-        s, t = model_output(student, batch, kind), model_output(teacher, batch, kind)
-        if kind == "embedding":
+        s, t = model_output(student, batch, output), model_output(teacher, batch, output)
+        if output == "embedding":
             emb_s.append(s.float())
             emb_t.append(t.float())
             continue
         s, t = positions(s, batch), positions(t, batch)
-        labels = batch.labels if kind == "logits" and batch.labels is not None and len(batch.labels) == len(s) else None
+        labels = batch.labels if output == "logits" and batch.labels is not None and len(batch.labels) == len(s) else None
         labelled = labelled and labels is not None
         for lo in range(0, len(s), ROWS_AT_ONCE):
             rows = slice(lo, lo + ROWS_AT_ONCE)
             part = _logit_sums(s[rows].float(), t[rows].float(), None if labels is None else labels[rows]) \
-                if kind == "logits" else {"cosine": F.cosine_similarity(s[rows].float(), t[rows].float(), dim=-1).sum().item(),
+                if output == "logits" else {"cosine": F.cosine_similarity(s[rows].float(), t[rows].float(), dim=-1).sum().item(),
                                           "samples": float(len(s[rows]))}
             for key, value in part.items():
                 sums[key] = sums.get(key, 0.0) + value
-    if kind == "embedding":
+    if output == "embedding":
         s, t = torch.cat(emb_s), torch.cat(emb_t)
         out = {"cosine": F.cosine_similarity(s, t, dim=-1).mean().item(), "samples": float(len(s))}
         if len(s) > top + 1:
@@ -104,7 +104,7 @@ def compare(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], ki
         return out
     n = sums.get("samples", 0.0)
     mean = lambda key: sums[key] / n if n else float("nan")  # noqa: E731
-    if kind != "logits":
+    if output != "logits":
         return {"cosine": mean("cosine"), "samples": n}
     out = {"agreement": mean("agree"), "kl": mean("kl"), "samples": n, "sure_samples": sums.get("sure", 0.0),
            "agreement_sure": sums["agree_sure"] / sums["sure"] if sums.get("sure") else float("nan")}

@@ -22,20 +22,20 @@ from pydantic import ConfigDict, Field, NonNegativeFloat, NonNegativeInt, TypeAd
 from torch import nn
 from typing_extensions import Annotated, NotRequired, Required, TypedDict
 
-from . import report_plot, report_render
+from . import migrate, report_plot, report_render
 from .data import Batch
 from .errors import MIDLError
 from .files import atomic_path, read_json, write_atomic
 from .flops import model_flops, model_flops_over
 from .latency import DECODE, is_causal_lm, layer_times, model_step
 from .log import progress_bar
-from .quality import OUTPUT_KIND, compare, headline
+from .quality import TASK_OUTPUT, compare, headline
 from .ran import RanFlops, ran_flops
 from .runtime import device_name, measure
 from .sparse import SparseLayer
 from .surgery import Plan, midl_layers
 
-SCHEMA_VERSION = 1
+FORMAT_VERSION = migrate.FORMAT_VERSION  # as midl_config.json's; a version-1 report said schema_version
 FILES = ("report.json", "report.md", "report.png")
 
 # ----- what report.json holds: the classes REPORT_SCHEMA is derived from -------------------------
@@ -44,7 +44,7 @@ FILES = ("report.json", "report.md", "report.png")
 Count = NonNegativeInt
 Ratio = float | None  # null where a ratio has no value (nothing converted, NaN)
 BatchSize = Annotated[int, Field(ge=1)]
-OutputKind = Literal[tuple(sorted(set(OUTPUT_KIND.values())))]  # type: ignore[valid-type]
+ModelOutput = Literal[tuple(sorted(set(TASK_OUTPUT.values())))]  # type: ignore[valid-type]
 _OPEN = ConfigDict(extra="ignore")  # each section's own: sections do not inherit the top level's extra="forbid"
 
 
@@ -119,7 +119,7 @@ class Parameters(TypedDict):
 class Quality(TypedDict):
     __pydantic_config__ = _OPEN  # type: ignore[misc]
 
-    kind: OutputKind
+    output: ModelOutput
     headline: str
     value: Ratio
     metrics: dict[str, float | None]
@@ -230,7 +230,7 @@ class LayerReport:
     __pydantic_config__ = ConfigDict(extra="forbid")
 
     path: str
-    kind: Literal["linear", "conv1d", "conv2d"]
+    module_type: Literal["linear", "conv1d", "conv2d"]
     in_features: Count
     out_features: Count
     keep: float
@@ -245,8 +245,8 @@ class LayerReport:
     midl_flops: Count
     ratio: Ratio
     flops_parts: dict[str, Count]
-    side: Annotated[str, _about("the layer's kind (midl_convert/kinds): output picks rows of W (MID-L), input columns, "
-                                "prune one fixed set of columns")] = "output"
+    select: Annotated[str, _about("the layer's kind (midl_convert/kinds): output picks rows of W (MID-L), input columns, "
+                                  "prune one fixed set of columns")] = "output"
     ran_flops: Count | None = None  # FLOPs of the paths that ran on the FLOPs input (ran.py)
     ran_path: Annotated[str | None, _about("the path most calls took: masked, kernel, sparse, dense")] = None
     dense_ms: float | None = None  # measured per call at the model's call shape, dense against converted
@@ -279,7 +279,7 @@ class Report:
     layers: list[LayerReport]
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    schema_version: Literal[1] = SCHEMA_VERSION
+    format_version: Literal[FORMAT_VERSION] = FORMAT_VERSION  # type: ignore[valid-type]
     history: History = field(default_factory=dict)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,12 +287,9 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise MIDLError(
-                f"report schema_version {data.get('schema_version')!r} is not {SCHEMA_VERSION}; rebuild the report with this midl-convert"
-            )
-        fields = dict(data)
-        fields["layers"] = [LayerReport(**layer) for layer in data["layers"]]
+        """A report from ``report.json``'s contents, an earlier version's keys renamed (``migrate.py``)."""
+        fields = dict(migrate.report_file(data, "the report"))
+        fields["layers"] = [LayerReport(**layer) for layer in fields["layers"]]
         return cls(**fields)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -311,14 +308,13 @@ class Report:
         if not path.is_file():
             raise MIDLError(f"no report.json in {str(directory)!r}; pass the folder that Report.save wrote")
         fix = "rerun midl-convert to write the report again"
-        data = read_json(path, fix)
         import jsonschema
 
-        if data.get("schema_version") == SCHEMA_VERSION:  # an older version's report gets from_dict's own line
-            error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(REPORT_SCHEMA).iter_errors(data))
-            if error is not None:
-                where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-                raise MIDLError(f"{str(path)!r} is not a valid midl-convert report (at {where}: {error.message[:160]}); {fix}")
+        data = migrate.report_file(read_json(path, fix), repr(str(path)))  # a newer version is refused in one line
+        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(REPORT_SCHEMA).iter_errors(data))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+            raise MIDLError(f"{str(path)!r} is not a valid midl-convert report (at {where}: {error.message[:160]}); {fix}")
         try:
             return cls.from_dict(data)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -368,8 +364,8 @@ def build_report(
     pipeline's, under ``speedup``); on the CPU each layer's time per call is measured there, dense
     against converted.
     """
-    if task not in OUTPUT_KIND:
-        raise MIDLError(f"unknown task {task!r}; use one of {', '.join(OUTPUT_KIND)}")
+    if task not in TASK_OUTPUT:
+        raise MIDLError(f"unknown task {task!r}; use one of {', '.join(TASK_OUTPUT)}")
     if not batches:
         raise MIDLError("build_report needs at least one held-out batch; pass Data.heldout_batches(...)")
     if repeats < 1 or any(b < 1 for b in latency_batch_sizes):
@@ -398,8 +394,8 @@ def build_report(
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
-    kinds = {lp.path: lp.kind for lp in plan.layers} if plan is not None else {}
-    layer_reports = [_layer_report(path, layer, kinds, counted.layers[path], active[path]) for path, layer in layers.items()]
+    types = {lp.path: lp.module_type for lp in plan.layers} if plan is not None else {}
+    layer_reports = [_layer_report(path, layer, types, counted.layers[path], active[path]) for path, layer in layers.items()]
     for lr in layer_reports:
         lr.ran_flops, lr.ran_path = ran.layers.get(lr.path), ran.route_of(lr.path)
         if lr.path in times:
@@ -424,7 +420,7 @@ def build_report(
                         "batches": min(len(batches), HELDOUT_FLOPS_BATCHES)},
         },
         parameters={"original": n_orig, "converted": n_conv, "added": n_conv - n_orig},
-        quality={"kind": OUTPUT_KIND[task], "headline": key, "value": value, "metrics": quality, "batches": len(batches)},
+        quality={"output": TASK_OUTPUT[task], "headline": key, "value": value, "metrics": quality, "batches": len(batches)},
         latency=latency,
         memory=memory,
         layers=layer_reports,
@@ -476,11 +472,10 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _layer_report(path: str, layer: SparseLayer, kinds: dict[str, str], f: Any, active: float | None) -> LayerReport:
-    kind = kinds.get(path) or layer.target_kind
+def _layer_report(path: str, layer: SparseLayer, types: dict[str, str], f: Any, active: float | None) -> LayerReport:
     return LayerReport(
-        path=path, kind=kind, in_features=layer.in_features, out_features=layer.out_features, keep=layer.keep,
-        rank=layer.rank, granularity=layer.granularity, k=layer.k, side=layer.side, calls=len(f.calls), rows=sum(r for r, _ in f.calls),
+        path=path, module_type=types.get(path) or layer.module_type, in_features=layer.in_features, out_features=layer.out_features, keep=layer.keep,
+        rank=layer.rank, granularity=layer.granularity, k=layer.k, select=layer.select, calls=len(f.calls), rows=sum(r for r, _ in f.calls),
         groups=sum(g for _, g in f.calls), active_fraction=active, dense_flops=f.dense, midl_flops=f.midl,
         ratio=f.ratio, flops_parts=dict(f.parts),
     )
@@ -495,7 +490,7 @@ def _quality_and_activity(
         m.track_stats = True
         m.reset_stats()
     try:
-        quality = compare(student, teacher, batches, OUTPUT_KIND[task])
+        quality = compare(student, teacher, batches, TASK_OUTPUT[task])
         active = {p: m.active_fraction for p, m in layers.items()}
     finally:
         for p, m in layers.items():
@@ -544,4 +539,4 @@ def _finite(value: Any) -> Any:
     return value
 
 
-__all__ = ["REPORT_SCHEMA", "SCHEMA_VERSION", "LayerReport", "Report", "build_report", "versions"]
+__all__ = ["FORMAT_VERSION", "REPORT_SCHEMA", "LayerReport", "Report", "build_report", "versions"]

@@ -52,9 +52,9 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
 
 def layer_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     """The per-layer table: its header and one row of text per converted layer."""
-    header = ["layer", "kind", "in", "out", "side", "keep", "rank", "granularity", "active", "dense FLOPs", "MID-L FLOPs", "ratio",
+    header = ["layer", "module type", "in", "out", "select", "keep", "rank", "granularity", "active", "dense FLOPs", "MID-L FLOPs", "ratio",
               "ran FLOPs", "ran as", "dense ms", "MID-L ms"]
-    rows = [[lr.path, lr.kind, str(lr.in_features), str(lr.out_features), lr.side, f"{lr.keep:g}", str(lr.rank), lr.granularity,
+    rows = [[lr.path, lr.module_type, str(lr.in_features), str(lr.out_features), lr.select, f"{lr.keep:g}", str(lr.rank), lr.granularity,
              fmt(lr.active_fraction), _si(lr.dense_flops), _si(lr.midl_flops), fmt(lr.ratio), _si(lr.ran_flops),
              lr.ran_path or "n/a", _ms(lr.dense_ms), _ms(lr.midl_ms)] for lr in report.layers]
     return header, rows

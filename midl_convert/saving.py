@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from torch import nn
 
+from . import migrate
 from .errors import MIDLError
 from .files import MARKER_FILE, cache_dir, clean_stale, file_mode, read_json, temp_dir
 from .marker import PLAN_KEY, mark
@@ -32,7 +33,7 @@ from .sparse import SparseLayer
 from .surgery import LayerPlan, Plan, apply_plan
 from .weight_dtype import WEIGHT_DTYPES, set_weight_dtype, weight_dtype_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = migrate.FORMAT_VERSION
 CONFIG_FILE = "midl_config.json"
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_FILE = "generation_config.json"
@@ -47,9 +48,9 @@ def plan_of(model: nn.Module) -> Plan:
         if id(mod) in layers:
             layers[id(mod)].aliases.append(path)
             continue
-        layers[id(mod)] = LayerPlan(path, mod.target_kind, mod.in_features, mod.out_features, 0, True, mod.keep, mod.rank,
+        layers[id(mod)] = LayerPlan(path, mod.module_type, mod.in_features, mod.out_features, 0, True, mod.keep, mod.rank,
                                     mod.granularity, norm=mod.downstream[0], activation=mod.downstream[1],
-                                    adaptive=mod.adaptive, side=mod.side, centre=getattr(mod, "centring", "none"))
+                                    adaptive=mod.adaptive, select=mod.select, centre=getattr(mod, "centring", "none"))
     if not layers:
         raise MIDLError(f"{type(model).__name__} has no MID-L layers to save; convert it first (midl_convert.convert)")
     return Plan(list(layers.values()), trace="saved", weight_dtype=weight_dtype_of(model))
@@ -81,7 +82,7 @@ def written_by_run(folder: Path) -> tuple[set[str], bool]:
         return set(), False
     written = meta.get("written")
     own: set[str] = set()
-    if isinstance(written, dict) and meta.get("format_version") == FORMAT_VERSION:
+    if isinstance(written, dict) and meta.get("format_version") in migrate.READS:  # an earlier version's run too
         for name, stamp in written.items():
             path = folder / name
             if (isinstance(name, str) and RUN_FILES.fullmatch(name) and name != CONFIG_FILE and isinstance(stamp, dict)
@@ -303,9 +304,7 @@ def load(directory: str | Path, model: nn.Module | None = None, trust_remote_cod
     meta_file, hf_file = folder / CONFIG_FILE, folder / "config.json"
     fix = "save the model again with midl_convert.save"
     if meta_file.is_file():
-        meta = read_json(meta_file, fix)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise MIDLError(f"{meta_file} has format_version {meta.get('format_version')!r}; this midl-convert reads {FORMAT_VERSION}")
+        meta = migrate.config_file(read_json(meta_file, fix), str(meta_file))  # refuses a newer version in one line
         plan, build, source = _plan(meta.get("plan"), meta_file, fix), meta.get("build"), meta_file
         if not isinstance(build, dict):
             raise MIDLError(f"{str(meta_file)!r} does not say how to rebuild the model (no 'build' object); {fix}")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .data import Batch
+from .deprecation import renamed_kwargs
 from .sparse import ConvRows
 from .quality import model_output, positions
 from .running import watching
@@ -27,8 +28,9 @@ def _channel_last(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     return grad.movedim(-3, -1) if isinstance(module, (nn.Conv2d, ConvRows)) else grad
 
 
+@renamed_kwargs(kind="output")
 def neuron_sensitivity(
-    model: nn.Module, paths: Sequence[str], batches: Iterable[Batch], kind: str, probes: int = 4, seed: int = 0
+    model: nn.Module, paths: Sequence[str], batches: Iterable[Batch], output: str, probes: int = 4, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """Each module's (at ``paths``) per-output-neuron sensitivity, normalised to mean 1 per layer.
 
@@ -65,7 +67,7 @@ def neuron_sensitivity(
             for batch in batches:
                 current[:] = [batch]
                 for _ in range(probes):
-                    out = positions(model_output(model, batch, kind), batch).float()
+                    out = positions(model_output(model, batch, output), batch).float()
                     probe = torch.randn(out.shape, generator=gen).to(out.device)
                     (out * probe).sum().backward()
     finally:

@@ -4,7 +4,7 @@ A sparse layer holds a dense layer's ``W, b`` and, per input, computes only ``k`
 ``width`` neurons exactly: output neurons for MID-L (``layers.py``), input neurons for input-side
 MID-L (``input_layers.py``). The rest of the package reads only what is declared here:
 
-- settings: ``side``, ``keep``, ``rank``, ``granularity``, ``adaptive``, ``threshold``, ``width``, ``k``;
+- settings: ``select``, ``keep``, ``rank``, ``granularity``, ``adaptive``, ``threshold``, ``width``, ``k``;
 - ``flops_parts(rows, groups, k)``: its FLOPs on a call shape, gate, light path and selection counted
   (``{"dense": ...}`` at keep 1, ``keeps_all``);
 - ``trainable_names(train)``: the parameters distillation trains;
@@ -49,7 +49,7 @@ def check_rank(rank: int, in_features: int, out_features: int) -> int:
 class SparseLayer(nn.Module):
     """Settings, statistics and thresholds shared by every kind; the maths is the subclass's."""
 
-    side: ClassVar[str]  # the registered kind's name (``kinds/``): "output", "input", "prune", ...
+    select: ClassVar[str]  # the registered kind's name (``kinds/``): "output", "input", "prune", ...
     default_rank: ClassVar[int]  # the light path's rank when a builder is given none
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -113,7 +113,7 @@ class SparseLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, side={self.side}, keep={self.keep}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, select={self.select}, keep={self.keep}, "
             f"rank={self.rank}, granularity={self.granularity}, bias={self.bias is not None}"
         )
 
@@ -215,8 +215,8 @@ class LinearRows:
     transposed: bool
 
     @property
-    def target_kind(self) -> str:
-        """The kind of module this layer replaced, as the graph pass names it."""
+    def module_type(self) -> str:
+        """The type of module this layer replaced, as the graph pass names it."""
         return "conv1d" if self.transposed else "linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,7 +281,7 @@ class ConvRows:
     stride: tuple[int, int]
     padding: tuple[int, int]
 
-    target_kind = "conv2d"
+    module_type = "conv2d"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_features:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import migrate
 from .config import PER_SAMPLE, MIDLConfig, granularity_for, resolve_rank
 from .errors import MIDLError
 from .graph import Target, TargetTable
@@ -26,7 +27,7 @@ class LayerPlan:
     """What happens to one target: converted with these settings, or left dense and why."""
 
     path: str
-    kind: str
+    module_type: str  # the target: "linear", "conv1d" (HF Conv1D) or "conv2d" (1x1)
     in_features: int
     out_features: int
     flops: int
@@ -41,7 +42,7 @@ class LayerPlan:
     norm: str | None = None  # BatchNorm right after the layer, and the activation after that: calibration fits
     activation: str | None = None  # the gate to the error that survives them (downstream.py)
     adaptive: bool = False  # a calibrated score threshold instead of exactly k per mask
-    side: str = "output"  # which neurons a mask picks: "output" or "input" ("auto" until the budget decides)
+    select: str = "output"  # which neurons a mask picks: a registered kind's name ("auto" until the budget decides)
     centre: str = "none"  # input side: how inputs are centred before the mask picks (kinds.input.CENTRINGS)
 
 
@@ -65,8 +66,8 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        trace = data.get("trace", data.get("method"))  # plans saved before the rename call the tracer "method"
-        return cls(layers=[LayerPlan(**d) for d in data["layers"]], trace=trace, notes=list(data.get("notes", [])),
+        data = migrate.plan(data)  # an earlier version's keys (side, kind, method) in today's names
+        return cls(layers=[LayerPlan(**d) for d in data["layers"]], trace=data.get("trace"), notes=list(data.get("notes", [])),
                    budget=data.get("budget"), weight_dtype=data.get("weight_dtype", "float32"))
 
 
@@ -92,7 +93,7 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
         names = [t.path, *t.aliases]
         explicit = isinstance(include, list) and any(matches_any(include, n) for n in names)
         reason = None
-        if include == ALL_LINEAR and t.kind == "conv2d":
+        if include == ALL_LINEAR and t.module_type == "conv2d":
             reason = "not a linear layer (include='all-linear')"
         elif isinstance(include, list) and not explicit:
             reason = "not included"
@@ -102,23 +103,23 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
             reason = "classifier / output head (skip_head)"
         elif t.weights < config.min_size:
             reason = f"smaller than min_size ({t.weights} < {config.min_size} weights)"
-        keep, rank, gran, side, pinned = config.keep, config.rank, config.granularity, config.side, False
+        keep, rank, gran, select, pinned = config.keep, config.rank, config.granularity, config.select, False
         for o in overrides_for(config.overrides, names):  # later overrides win
             keep = o.keep if o.keep is not None else keep
             rank = o.rank if o.rank is not None else rank
             gran = o.granularity or gran
-            side = o.select or side
+            select = o.select or select
             pinned = pinned or o.keep is not None
-        if side == "auto" and pinned:  # a keep pinned outside the budget, with no side named: the input side
-            side = "input"
+        if select == "auto" and pinned:  # a keep pinned outside the budget, with no kind named: the input kind
+            select = "input"
         layers.append(LayerPlan(
-            path=t.path, kind=t.kind, in_features=t.in_features, out_features=t.out_features, flops=t.flops,
+            path=t.path, module_type=t.module_type, in_features=t.in_features, out_features=t.out_features, flops=t.flops,
             convert=reason is None, keep=keep if reason is None else None,
-            rank=_useful_rank(t, keep, rank, gran, config, clamped, side) if reason is None else None,
-            granularity=granularity_for(t.kind, gran) if reason is None else None,
+            rank=_useful_rank(t, keep, rank, gran, config, clamped, select) if reason is None else None,
+            granularity=granularity_for(t.module_type, gran) if reason is None else None,
             reason=reason, role=t.role, aliases=t.aliases, norm=t.norm, activation=t.activation,
-            adaptive=config.adaptive and reason is None, side=side,
-            centre=config.centre if reason is None and (side == "auto" or kind_for(side).centres) else "none",
+            adaptive=config.adaptive and reason is None, select=select,
+            centre=config.centre if reason is None and (select == "auto" or kind_for(select).centres) else "none",
         ))
     plan = Plan(layers=layers, trace=table.trace, notes=list(table.notes))
     if clamped:
@@ -135,18 +136,18 @@ def make_plan(table: TargetTable, config: MIDLConfig) -> Plan:
 
 
 def _useful_rank(t: Target, keep: float, rank: int | float, granularity: str, config: MIDLConfig, clamped: list[str],
-                 side: str = "output") -> int:
+                 select: str = "output") -> int:
     """The layer's rank, lowered (and recorded in ``clamped``) when it would cost more FLOPs than dense.
 
     A rank the layer budget chooses is already bounded by its measured FLOPs, and keep 1 runs the
     dense layer, so only fixed ranks below keep 1 are clamped.
     """
     wanted = resolve_rank(rank, t.in_features, t.out_features)
-    if side != "auto" and not kind_for(side).light_path:
+    if select != "auto" and not kind_for(select).light_path:
         return 0
-    if config.budgeted or keep >= 1.0 or side == "auto":
+    if config.budgeted or keep >= 1.0 or select == "auto":
         return wanted
-    limit = max(0, kind_for(side).max_useful_rank(t.in_features, t.out_features, keep, granularity in PER_SAMPLE))
+    limit = max(0, kind_for(select).max_useful_rank(t.in_features, t.out_features, keep, granularity in PER_SAMPLE))
     if wanted <= limit:
         return wanted
     clamped.append(f"{t.path}: {wanted} -> {limit}")

@@ -24,5 +24,5 @@ if rank == 0:
     cached = [json.loads(p.read_text()) for p in sorted(Path(sys.argv[2], "budget").glob("*.json"))]
     layers = [{p: [o["damage"] for o in c["options"]] for p, c in m["layers"].items()} for m in cached]
     with open(sys.argv[1], "w") as f:
-        json.dump({"world": size, "judged_here": shares, "plan": [[lp.path, lp.keep, lp.rank, lp.side, lp.convert] for lp in plan.layers],
+        json.dump({"world": size, "judged_here": shares, "plan": [[lp.path, lp.keep, lp.rank, lp.select, lp.convert] for lp in plan.layers],
                    "damage": layers}, f)

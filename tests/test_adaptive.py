@@ -11,15 +11,15 @@ import midl_convert as mc
 from midl_convert.calibrate import collect_groups, fit_threshold, fit_thresholds
 from midl_convert.data import Batch
 from midl_convert.flops import model_flops
-from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import OutputMIDLConv2d, OutputMIDLinear
 
 
-def adaptive_layer(kind: str = "linear", granularity: str = "token") -> nn.Module:
+def adaptive_layer(module_type: str = "linear", granularity: str = "token") -> nn.Module:
     torch.manual_seed(0)
-    if kind == "linear":
-        layer = MIDLinear.from_linear(nn.Linear(24, 40), keep=0.5, rank=6, granularity=granularity)
+    if module_type == "linear":
+        layer = OutputMIDLinear.from_linear(nn.Linear(24, 40), keep=0.5, rank=6, granularity=granularity)
     else:
-        layer = MIDLConv2d.from_conv(nn.Conv2d(24, 40, 1), keep=0.5, rank=6, granularity=granularity)
+        layer = OutputMIDLConv2d.from_conv(nn.Conv2d(24, 40, 1), keep=0.5, rank=6, granularity=granularity)
     with torch.no_grad():
         layer.gate_weight.normal_()
         layer.gate_bias.normal_()
@@ -34,12 +34,12 @@ def test_fit_threshold_keeps_the_share():
     assert (scores > tau).float().mean().item() == pytest.approx(0.3, abs=1 / 4000 + 1e-6)
 
 
-@pytest.mark.parametrize("kind,granularity,shape", [
+@pytest.mark.parametrize("module_type,granularity,shape", [
     ("linear", "token", (5, 24)), ("linear", "token", (1, 24)), ("linear", "sequence", (3, 7, 24)),
     ("conv", "pixel", (2, 24, 3, 3)), ("conv", "sample", (2, 24, 3, 3)),
 ])
-def test_every_path_picks_the_neurons_above_the_threshold(kind, granularity, shape):
-    layer = adaptive_layer(kind, granularity)
+def test_every_path_picks_the_neurons_above_the_threshold(module_type, granularity, shape):
+    layer = adaptive_layer(module_type, granularity)
     x = torch.randn(*shape)
     with torch.no_grad():
         rows = layer.groups_of(x)
@@ -57,7 +57,7 @@ def test_every_path_picks_the_neurons_above_the_threshold(kind, granularity, sha
             y = layer(x)
         got = y
         ref = expected.reshape(*rows.shape[:2], -1)
-        if kind == "linear":
+        if module_type == "linear":
             torch.testing.assert_close(got.reshape(ref.shape[0] * ref.shape[1], -1), ref.reshape(-1, ref.shape[-1]),
                                        atol=1e-5, rtol=1e-5, msg=path)
         else:
@@ -84,12 +84,12 @@ def test_measured_share_and_flops_follow_the_picks():
 
 def test_threshold_saved_and_loaded():
     layer = adaptive_layer()
-    fresh = MIDLinear(24, 40, keep=0.5, rank=6)
+    fresh = OutputMIDLinear(24, 40, keep=0.5, rank=6)
     assert fresh.threshold is None
     fresh.load_state_dict(layer.state_dict())
     assert fresh.threshold == 1.0
     state = {k: v for k, v in layer.state_dict().items() if k != "gate_threshold"}  # saved before adaptive masks
-    older = MIDLinear(24, 40, keep=0.5, rank=6)
+    older = OutputMIDLinear(24, 40, keep=0.5, rank=6)
     older.load_state_dict(state)
     assert older.threshold is None
 

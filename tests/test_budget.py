@@ -166,6 +166,21 @@ def test_second_run_reads_the_cache(cache, monkeypatch):
     assert calls == [1, 1]
 
 
+def test_entries_of_an_older_cache_version_are_not_read(cache, monkeypatch):
+    """Format 2 renamed the keys a cached option holds (select, module_type): an older version's entry is
+    measured anew, never read."""
+    model = Stack()
+    calls = []
+    real = budget_damage.measure_damage
+    monkeypatch.setattr(budget_damage, "measure_damage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    version = budget_damage.CACHE_VERSION
+    monkeypatch.setattr(budget_damage, "CACHE_VERSION", version - 1)
+    plan_for(model, 1.2)
+    monkeypatch.setattr(budget_damage, "CACHE_VERSION", version)
+    assert not plan_for(model, 1.2).budget["cached"] and calls == [1, 1]
+    assert len(list(cache.glob("budget/*.json"))) == 2
+
+
 def test_override_with_keep_wins_over_the_budget():
     from midl_convert import LayerOverride
 
@@ -292,8 +307,8 @@ def test_a_named_rank_is_the_only_rank_the_budget_tries():
     from midl_convert.cli import build_recipe
     from midl_convert.surgery import LayerPlan
 
-    lp = LayerPlan("fc", "linear", 384, 1536, 0, True, keep=0.5, rank=32, granularity="token", side="auto")
-    ranks = lambda config: {(side, r) for side, _, r in budget.grid(lp, config)}  # noqa: E731
+    lp = LayerPlan("fc", "linear", 384, 1536, 0, True, keep=0.5, rank=32, granularity="token", select="auto")
+    ranks = lambda config: {(select, r) for select, _, r in budget.grid(lp, config)}  # noqa: E731
     assert ranks(MIDLConfig(flops_ratio=1.5)) == {("output", 12), ("output", 24), ("output", 48), ("input", 0),
                                                   ("input", 24)}
     assert ranks(MIDLConfig(flops_ratio=1.5, rank=0)) == {("output", 0), ("input", 0)}

@@ -130,7 +130,7 @@ def test_flops_count_the_subtraction_and_the_op_counter_agrees(rows):
 def test_budget_options_pay_for_the_centre():
     from midl_convert.surgery import LayerPlan
 
-    lp = LayerPlan("fc", "linear", 64, 48, 0, True, keep=0.5, rank=0, granularity="token", side="input")
+    lp = LayerPlan("fc", "linear", 64, 48, 0, True, keep=0.5, rank=0, granularity="token", select="input")
     module = nn.Linear(64, 48)
     _, plain = option_flops(module, lp, [(10, 64)])
     _, centred = option_flops(module, LayerPlan(**{**lp.__dict__, "centre": "auto"}), [(10, 64)])

@@ -208,6 +208,19 @@ def test_select_and_device_reach_the_recipe():
     assert recipe.midl_config().weight_dtype == "int8"
     res = invoke("convert", "test_vit", "--random-init", "--select", "auto", "--dry-run")  # auto needs a budget
     assert res.exit_code == 2 and "select='auto' chooses each layer's side" in " ".join(res.output.split())
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_select_left_out_is_filled_from_the_merged_recipe(tmp_path):
+    """A recipe without a budget reads select 'output'; a --flops-ratio merged in makes it 'auto', as before."""
+    from midl_convert.cli import build_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {spec: test_vit}\nmidl: {keep: 0.7}\n")
+    assert build_recipe(None, path, {}, False).midl_config().select == "output"
+    recipe = build_recipe(None, path, {"flops_ratio": 1.3}, False)
+    assert recipe.midl.select == "auto" and recipe.midl_config().select == "auto"
+    assert recipe.model_dump()["midl"]["select"] == "auto"  # what a run saves states the mode
 
 
 def test_json_everywhere_and_the_run_names_its_folder_and_files(tmp_path, monkeypatch):

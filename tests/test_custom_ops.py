@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from midl_convert import kernels
 from midl_convert.kinds.input.flops import input_flops_parts
 from midl_convert.kinds.output.flops import midl_flops_parts
-from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS, MIDLinear
+from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS, OutputMIDLinear
 from test_kernels import IN, OUT, kernel, make_layer, one_input, run  # noqa: F401 - kernel is a fixture
 
 NAN = float("nan")
@@ -25,7 +25,7 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-def adaptive(layer: MIDLinear, x: torch.Tensor) -> float:
+def adaptive(layer: OutputMIDLinear, x: torch.Tensor) -> float:
     """Calibrate a threshold that keeps about ``keep`` of the scores of ``x``; returns it."""
     with torch.no_grad():
         s = layer.scores(x @ layer.light_down.T)
@@ -55,7 +55,7 @@ def test_flop_counter_counts_adaptive_picks(kernel):
     torch.testing.assert_close(run(layer, x, "auto"), run(layer, x, "reference"), atol=1e-5, rtol=0)
 
 
-def output_args(layer: MIDLinear, x: torch.Tensor, kernel_rows: int = KERNEL_MAX_ROWS) -> tuple:
+def output_args(layer: OutputMIDLinear, x: torch.Tensor, kernel_rows: int = KERNEL_MAX_ROWS) -> tuple:
     bias = layer.bias if layer.bias is not None else torch.empty(0)
     threshold = NAN if layer.threshold is None else layer.threshold
     return (x, layer.weight, bias, layer.light_down, layer.light_up, layer.gate_weight, layer.gate_bias,
@@ -77,10 +77,10 @@ FALLBACK_SCRIPT = """
 import math, torch
 from torch import nn
 from midl_convert import kernels
-from midl_convert.kinds.output.layer import MIDLinear
+from midl_convert.kinds.output.layer import OutputMIDLinear
 assert kernels.fused_kernel() is None
 torch.manual_seed(0)
-layer = MIDLinear.from_linear(nn.Linear(48, 64), keep=0.5, rank=8).eval()
+layer = OutputMIDLinear.from_linear(nn.Linear(48, 64), keep=0.5, rank=8).eval()
 with torch.no_grad():
     program = torch.export.export(layer, (torch.randn(4, 48),), dynamic_shapes={"x": {0: torch.export.Dim("b", max=64)}})
     for rows in (1, 20):
@@ -110,7 +110,7 @@ def graph_ops(graphs: list) -> list:
 
 def test_compile_keeps_the_op_at_batch_one(kernel):
     torch._dynamo.reset()
-    layer = MIDLinear.from_linear(nn.Linear(IN, OUT), keep=0.5, rank=8).eval()
+    layer = OutputMIDLinear.from_linear(nn.Linear(IN, OUT), keep=0.5, rank=8).eval()
     graphs = []
 
     def backend(gm, example_inputs):
@@ -127,7 +127,7 @@ def test_compile_keeps_the_op_at_batch_one(kernel):
 
 
 def test_export_with_a_dynamic_batch_crosses_the_kernel_switch(kernel):
-    layer = MIDLinear.from_linear(nn.Linear(IN, OUT), keep=0.5, rank=8).eval()
+    layer = OutputMIDLinear.from_linear(nn.Linear(IN, OUT), keep=0.5, rank=8).eval()
     batch = torch.export.Dim("batch", max=1024)
     with torch.no_grad():
         program = torch.export.export(layer, (torch.randn(4, IN),), dynamic_shapes={"x": {0: batch}})

@@ -95,9 +95,9 @@ def test_budget_fits_options_on_batches_it_does_not_judge(monkeypatch, tmp_path)
     monkeypatch.setenv("MIDL_CACHE_DIR", str(tmp_path))
     seen: list[int] = []
     from midl_convert.kinds.input.layer import InputMIDLBase
-    from midl_convert.kinds.output.layer import MIDLBase
+    from midl_convert.kinds.output.layer import OutputMIDLBase
 
-    for cls in (MIDLBase, InputMIDLBase):  # every kind's fit, on whichever side the budget tries
+    for cls in (OutputMIDLBase, InputMIDLBase):  # every kind's fit, on whichever side the budget tries
         def spy(layer, groups, *args, _real=cls.calibrate_rows, **kwargs):
             seen.append(groups.shape[0] * groups.shape[1])
             return _real(layer, groups, *args, **kwargs)

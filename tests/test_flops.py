@@ -71,7 +71,7 @@ def test_parts_of_one_layer():
     assert midl_flops_parts(32, 64, rank=4, rows=6, groups=2, k=16) == {
         "light_down": 1536, "pool": 24, "gate": 1024, "topk": 128, "light_up": 3072, "exact": 6144, "blend": 384,
     }
-    assert mc.MIDLinear.from_linear(nn.Linear(32, 64), keep=1.0, rank=4).flops_parts(6, 6) == {"dense": 24576}
+    assert mc.OutputMIDLinear.from_linear(nn.Linear(32, 64), keep=1.0, rank=4).flops_parts(6, 6) == {"dense": 24576}
     rank0 = midl_flops_parts(32, 64, rank=0, rows=6, groups=6, k=32)
     assert rank0 == {"light_down": 0, "pool": 0, "gate": 0, "topk": 384, "light_up": 0, "exact": 12288, "blend": 384}
 

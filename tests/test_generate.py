@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import midl_convert as mc
 from midl_convert.kernels import fused_kernel
-from midl_convert.kinds.output.layer import MIDLBase
+from midl_convert.kinds.output.layer import OutputMIDLBase
 
 VOCAB, PROMPT, NEW = 96, 6, 12
 
@@ -51,13 +51,13 @@ def convert(model: torch.nn.Module, keep: float, select: str) -> torch.nn.Module
 def paths_taken(monkeypatch) -> list[str]:
     """Record the compute path of every output-side MID-L call."""
     seen: list[str] = []
-    original = MIDLBase.compute_route
+    original = OutputMIDLBase.compute_route
 
     def spy(self, x):
         seen.append(original(self, x))
         return seen[-1]
 
-    monkeypatch.setattr(MIDLBase, "compute_route", spy)
+    monkeypatch.setattr(OutputMIDLBase, "compute_route", spy)
     return seen
 
 

@@ -44,7 +44,7 @@ def test_targets_shapes_flops_roles(method):
     assert set(by) == {"attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "shared", "pw", "head"}
     assert by["attn.qkv"].input_shape == (2, 5, 16)
     assert by["attn.qkv"].flops == 2 * 16 * 48 * 10
-    assert by["pw"].kind == "conv2d" and by["pw"].input_shape == (2, 4, 8, 8)
+    assert by["pw"].module_type == "conv2d" and by["pw"].input_shape == (2, 4, 8, 8)
     assert by["pw"].flops == 2 * 4 * 8 * (2 * 4 * 4)  # stride 2: 4x4 output pixels
     assert by["shared"].calls == 2 and by["shared"].flops == 2 * 2 * 16 * 16 * 10
     roles = {p: t.role for p, t in by.items()}

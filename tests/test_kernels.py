@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from midl_convert import kernels
-from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS, MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS, OutputMIDLConv2d, OutputMIDLinear
 
 IN, OUT = 48, 64
 
@@ -24,13 +24,13 @@ def kernel():
     return module
 
 
-def make_layer(kind: str, keep: float, rank: int, bias: bool, gate_abs: int) -> nn.Module:
+def make_layer(module_type: str, keep: float, rank: int, bias: bool, gate_abs: int) -> nn.Module:
     """A converted layer with a random gate, so scores are distinct floats (no ties)."""
     torch.manual_seed(0)
-    if kind == "linear":
-        layer = MIDLinear.from_linear(nn.Linear(IN, OUT, bias=bias), keep=keep, rank=rank)
+    if module_type == "linear":
+        layer = OutputMIDLinear.from_linear(nn.Linear(IN, OUT, bias=bias), keep=keep, rank=rank)
     else:
-        layer = MIDLConv2d.from_conv(nn.Conv2d(IN, OUT, 1, bias=bias), keep=keep, rank=rank, granularity="pixel")
+        layer = OutputMIDLConv2d.from_conv(nn.Conv2d(IN, OUT, 1, bias=bias), keep=keep, rank=rank, granularity="pixel")
     with torch.no_grad():
         layer.gate_weight.normal_()
         layer.gate_bias.normal_()
@@ -38,9 +38,9 @@ def make_layer(kind: str, keep: float, rank: int, bias: bool, gate_abs: int) -> 
     return layer.eval()
 
 
-def one_input(kind: str, rows: int = 1) -> torch.Tensor:
+def one_input(module_type: str, rows: int = 1) -> torch.Tensor:
     torch.manual_seed(1)
-    return torch.randn(rows, IN) if kind == "linear" else torch.randn(rows, IN, 1, 1)
+    return torch.randn(rows, IN) if module_type == "linear" else torch.randn(rows, IN, 1, 1)
 
 
 def run(layer: nn.Module, x: torch.Tensor, path: str) -> torch.Tensor:
@@ -52,10 +52,10 @@ def run(layer: nn.Module, x: torch.Tensor, path: str) -> torch.Tensor:
 CASES = list(itertools.product(("linear", "conv"), (0.25, 0.5, 0.75), (0, 8, 32), (True, False), (0, 1)))
 
 
-@pytest.mark.parametrize("kind,keep,rank,bias,gate_abs", CASES, ids=["-".join(map(str, c)) for c in CASES])
-def test_kernel_equals_reference_at_batch_one(kernel, kind, keep, rank, bias, gate_abs):
-    layer = make_layer(kind, keep, rank, bias, gate_abs)
-    x = one_input(kind)
+@pytest.mark.parametrize("module_type,keep,rank,bias,gate_abs", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_kernel_equals_reference_at_batch_one(kernel, module_type, keep, rank, bias, gate_abs):
+    layer = make_layer(module_type, keep, rank, bias, gate_abs)
+    x = one_input(module_type)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     torch.testing.assert_close(run(layer, x, "kernel"), run(layer, x, "reference"), atol=1e-5, rtol=0)
     for name, value in layer.state_dict().items():  # the kernel writes only its own outputs
@@ -74,7 +74,7 @@ def test_kernel_equals_reference_for_rows_with_their_own_masks(kernel, rows, ran
 def test_two_threads_split_the_rows_the_same(kernel, rows):
     """Layers with enough work run on all torch threads: the split must not change a number."""
     torch.manual_seed(2)
-    layer = MIDLinear.from_linear(nn.Linear(512, 640), keep=0.5, rank=16).eval()
+    layer = OutputMIDLinear.from_linear(nn.Linear(512, 640), keep=0.5, rank=16).eval()
     x = torch.randn(rows, 512)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -101,13 +101,13 @@ def test_kernel_picks_the_top_k_set(kernel):
 
 def spy_on_kernel(monkeypatch) -> list:
     calls = []
-    original = MIDLinear._fused
+    original = OutputMIDLinear._fused
 
     def spy(self, x):
         calls.append(x.shape)
         return original(self, x)
 
-    monkeypatch.setattr(MIDLinear, "_fused", spy)
+    monkeypatch.setattr(OutputMIDLinear, "_fused", spy)
     return calls
 
 
@@ -121,7 +121,7 @@ def test_auto_uses_the_kernel_only_where_it_applies(kernel, monkeypatch):
     layer(one_input("linear"))  # autograd recording
     run(transposed_weight(layer), one_input("linear"), "auto")  # the kernel would copy W
     run(layer.double(), one_input("linear").double(), "auto")  # not float32
-    seq = MIDLinear.from_linear(nn.Linear(IN, OUT), keep=0.5, rank=8, granularity="sequence").eval()
+    seq = OutputMIDLinear.from_linear(nn.Linear(IN, OUT), keep=0.5, rank=8, granularity="sequence").eval()
     run(seq, torch.randn(1, 5, IN), "auto")  # a shared mask: the sparse path
     assert len(calls) == 2
 
@@ -201,10 +201,10 @@ def test_kernel_selection_is_topk(kernel, n, k):
     assert (picked[:, 1:] > picked[:, :-1]).all()  # ascending, so k distinct neurons
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_many_rows_in_eval_mask_the_dense_output(kernel, kind):
+@pytest.mark.parametrize("module_type", ["linear", "conv"])
+def test_many_rows_in_eval_mask_the_dense_output(kernel, module_type):
     """More rows than the kernel takes: dense compute plus masking, same numbers as the reference."""
-    layer = make_layer(kind, 0.5, 8, True, 1)
-    x = torch.randn(KERNEL_MAX_ROWS + 4, IN) if kind == "linear" else torch.randn(1, IN, 3, 4)
+    layer = make_layer(module_type, 0.5, 8, True, 1)
+    x = torch.randn(KERNEL_MAX_ROWS + 4, IN) if module_type == "linear" else torch.randn(1, IN, 3, 4)
     assert layer.compute_route(layer.groups_of(x)) == "masked"
     torch.testing.assert_close(run(layer, x, "auto"), run(layer, x, "reference"), atol=1e-5, rtol=0)

@@ -8,7 +8,7 @@ from torch import nn
 
 import midl_convert as mc
 from midl_convert.kinds.input.layer import InputMIDLConv2d, InputMIDLinear
-from midl_convert.kinds.output.layer import MIDLinear
+from midl_convert.kinds.output.layer import OutputMIDLinear
 from midl_convert.sparse import SparseLayer
 
 # Every registered kind on each target shape, from the registry: a newly registered kind is tested
@@ -25,7 +25,7 @@ def _make(row, keep=0.5, rank=4):
     torch.manual_seed(0)
     d = dense_fn().eval()
     lp = mc.LayerPlan("layer", target, 24, 32, 0, True, keep=keep, rank=rank if kind.light_path else 0,
-                      granularity=granularity, side=kind.name)
+                      granularity=granularity, select=kind.name)
     return d, mc.build_layer(d, lp).eval(), torch.randn(*shape)
 
 
@@ -191,8 +191,8 @@ def test_select_chooses_the_kind_and_overrides_pin_a_side():
     config = mc.MIDLConfig(keep=0.5, rank=0, select="input", skip_head=False,
                            overrides=[mc.LayerOverride(match="2", select="output")])
     converted, plan = mc.convert(copy.deepcopy(model), config, (torch.randn(1, 16),))
-    assert isinstance(converted[0], InputMIDLinear) and isinstance(converted[2], MIDLinear)
-    assert [lp.side for lp in plan.converted] == ["input", "output"]
+    assert isinstance(converted[0], InputMIDLinear) and isinstance(converted[2], OutputMIDLinear)
+    assert [lp.select for lp in plan.converted] == ["input", "output"]
     with pytest.raises(ValueError, match="select='auto'.*flops_ratio"):
         mc.MIDLConfig(select="auto")
 
@@ -238,11 +238,11 @@ def test_input_side_weighted_calibration_counts_columns_by_their_reach():
         dense.fc.weight[2:, :8] *= 50  # big columns 0..7 feed only the outputs that do not matter
     x = torch.randn(256, 16)
     errs = {}
-    for kind in (None, "hidden"):
+    for output in (None, "hidden"):
         model = copy.deepcopy(dense)
         mc.convert(model, mc.MIDLConfig(keep=0.5, rank=0, select="input", skip_head=False), (x[:1],))
-        mc.calibrate(model, [mc.Batch((x,))], kind=kind)
-        errs[kind] = (model(x) - dense(x)).pow(2).mean().item()
+        mc.calibrate(model, [mc.Batch((x,))], output=output)
+        errs[output] = (model(x) - dense(x)).pow(2).mean().item()
     assert errs["hidden"] < 0.2 * errs[None], errs  # 56 vs 435 when written
 
 

@@ -45,14 +45,16 @@ SMALL_GRID = dict(budget_keeps=[0.5], budget_ranks=[2], budget_input_keeps=[0.5]
 
 
 # ----- the cache ---------------------------------------------------------------------------------
-def test_cache_key_changes_with_thread_count_and_cpu():
-    entry = {"layer": {"kind": "linear", "in_features": 32, "out_features": 32}, "call": [1, 1, 32], "option": "dense"}
+def test_cache_key_changes_with_thread_count_cpu_and_cache_version(monkeypatch):
+    entry = {"layer": {"module_type": "linear", "in_features": 32, "out_features": 32}, "call": [1, 1, 32], "option": "dense"}
     key = latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
     assert key == latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
     assert key != latency.cache_key(entry, threads=1, cpu="Intel Xeon A")
     assert key != latency.cache_key(entry, threads=2, cpu="AMD EPYC B")
     assert key != latency.cache_key({**entry, "call": [1, 16, 32]}, threads=2, cpu="Intel Xeon A")
     assert set(latency.machine()) == {"cpu", "capability", "threads", "torch"}
+    monkeypatch.setattr(latency, "CACHE_VERSION", latency.CACHE_VERSION - 1)  # an older version's entries: not read
+    assert key != latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
 
 
 def test_timings_are_written_atomically_and_read_back(cache, monkeypatch):
@@ -88,14 +90,14 @@ def test_unreachable_speedup_fails_before_any_damage_is_measured(monkeypatch):
 
 
 def fake_clock(monkeypatch, factor: dict[str, float]):
-    """Options take ``factor[side]`` of the dense layer's 1 ms; the model takes 1 ms more than its layers."""
+    """Options take ``factor[select]`` of the dense layer's 1 ms; the model takes 1 ms more than its layers."""
     calls, sets = [], []
     monkeypatch.setattr(latency, "working_sets", sets, raising=False)
 
     def time_options(shape, call, options, use_cache=True, working_set=0):
         calls.append(tuple(call))
         sets.append(working_set)
-        return 1e-3, [factor[o.side] * 1e-3 for o in options]
+        return 1e-3, [factor[o.select] * 1e-3 for o in options]
 
     monkeypatch.setattr(latency, "time_options", time_options)
     monkeypatch.setattr(latency, "model_time", lambda model, inputs: 1e-3 + 1e-3 * len(model.blocks))
@@ -112,8 +114,8 @@ def test_speedup_budget_allocates_on_measured_time(monkeypatch):
     assert plan.budget["call"] == "example input" and set(calls) == {(16, 32)}
     weights = sum(p.numel() * 4 for p in Stack().parameters())
     assert set(latency.working_sets) == {weights}  # each option timed over the model's weights, not hot
-    assert all(lp.side == "input" for todo in measured for options in todo.values() for lp in options)
-    assert all(lp.side == "input" for lp in plan.converted)
+    assert all(lp.select == "input" for todo in measured for options in todo.values() for lp in options)
+    assert all(lp.select == "input" for lp in plan.converted)
 
 
 def test_speedup_budget_checks_reach_on_time_only(monkeypatch):
@@ -243,7 +245,7 @@ def test_cli_speedup_run_measures_prints_and_stores_the_speedup(tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models.hub_reachable.cache_clear()
     monkeypatch.setattr(latency, "time_options", lambda s, call, options, use_cache=True, working_set=0: (1e-3, [
-        (0.4e-3 if o.side == "input" else 2e-3) for o in options]))
+        (0.4e-3 if o.select == "input" else 2e-3) for o in options]))
     monkeypatch.setattr(latency, "model_time", lambda m, i: 0.1)
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["convert", "test_vit", "--random-init", "--speedup", "1.05", "--no-distill",
@@ -268,7 +270,7 @@ def test_layers_are_timed_over_the_working_set_of_the_model(monkeypatch):
     monkeypatch.setattr(latency, "interleaved", lambda fns, repeats: [seen.append(f()) or 1.0 for f in fns])
     shape = latency.LayerShape("linear", 32, 32, True)
     option = replace(plan_conversion(Stack(), MIDLConfig(), (torch.randn(1, 32),))[0].converted[0], keep=0.5, rank=0,
-                            side="input")
+                            select="input")
     dense, times = latency.time_options(shape, (1, 1, 32), [option, option], use_cache=False, working_set=4 * size)
     assert dense == 1.0 and times == [1.0, 1.0] and len(seen) == 4  # each option against dense, in its own run
 
@@ -293,6 +295,6 @@ def test_timed_copies_are_each_called_once_first_and_built_outside_inference_mod
     monkeypatch.setattr(latency, "build_layer", lambda *a: built.append(real(*a)) or built[-1])
     monkeypatch.setattr(latency, "interleaved", lambda fns, repeats: [1.0 for _ in fns])
     option = replace(plan_conversion(Stack(), MIDLConfig(), (torch.randn(1, 32),))[0].converted[0], keep=0.5, rank=0,
-                            side="input")
+                            select="input")
     latency.time_options(latency.LayerShape("linear", 32, 32, True), (1, 1, 32), [option], use_cache=False)
     assert built and not any(t.is_inference() for t in built[0].parameters())

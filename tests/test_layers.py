@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import OutputMIDLBase, OutputMIDLConv2d, OutputMIDLinear
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,8 +27,8 @@ DENSE_CASES = [
 
 def convert(dense: nn.Module, keep: float, rank: int, granularity: str | None = None) -> nn.Module:
     if isinstance(dense, nn.Conv2d):
-        return MIDLConv2d.from_conv(dense, keep=keep, rank=rank, granularity=granularity or "pixel")
-    return MIDLinear.from_linear(dense, keep=keep, rank=rank, granularity=granularity or "token")
+        return OutputMIDLConv2d.from_conv(dense, keep=keep, rank=rank, granularity=granularity or "pixel")
+    return OutputMIDLinear.from_linear(dense, keep=keep, rank=rank, granularity=granularity or "token")
 
 
 @pytest.mark.parametrize("name,dense,shape", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
@@ -71,7 +71,7 @@ def test_error_no_worse_than_light_path_alone(inputs, rank):
     torch.manual_seed(2)
     dense = nn.Linear(32, 48)
     x = torch.randn(64, 32) if inputs == "random" else structured_input(64, 32)
-    layer = MIDLinear.from_linear(dense, keep=0.5, rank=rank).eval()
+    layer = OutputMIDLinear.from_linear(dense, keep=0.5, rank=rank).eval()
     target = dense(x)
     light_only = nn.functional.linear(x @ layer.light_down.T, layer.light_up, layer.bias)
     mixed = layer(x)
@@ -87,7 +87,7 @@ def test_error_no_worse_than_light_path_alone(inputs, rank):
 def test_rank_zero_unselected_neurons_output_bias():
     torch.manual_seed(3)
     dense = nn.Linear(10, 20)
-    layer = MIDLinear.from_linear(dense, keep=0.25, rank=0).eval()
+    layer = OutputMIDLinear.from_linear(dense, keep=0.25, rank=0).eval()
     x = torch.randn(5, 10)
     y = layer(x)
     is_bias = torch.isclose(y, dense.bias.expand_as(y))
@@ -119,23 +119,23 @@ def test_straight_through_gradients(name, dense, shape):
 def test_bad_arguments_raise(kwargs, message):
     args = {"keep": 0.5, "rank": 4, "granularity": "token"} | kwargs
     with pytest.raises(ValueError, match=message):
-        MIDLinear.from_linear(nn.Linear(24, 40), **args)
+        OutputMIDLinear.from_linear(nn.Linear(24, 40), **args)
 
 
 def test_bad_conv_arguments_raise():
     with pytest.raises(ValueError, match=r"needs a 1x1 conv with groups=1"):
-        MIDLConv2d.from_conv(nn.Conv2d(8, 8, 3))
+        OutputMIDLConv2d.from_conv(nn.Conv2d(8, 8, 3))
     with pytest.raises(ValueError, match=r"needs a 1x1 conv with groups=1"):
-        MIDLConv2d.from_conv(nn.Conv2d(8, 8, 1, groups=2))
+        OutputMIDLConv2d.from_conv(nn.Conv2d(8, 8, 1, groups=2))
     with pytest.raises(ValueError, match=r"granularity must be one of \('pixel', 'sample'\)"):
-        MIDLConv2d.from_conv(nn.Conv2d(8, 8, 1), rank=4, granularity="token")
+        OutputMIDLConv2d.from_conv(nn.Conv2d(8, 8, 1), rank=4, granularity="token")
 
 
 def test_wrong_input_size_names_both_sizes():
-    layer = MIDLinear.from_linear(nn.Linear(24, 40), keep=0.5, rank=4)
+    layer = OutputMIDLinear.from_linear(nn.Linear(24, 40), keep=0.5, rank=4)
     with pytest.raises(ValueError, match=r"expects 24 input features, got 25"):
         layer(torch.randn(2, 25))
-    conv = MIDLConv2d.from_conv(nn.Conv2d(8, 16, 1), keep=0.5, rank=4)
+    conv = OutputMIDLConv2d.from_conv(nn.Conv2d(8, 16, 1), keep=0.5, rank=4)
     with pytest.raises(ValueError, match=r"expects \(B, 8, H, W\) input, got shape \(2, 9, 4, 4\)"):
         conv(torch.randn(2, 9, 4, 4))
 
@@ -144,7 +144,7 @@ def test_wrong_input_size_names_both_sizes():
 def test_dtypes_and_grad_modes(dtype):
     torch.manual_seed(5)
     dense = nn.Linear(32, 64).to(dtype)
-    layer = MIDLinear.from_linear(dense, keep=0.5, rank=8).eval()
+    layer = OutputMIDLinear.from_linear(dense, keep=0.5, rank=8).eval()
     assert layer.weight.dtype == dtype and layer.light_up.dtype == dtype
     x = torch.randn(3, 5, 32, dtype=dtype)
     y = layer(x)
@@ -154,7 +154,7 @@ def test_dtypes_and_grad_modes(dtype):
         y_im = layer(x)
     assert y.dtype == dtype and torch.isfinite(y).all()
     assert torch.equal(y, y_ng) and torch.equal(y, y_im)
-    full = MIDLinear.from_linear(dense, keep=1.0, rank=8)
+    full = OutputMIDLinear.from_linear(dense, keep=1.0, rank=8)
     assert torch.equal(full(x), dense(x))
 
 
@@ -169,8 +169,8 @@ def test_torch_export_matches_eager(name, dense, shape):
 
 def test_state_dict_round_trip_and_repr():
     torch.manual_seed(7)
-    layer = MIDLinear.from_linear(nn.Linear(16, 24), keep=0.5, rank=4, granularity="sequence").eval()
-    fresh = MIDLinear(16, 24, keep=0.5, rank=4, granularity="sequence").eval()
+    layer = OutputMIDLinear.from_linear(nn.Linear(16, 24), keep=0.5, rank=4, granularity="sequence").eval()
+    fresh = OutputMIDLinear(16, 24, keep=0.5, rank=4, granularity="sequence").eval()
     fresh.load_state_dict(layer.state_dict())
     x = torch.randn(2, 5, 16)
     assert torch.equal(fresh(x), layer(x))
@@ -180,7 +180,7 @@ def test_state_dict_round_trip_and_repr():
     fresh.load_state_dict(layer.state_dict())
     assert fresh.gate_mode == "linear" and torch.equal(fresh(x), layer(x))
     assert repr(layer) == (
-        "MIDLinear(in_features=16, out_features=24, side=output, keep=0.5, rank=4, granularity=sequence, bias=True)"
+        "OutputMIDLinear(in_features=16, out_features=24, select=output, keep=0.5, rank=4, granularity=sequence, bias=True)"
     )
 
 
@@ -200,15 +200,15 @@ def test_hf_conv1d_is_a_linear_target():
     c1d = Conv1D(48, 16)  # GPT-2 style: weight (in, out)
     nn.init.normal_(c1d.bias)
     x = torch.randn(2, 5, 16)
-    layer = MIDLinear.from_linear(c1d, keep=1.0, rank=4)
+    layer = OutputMIDLinear.from_linear(c1d, keep=1.0, rank=4)
     assert (layer.in_features, layer.out_features) == (16, 48)
     assert rel_err(layer(x), c1d(x)) <= 1e-5
-    back = MIDLinear.from_linear(c1d, keep=0.5, rank=4).merge_and_unload()
+    back = OutputMIDLinear.from_linear(c1d, keep=0.5, rank=4).merge_and_unload()
     assert type(back) is Conv1D and torch.equal(back(x), c1d(x))
 
 
 def test_stats_record_active_fraction():
-    layer = MIDLConv2d.from_conv(nn.Conv2d(8, 10, 1), keep=0.3, rank=2).eval()
+    layer = OutputMIDLConv2d.from_conv(nn.Conv2d(8, 10, 1), keep=0.3, rank=2).eval()
     assert layer.active_fraction is None
     layer.track_stats = True
     layer(torch.randn(1, 8, 3, 3))
@@ -232,3 +232,20 @@ def test_light_path_is_the_best_rank_r_fit(shape, rank):
     uu, ss, vv = torch.linalg.svd(w, full_matrices=False)
     best = (uu[:, :rank] * ss[:rank]) @ vv[:rank]
     assert (u @ v - best).norm() / best.norm() < 1e-4
+
+
+@pytest.mark.parametrize("where", ["midl_convert", "midl_convert.kinds.output.layer"])
+@pytest.mark.parametrize("old,new", [("MIDLinear", OutputMIDLinear), ("MIDLConv2d", OutputMIDLConv2d),
+                                     ("MIDLBase", OutputMIDLBase)])
+def test_old_output_class_names_still_import_for_a_version_with_a_warning(where, old, new):
+    """The output kind's classes were MIDLinear etc. ("MID-L" is the whole family): the old names give the
+    same class and a FutureWarning naming the new one; an unknown name is still an AttributeError."""
+    import importlib
+
+    module = importlib.import_module(where)
+    with pytest.warns(FutureWarning, match=rf"{where}\.{old} is deprecated .* use {new.__name__}"):
+        assert getattr(module, old) is new
+    with pytest.warns(FutureWarning):
+        exec(f"from {where} import {old} as got", {})
+    with pytest.raises(AttributeError, match="has no attribute 'MIDLinearX'"):
+        getattr(module, "MIDLinearX")

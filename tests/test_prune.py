@@ -30,7 +30,7 @@ def test_calibration_keeps_the_wanda_columns_and_moves_the_rest_into_the_bias():
 def test_prune_refuses_a_light_path_and_adaptive_masks():
     with pytest.raises(ValueError, match="rank must be 0"):
         mc.PruneLinear(8, 4, keep=0.5, rank=2)
-    lp = LayerPlan("fc", "linear", 8, 4, 0, True, keep=0.5, rank=0, granularity="token", side="prune", adaptive=True)
+    lp = LayerPlan("fc", "linear", 8, 4, 0, True, keep=0.5, rank=0, granularity="token", select="prune", adaptive=True)
     with pytest.raises(ValueError, match="adaptive masks do not apply"):
         mc.build_layer(nn.Linear(8, 4), lp)
 
@@ -41,33 +41,33 @@ def test_select_prune_converts_saves_and_reports(tmp_path):
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
     x = torch.randn(4, 16)
     converted, plan = mc.convert(copy.deepcopy(model), mc.MIDLConfig(keep=0.5, select="prune", skip_head=False), (x,))
-    assert [(lp.side, lp.rank) for lp in plan.converted] == [("prune", 0), ("prune", 0)]
+    assert [(lp.select, lp.rank) for lp in plan.converted] == [("prune", 0), ("prune", 0)]
     assert all(isinstance(converted[i], mc.PruneLinear) for i in (0, 2))
     mc.calibrate(converted, [mc.Batch((torch.randn(64, 16),))])
     mc.save(converted, tmp_path / "out")
     loaded = mc.load(tmp_path / "out", copy.deepcopy(model))
     assert isinstance(loaded[0], mc.PruneLinear) and torch.equal(loaded(x), converted.eval()(x))
     report = mc.report(converted, model, [mc.Batch((x,))], "base", example_inputs=(x,), repeats=2, progress=False)
-    assert {lr.side for lr in report.layers} == {"prune"}
+    assert {lr.select for lr in report.layers} == {"prune"}
     report.save(tmp_path / "report")  # a kind registered by its folder passes the report's schema too
-    assert {lr.side for lr in mc.Report.load(tmp_path / "report").layers} == {"prune"}
+    assert {lr.select for lr in mc.Report.load(tmp_path / "report").layers} == {"prune"}
     assert report.flops["converted_ratio"] == pytest.approx(2.0, rel=0.01)
 
 
 def test_the_budget_tries_a_named_kind_on_its_own_grid_and_leaves_it_out_of_auto():
-    lp = LayerPlan("fc", "linear", 384, 1536, 0, True, keep=0.5, rank=0, granularity="token", side="prune")
+    lp = LayerPlan("fc", "linear", 384, 1536, 0, True, keep=0.5, rank=0, granularity="token", select="prune")
     config = mc.MIDLConfig(flops_ratio=1.5, select="prune")
     assert {(s, r) for s, _, r in budget.grid(lp, config)} == {("prune", 0)}
     assert sorted(k for _, k, _ in budget.grid(lp, config)) == sorted(config.budget_input_keeps)
     assert {(s, r) for s, _, r in budget.grid(lp, mc.MIDLConfig(flops_ratio=1.5, select="prune", rank=8))} == {("prune", 0)}
-    auto = LayerPlan("fc", "linear", 384, 1536, 0, True, keep=0.5, rank=32, granularity="token", side="auto")
+    auto = LayerPlan("fc", "linear", 384, 1536, 0, True, keep=0.5, rank=32, granularity="token", select="auto")
     assert "prune" not in {s for s, _, _ in budget.grid(auto, mc.MIDLConfig(flops_ratio=1.5))}
 
 
 @pytest.mark.parametrize("weights", ["share", "random", "empty"])
 def test_build_layer_fills_tensors_as_asked(weights):
     dense = nn.Linear(16, 8)
-    lp = LayerPlan("fc", "linear", 16, 8, 0, True, keep=0.5, rank=2, granularity="token", side="input")
+    lp = LayerPlan("fc", "linear", 16, 8, 0, True, keep=0.5, rank=2, granularity="token", select="input")
     layer = mc.build_layer(dense, lp, weights)
     if weights == "share":  # the dense module's own storage, frozen
         assert layer.weight.data_ptr() == dense.weight.data_ptr() and not layer.weight.requires_grad

@@ -18,9 +18,9 @@ def layers_of_every_kind(keep: float = 0.5, rank: int = 3) -> list[tuple[nn.Modu
     torch.manual_seed(0)
     lin, conv = nn.Linear(24, 20), nn.Conv2d(12, 10, 1)
     made = [(mc.InputMIDLinear.from_linear(lin, keep, rank), torch.randn(5, 24)),
-            (mc.MIDLinear.from_linear(lin, keep, rank), torch.randn(5, 24)),
+            (mc.OutputMIDLinear.from_linear(lin, keep, rank), torch.randn(5, 24)),
             (mc.InputMIDLConv2d.from_conv(conv, keep, rank), torch.randn(2, 12, 3, 3)),
-            (mc.MIDLConv2d.from_conv(conv, keep, rank), torch.randn(2, 12, 3, 3))]
+            (mc.OutputMIDLConv2d.from_conv(conv, keep, rank), torch.randn(2, 12, 3, 3))]
     for layer, _ in made:
         for name in ("gate", "gate_bias"):
             if hasattr(layer, name):

@@ -26,7 +26,7 @@ def llama_batches(n: int = 3, seed: int = 0) -> list[Batch]:
 
 def llama_todo(model):
     plan, _ = plan_conversion(model, MIDLConfig(), {"input_ids": torch.randint(0, 64, (1, 8))})
-    return {lp.path: [replace(lp, side=s, keep=k, rank=r) for s, k, r in
+    return {lp.path: [replace(lp, select=s, keep=k, rank=r) for s, k, r in
                       (("input", 0.5, 0), ("output", 0.5, 4), ("input", 0.7, 2))] for lp in plan.converted}
 
 
@@ -68,7 +68,7 @@ def test_blocks_run_out_of_order_are_not_replayed():
     assert not replay.enabled and replay.block_of("blocks.2") == 0
     data = [Batch((torch.randn(32, 16),)) for _ in range(2)]
     plan, _ = plan_conversion(model, MIDLConfig(), (torch.randn(1, 16),))
-    todo = {lp.path: [replace(lp, side="input", keep=0.5, rank=0)] for lp in plan.converted}
+    todo = {lp.path: [replace(lp, select="input", keep=0.5, rank=0)] for lp in plan.converted}
     played = budget_damage.measure_damage(model, todo, data[:1], "hidden", fit_batches=data[1:])
     ran = budget_damage.measure_damage(model, todo, data[:1], "hidden", fit_batches=data[1:], replay=False)
     assert played == ran

@@ -83,11 +83,51 @@ def test_save_load_round_trip(built, saved):
     assert (saved / "report.md").read_text() == loaded.markdown()
 
 
-def test_load_refuses_other_schema_versions(built, tmp_path):
-    data = built[0].to_dict() | {"schema_version": 999}
-    (tmp_path / "report.json").write_text(json.dumps(data))
-    with pytest.raises(mc.MIDLError, match="schema_version"):
+@pytest.mark.parametrize("version,message", [
+    ({"format_version": 999}, r"format_version 999, newer than this midl-convert reads \(2\); upgrade midl-convert"),
+    ({"format_version": "2"}, r"format_version '2'; this midl-convert reads 1 to 2"),
+])
+def test_load_refuses_format_versions_it_does_not_know_in_one_line(built, tmp_path, version, message):
+    (tmp_path / "report.json").write_text(json.dumps(built[0].to_dict() | version))
+    with pytest.raises(mc.MIDLError, match=message) as info:
         Report.load(tmp_path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(mc.MIDLError, match=message):
+        Report.from_dict(built[0].to_dict() | version)
+
+
+def as_version_1(data: dict) -> dict:
+    """report.json as format version 1 wrote it: schema_version, a layer's 'kind' and 'side', quality 'kind',
+    the config's select null."""
+    old = copy.deepcopy(data)
+    del old["format_version"]
+    old["schema_version"] = 1
+    for layer in old["layers"]:
+        layer["kind"], layer["side"] = layer.pop("module_type"), layer.pop("select")
+    old["quality"]["kind"] = old["quality"].pop("output")
+    old["settings"]["config"]["select"] = None
+    return old
+
+
+def test_a_version_1_report_loads_as_the_same_report(built, tmp_path):
+    data = built[0].to_dict()
+    assert data["format_version"] == 2 and data["settings"]["config"]["select"] == "output"
+    (tmp_path / "report.json").write_text(json.dumps(as_version_1(data)))
+    assert Report.load(tmp_path).to_dict() == data
+    assert Report.from_dict(as_version_1(data)).to_dict() == data
+
+
+def test_the_shipped_version_1_example_report_loads():
+    """docs/examples' report.json was written by format version 1; it loads, and validates once migrated."""
+    from pathlib import Path
+
+    folder = Path(__file__).parents[1] / "docs" / "examples" / "tf_efficientnet_lite0-1.2x"
+    old = json.loads((folder / "report.json").read_text())
+    assert old["schema_version"] == 1 and "side" in old["layers"][0] and "kind" in old["quality"]
+    report = Report.load(folder)
+    assert [(lr.module_type, lr.select) for lr in report.layers] == [(o["kind"], o["side"]) for o in old["layers"]]
+    assert report.quality["output"] == old["quality"]["kind"] and report.settings["recipe"]["midl"]["select"] == "auto"
+    jsonschema.validate(report.to_dict(), REPORT_SCHEMA, cls=jsonschema.Draft202012Validator)
 
 
 @pytest.mark.parametrize("field,value", [("layers", 5), ("flops", "many"), ("memory", {"peak_bytes": "big"})])
@@ -100,15 +140,16 @@ def test_load_refuses_fields_of_the_wrong_type(built, tmp_path, field, value):
 
 
 @pytest.mark.parametrize("where,value", [
-    (("layers", 0, "kind"), "dense"),
+    (("layers", 0, "module_type"), "dense"),
     (("layers", 0, "flops_parts", "gate"), -3),
     (("memory", "results", 0, "student", "peak_bytes"), "big"),
     (("latency", "results", 1, "teacher", "median_ms"), -1.0),
     (("latency", "slower"), 2),
-    (("quality", "kind"), "pixels"),
+    (("quality", "output"), "pixels"),
     (("settings", "versions", "torch"), 2),
     (("flops", "heldout", "batches"), 1.5),
     (("layers", 0, "unknown"), 1),
+    (("layers", 0, "side"), "input"),  # version 1's name, in a version-2 file
 ])
 def test_load_refuses_nested_values_of_the_wrong_type(built, tmp_path, where, value):
     """The schema is derived from the report's classes, nested sections included: each wrong value is named by its path."""
@@ -118,7 +159,7 @@ def test_load_refuses_nested_values_of_the_wrong_type(built, tmp_path, where, va
         section = section[key]
     section[where[-1]] = value
     (tmp_path / "report.json").write_text(json.dumps(data))
-    at = "/".join(map(str, where[:-1] if where[-1] == "unknown" else where))
+    at = "/".join(map(str, where[:-1] if where[-1] in ("unknown", "side") else where))
     with pytest.raises(mc.MIDLError, match=rf"is not a valid midl-convert report \(at {at}:"):
         Report.load(tmp_path)
 
@@ -144,13 +185,13 @@ def test_numbers_match_their_sources(built):
     assert f["converted_midl"] == sum(lr.midl_flops for lr in report.layers)
     assert f["ratio"] == pytest.approx(f["dense"] / f["midl"]) and f["converted_ratio"] > 1
     by = {lr.path: lr for lr in report.layers}
-    assert len(by) == 23 and by["stem"].kind == "conv2d" and by["stem"].granularity == "pixel"
+    assert len(by) == 23 and by["stem"].module_type == "conv2d" and by["stem"].granularity == "pixel"
     assert by["blocks.0"].active_fraction == pytest.approx(by["blocks.0"].k / 16)  # Top-k keeps exactly k
     assert by["blocks.21"].keep == 1.0 and by["blocks.21"].ratio == 1.0 and by["blocks.21"].active_fraction == 1.0
     assert report.skipped == [{"path": "head", "reason": "classifier / output head (skip_head)"}]
     assert report.parameters["original"] == sum(p.numel() for p in teacher.parameters())
     assert report.parameters["converted"] == sum(p.numel() for p in student.parameters())
-    assert report.quality["kind"] == "logits" and report.quality["headline"] == "agreement"
+    assert report.quality["output"] == "logits" and report.quality["headline"] == "agreement"
     assert report.quality["metrics"]["samples"] == 12
     assert torch.__version__.startswith(report.settings["versions"]["torch"])
     assert report.settings["config"]["keep"] == 0.25 and report.settings["task"] == "classifier"
@@ -220,7 +261,7 @@ def test_embedding_model_with_dict_inputs():
     student, plan = mc.convert(copy.deepcopy(teacher), mc.MIDLConfig(keep=0.5, rank=8, granularity="sequence"), held[0].inputs)
     report = build_report(student, teacher, held, "embedding", plan=plan, repeats=1)
     jsonschema.validate(report.to_dict(), REPORT_SCHEMA)
-    assert report.quality["kind"] == "embedding" and report.quality["headline"] == "cosine"
+    assert report.quality["output"] == "embedding" and report.quality["headline"] == "cosine"
     assert report.flops["input_shapes"] == {"input_ids": [1, 6], "attention_mask": [1, 6]}
     attention = 2 * (2 * 6 * 6 * 32)  # q k^T and p v over 6 tokens
     assert report.flops["dense"] - report.flops["converted_dense"] >= attention

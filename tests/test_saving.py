@@ -1,15 +1,18 @@
 """Save and load: outputs equal after reload, HF save_pretrained, custom models, no pickles, atomic writes."""
+import copy
 import json
 import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import midl_convert as mc
-from midl_convert.saving import load, save
+from midl_convert import migrate
+from midl_convert.saving import load, previous_run, save
 from helpers import TinyNet
 
 
@@ -414,3 +417,85 @@ def test_a_damaged_folder_is_one_clear_error(tmp_path, damage, message):
         meta.write_text((other / "midl_config.json").read_text())
     with pytest.raises(mc.MIDLError, match=message):
         load(folder, model=TinyNet())
+
+
+EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "tf_efficientnet_lite0-1.2x"  # written by format version 1
+
+
+def as_version_1(meta: dict) -> dict:
+    """``midl_config.json`` as format version 1 wrote it: the tracer 'method', a layer's 'side' and 'kind'."""
+    old = copy.deepcopy(meta)
+    old["format_version"] = 1
+    old["plan"]["method"] = old["plan"].pop("trace")
+    for layer in old["plan"]["layers"]:
+        layer["side"], layer["kind"] = layer.pop("select"), layer.pop("module_type")
+    return old
+
+
+def test_a_version_1_folder_loads_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    mc.convert(model, mc.MIDLConfig(keep=0.5, rank=2, select="input"), torch.randn(1, 16))  # not the default kind
+    x = torch.randn(4, 16)
+    ref = model.eval()(x)
+    folder = save(model, tmp_path / "o", recipe={"midl": {"select": "input"}})
+    meta = json.loads((folder / "midl_config.json").read_text())
+    assert meta["format_version"] == 2 and {"select", "module_type"} <= set(meta["plan"]["layers"][0])
+    old = as_version_1(meta)
+    old["recipe"] = {"midl": {"select": None, "flops_ratio": 1.3}}
+    (folder / "midl_config.json").write_text(json.dumps(old))
+    again = load(folder, model=TinyNet())
+    assert all(isinstance(m, mc.InputMIDLinear) for m in mc.midl_layers(again).values())
+    assert torch.equal(again(x), ref)
+    assert migrate.config_file(old, "old")["recipe"]["midl"]["select"] == "auto"  # null meant auto under a budget
+    assert previous_run(folder) is not None  # still an earlier run of this tool: --out may be written again
+
+
+def test_the_shipped_version_1_example_replays_its_plan():
+    """The example folder's midl_config.json was written by format version 1 (method, kind, side, select: null)."""
+    import timm
+
+    meta = json.loads((EXAMPLE / "midl_config.json").read_text())
+    assert meta["format_version"] == 1 and "side" in meta["plan"]["layers"][0]
+    new = migrate.config_file(meta, "example")
+    assert new["format_version"] == 2 and new["recipe"]["midl"]["select"] == "auto"
+    plan = mc.Plan.from_dict(new["plan"])
+    assert plan.trace == meta["plan"]["method"]
+    model = mc.apply_plan(timm.create_model(meta["build"]["name"], pretrained=False), plan, init=False)
+    layers = mc.midl_layers(model)
+    assert len(layers) == len(plan.converted) and {lp.module_type for lp in plan.converted} == {"conv2d"}
+    for old in meta["plan"]["layers"]:
+        if old["convert"]:
+            assert type(layers[old["path"]]).__name__ == f"{old['side'].capitalize()}MIDLConv2d"
+            assert layers[old["path"]].keep == old["keep"]
+
+
+def test_a_hugging_face_config_with_a_version_1_plan_loads(tmp_path):
+    """``save_pretrained`` keeps the plan in config.json without a version: its old keys are renamed too."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64)).eval()
+    ids = {"input_ids": torch.randint(0, 60, (2, 7))}
+    mc.convert(model, mc.MIDLConfig(keep=0.5, rank=0, select="input"), ids)
+    ref = model(**ids).last_hidden_state
+    model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["midl_plan"] = as_version_1({"plan": config["midl_plan"]})["plan"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(load(tmp_path / "hf")(**ids).last_hidden_state, ref)
+
+
+@pytest.mark.parametrize("version,message", [
+    (3, r"format_version 3, newer than this midl-convert reads \(2\); upgrade midl-convert"),
+    (0, r"format_version 0; this midl-convert reads 1 to 2"),
+    (None, r"format_version None; this midl-convert reads 1 to 2"),
+])
+def test_a_format_version_this_code_does_not_know_is_refused_in_one_line(tmp_path, version, message):
+    folder = save(converted_tiny(), tmp_path / "o")
+    meta = json.loads((folder / "midl_config.json").read_text())
+    (folder / "midl_config.json").write_text(json.dumps({**meta, "format_version": version}))
+    with pytest.raises(mc.MIDLError, match=message) as info:
+        load(folder, model=TinyNet())
+    assert "\n" not in str(info.value)

@@ -101,7 +101,7 @@ def test_weighted_calibration_runs_on_a_channels_last_mlp():
             return self.fc2(self.fc1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
 
     student = convert(Block().eval(), MIDLConfig(keep=0.5, rank=2, skip_head=False), (torch.randn(1, 8, 5, 5),))[0]
-    results = calibrate(student, [Batch((torch.randn(4, 8, 5, 5),))], kind="hidden")
+    results = calibrate(student, [Batch((torch.randn(4, 8, 5, 5),))], output="hidden")
     assert all(r.gate.endswith("weighted") for r in results)
 
 
@@ -114,7 +114,7 @@ def test_weighted_calibration_spends_exact_neurons_where_the_output_feels_them()
     cfg = MIDLConfig(keep=0.25, rank=4)
     weighted = convert(copy.deepcopy(teacher), cfg, (calib[:1],))[0].eval()
     plain = copy.deepcopy(weighted)
-    results = calibrate(weighted, [Batch((calib,))], kind="hidden")
+    results = calibrate(weighted, [Batch((calib,))], output="hidden")
     calibrate(plain, [Batch((calib,))])
     assert results[0].gate.endswith(", weighted")
     with torch.no_grad():
@@ -129,17 +129,42 @@ def test_weighted_calibration_leaves_layers_followed_by_an_activation_alone():
     teacher = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
     calib = torch.randn(256, 16)
     student = convert(copy.deepcopy(teacher), MIDLConfig(keep=0.5, rank=4, skip_head=False), (calib[:1],))[0]
-    gates = {r.path: r.gate for r in calibrate(student, [Batch((calib,))], kind="hidden")}
+    gates = {r.path: r.gate for r in calibrate(student, [Batch((calib,))], output="hidden")}
     assert not gates["0"].endswith("weighted")  # GELU follows it: its gate already sees what passes on
     assert gates["2"].endswith("weighted")
 
 
-def test_calibrate_rejects_an_unknown_output_kind_before_touching_the_model():
+def test_calibrate_rejects_an_unknown_output_before_touching_the_model():
     torch.manual_seed(0)
     teacher = Scaled(nn.Linear(8, 6), SCALE).eval()
     student = convert(copy.deepcopy(teacher), MIDLConfig(keep=0.5, rank=2), (torch.randn(1, 8),))[0]
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    with pytest.raises(ValueError, match="kind must be None or one of auto, embedding, hidden, logits, got 'logit'"):
-        calibrate(student, [Batch((torch.randn(32, 8),))], kind="logit")
+    with pytest.raises(ValueError, match="output must be None or one of auto, embedding, hidden, logits, got 'logit'"):
+        calibrate(student, [Batch((torch.randn(32, 8),))], output="logit")
     for k, v in before.items():  # the threshold buffer is NaN (exactly k), so compare NaN as equal
         torch.testing.assert_close(student.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_old_kind_keyword_still_works_for_a_version_and_says_the_new_name():
+    """``kind=`` (the output compared) was renamed ``output=``: the old keyword gives the same result and
+    a FutureWarning, and passing both is refused."""
+    import midl_convert as mc
+
+    torch.manual_seed(0)
+    teacher = Scaled(nn.Linear(8, 6), SCALE).eval()
+    calib = [Batch((torch.randn(64, 8),))]
+    new = convert(copy.deepcopy(teacher), MIDLConfig(keep=0.5, rank=2), (torch.randn(1, 8),))[0]
+    old = copy.deepcopy(new)
+    calibrate(new, calib, output="hidden")
+    with pytest.warns(FutureWarning, match=r"calibrate\(kind=\.\.\.\) is deprecated .* use output="):
+        calibrate(old, calib, kind="hidden")
+    for k, v in new.state_dict().items():
+        torch.testing.assert_close(old.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(TypeError, match="got both kind= and output="):
+        calibrate(old, calib, kind="hidden", output="hidden")
+    with pytest.warns(FutureWarning, match=r"neuron_sensitivity\(kind=\.\.\.\)"):
+        got = mc.neuron_sensitivity(teacher, ["layer"], calib, kind="hidden")
+    torch.testing.assert_close(got["layer"], neuron_sensitivity(teacher, ["layer"], calib, output="hidden")["layer"])
+    plan, _ = mc.plan_conversion(copy.deepcopy(teacher), MIDLConfig(keep=0.5), (torch.randn(1, 8),))
+    with pytest.warns(FutureWarning, match=r"budget_plan\(kind=\.\.\.\)"), pytest.raises(mc.MIDLError, match="flops_ratio"):
+        mc.budget_plan(teacher, plan, MIDLConfig(keep=0.5), calib, kind="hidden", example_inputs=(torch.randn(1, 8),))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import midl_convert as mc
-from midl_convert.kinds.output.layer import MIDLConv2d, MIDLinear
+from midl_convert.kinds.output.layer import OutputMIDLConv2d, OutputMIDLinear
 from midl_convert.matching import overrides_for
 from test_graph import Block, inputs
 
@@ -107,6 +107,26 @@ def test_bad_config_values_raise(kwargs, message):
         mc.MIDLConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,select", [
+    ({}, "output"),
+    ({"keep": 0.7}, "output"),
+    ({"flops_ratio": 1.3}, "auto"),
+    ({"speedup": 1.2}, "auto"),
+    ({"select": None, "flops_ratio": 1.3}, "auto"),
+    ({"select": "input"}, "input"),
+    ({"select": "output", "flops_ratio": 1.3}, "output"),
+])
+def test_select_is_filled_so_each_mode_is_stated(kwargs, select):
+    config = mc.MIDLConfig(**kwargs)
+    assert config.select == select and config.model_dump()["select"] == select
+    assert ("select" in config.model_fields_set) == (kwargs.get("select") is not None)  # filled, not set by the user
+
+
+def test_auto_without_a_budget_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"select='auto' .* needs flops_ratio or speedup"):
+        mc.MIDLConfig(select="auto")
+
+
 def test_dry_run_leaves_model_untouched():
     model = Block()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -123,8 +143,8 @@ def test_convert_in_place_keeps_class_and_outputs_at_keep_one():
     converted, plan = mc.convert(model, mc.MIDLConfig(keep=1.0), x)
     assert converted is model and type(model).__name__ == "ResNet"
     assert plan.trace == "export"
-    assert isinstance(model.layer1[0].conv1, MIDLConv2d)
-    assert not isinstance(model.fc, MIDLinear)  # head kept
+    assert isinstance(model.layer1[0].conv1, OutputMIDLConv2d)
+    assert not isinstance(model.fc, OutputMIDLinear)  # head kept
     assert len(mc.midl_layers(model)) == len(plan.converted) > 10
     torch.testing.assert_close(model(x), ref)
 
@@ -135,7 +155,7 @@ def test_shared_module_converted_once_at_every_path():
     x = torch.randn(3, 8)
     _, plan = mc.convert(model, mc.MIDLConfig(keep=0.5, rank=2), x)
     assert [lp.path for lp in plan.converted] == ["0", "3"] and plan.converted[0].aliases == ["2"]
-    assert isinstance(model[0], MIDLinear) and model[0] is model[2]
+    assert isinstance(model[0], OutputMIDLinear) and model[0] is model[2]
     assert torch.isfinite(model(x)).all()
 
 

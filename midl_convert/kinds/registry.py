@@ -21,8 +21,8 @@ from ..sparse import SparseLayer, weight_matrix
 class LayerSettings(Protocol):
     """What ``build_layer`` reads of a plan for one layer (``surgery.LayerPlan`` has it all)."""
 
-    kind: str  # the target: "linear", "conv1d" (HF Conv1D) or "conv2d"
-    side: str  # the registered kind to build
+    module_type: str  # the target: "linear", "conv1d" (HF Conv1D) or "conv2d"
+    select: str  # the registered kind to build
     in_features: int
     out_features: int
     keep: float
@@ -44,21 +44,21 @@ WEIGHTS = ("copy", "empty", "share", "random")
 class Kind:
     """One kind of sparse layer, as the registry knows it."""
 
-    name: str  # what ``select`` and ``LayerPlan.side`` call it
+    name: str  # what ``MIDLConfig.select`` and ``LayerPlan.select`` call it
     linear: type[SparseLayer]  # replaces nn.Linear and HF Conv1D
     conv: type[SparseLayer]  # replaces 1x1 nn.Conv2d
     flops_parts: Callable[..., dict[str, int]]  # (in, out, rank, rows, groups, k) -> FLOPs of each step below keep 1
     picks_outputs: bool  # a mask picks output neurons (rows of W), else input neurons (columns)
     budget_grid: Callable[[Any], tuple[Sequence[float], Sequence[int | float]]]  # config -> keeps, ranks tried
     light_path: bool = True  # has a rank-r light path (without one, every rank is 0)
-    in_auto: bool = True  # the budget tries it on layers whose side is "auto"
+    in_auto: bool = True  # the budget tries it on layers whose select is "auto"
     centres: bool = False  # takes ``LayerPlan.centre`` (a per-input centre fitted in calibration)
     shares_whitened_svd: bool = False  # its fit takes a whitened SVD the budget computes once per layer
     description: str = ""
 
-    def layer_class(self, target_kind: str) -> type[SparseLayer]:
-        """The class that replaces a target of ``target_kind`` ("linear", "conv1d" or "conv2d")."""
-        return self.conv if target_kind == "conv2d" else self.linear
+    def layer_class(self, module_type: str) -> type[SparseLayer]:
+        """The class that replaces a target of ``module_type`` ("linear", "conv1d" or "conv2d")."""
+        return self.conv if module_type == "conv2d" else self.linear
 
     def width(self, in_features: int, out_features: int) -> int:
         """Neurons a mask chooses among."""
@@ -113,15 +113,15 @@ def kind_for(name: str) -> Kind:
 
 
 def build_layer(module: nn.Module, lp: LayerSettings, weights: str = "copy", device: Any = None) -> SparseLayer:
-    """The sparse layer of ``lp``'s settings (kind ``lp.side``) in place of ``module``.
+    """The sparse layer of ``lp``'s settings (kind ``lp.select``) in place of ``module``.
 
     ``weights`` (``WEIGHTS``) says how its tensors are filled; ``device="meta"`` with ``"empty"``
     gives a shell with no memory, for its shapes and FLOPs."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    cls = kind_for(lp.side).layer_class(lp.kind)
+    cls = kind_for(lp.select).layer_class(lp.module_type)
     if weights == "copy":
-        if lp.kind == "conv2d":
+        if lp.module_type == "conv2d":
             layer = cls.from_conv(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
         else:
             layer = cls.from_linear(module, keep=lp.keep, rank=lp.rank, granularity=lp.granularity)
@@ -129,10 +129,10 @@ def build_layer(module: nn.Module, lp: LayerSettings, weights: str = "copy", dev
         w = module.weight
         common = dict(keep=lp.keep, rank=lp.rank, granularity=lp.granularity, bias=module.bias is not None,
                       device=w.device if device is None else device, dtype=w.dtype)
-        if lp.kind == "conv2d":
+        if lp.module_type == "conv2d":
             layer = cls(lp.in_features, lp.out_features, stride=module.stride, padding=module.padding, **common)
         else:
-            layer = cls(lp.in_features, lp.out_features, transposed=lp.kind == "conv1d", **common)
+            layer = cls(lp.in_features, lp.out_features, transposed=lp.module_type == "conv1d", **common)
     layer.configure(lp)
     if weights == "share":
         w, b = weight_matrix(module)

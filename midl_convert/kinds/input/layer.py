@@ -50,7 +50,7 @@ def check_centring(centring: str) -> str:
 class InputMIDLBase(SparseLayer):
     """The maths of input-side layers on rows ``(G, n, in)``; subclasses map their input to rows."""
 
-    side = "input"
+    select = "input"
     default_rank = 0
 
     def __init__(self, in_features: int, out_features: int, keep: float, rank: int, granularity: str,

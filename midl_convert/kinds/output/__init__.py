@@ -2,12 +2,12 @@
 computed exactly; a rank-r light path gives the rest."""
 from ..registry import Kind, register_kind
 from .flops import midl_flops_parts
-from .layer import MIDLConv2d, MIDLinear
+from .layer import OutputMIDLConv2d, OutputMIDLinear
 
 KIND = register_kind(Kind(
-    name="output", linear=MIDLinear, conv=MIDLConv2d, flops_parts=midl_flops_parts, picks_outputs=True,
+    name="output", linear=OutputMIDLinear, conv=OutputMIDLConv2d, flops_parts=midl_flops_parts, picks_outputs=True,
     budget_grid=lambda config: (config.budget_keeps, config.budget_ranks), shares_whitened_svd=True,
     description="output (MID-L): a mask picks rows of W",
 ))
 
-__all__ = ["KIND", "MIDLConv2d", "MIDLinear", "midl_flops_parts"]
+__all__ = ["KIND", "OutputMIDLConv2d", "OutputMIDLinear", "midl_flops_parts"]

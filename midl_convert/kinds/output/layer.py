@@ -1,5 +1,5 @@
-"""MID-L layers: a dense layer whose output neurons are chosen per input between the exact
-weights and a cheap rank-r path.
+"""The output kind's MID-L layers (the paper's): a dense layer whose output neurons are chosen per
+input between the exact weights and a cheap rank-r path.
 
     y = m * (W x + b) + (1 - m) * (U V x + b),    m = TopK(sigma(score(V x)), k = ceil(keep * out))
 
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...deprecation import renamed_attributes
 from ...fitting import fit_threshold, linalg_threads, svd_factors
 from ...kernels import KERNEL_MAX_ROWS, KERNEL_ROW_LIMIT, fused_kernel, kernel_applies, kernel_takes, tracing
 from ...kernels import NO_BIAS as _NO_BIAS
@@ -54,10 +55,10 @@ def _channels_first(x: torch.Tensor) -> bool:
     return x.shape[1] > 1 and x.transpose(1, 2).is_contiguous()
 
 
-class MIDLBase(SparseLayer):
+class OutputMIDLBase(SparseLayer):
     """The maths of output-side MID-L layers on rows ``(G, n, in)``; subclasses map their input to rows."""
 
-    side = "output"
+    select = "output"
     default_rank = 32
 
     weight: nn.Parameter
@@ -325,8 +326,8 @@ class MIDLBase(SparseLayer):
         return post is None and self.rank > 0
 
 
-class MIDLinear(LinearRows, MIDLBase):
-    """MID-L replacement for ``nn.Linear`` (and Hugging Face ``Conv1D``), features last.
+class OutputMIDLinear(LinearRows, OutputMIDLBase):
+    """Output-side MID-L replacement for ``nn.Linear`` (and Hugging Face ``Conv1D``), features last.
 
     ``granularity="token"``: a mask per row of the input; ``"sequence"``: one mask per sample
     from the gate applied to ``V x`` averaged over the middle (sequence) axes.
@@ -349,8 +350,8 @@ class MIDLinear(LinearRows, MIDLBase):
         self.transposed = transposed
 
 
-class MIDLConv2d(ConvRows, MIDLBase):
-    """MID-L replacement for a 1x1 ``nn.Conv2d`` (groups 1, any stride and zero padding).
+class OutputMIDLConv2d(ConvRows, OutputMIDLBase):
+    """Output-side MID-L replacement for a 1x1 ``nn.Conv2d`` (groups 1, any stride and zero padding).
 
     ``granularity="pixel"``: a mask per spatial position; ``"sample"``: one mask per sample
     from the gate applied to the spatially pooled ``V x``, so whole filters are skipped.
@@ -371,3 +372,8 @@ class MIDLConv2d(ConvRows, MIDLBase):
     ) -> None:
         super().__init__(in_channels, out_channels, keep, rank, granularity, CONV_GRANULARITIES, bias, device, dtype)
         self.stride, self.padding = tuple(stride), tuple(padding)
+
+
+# The output kind's classes were called MIDLBase, MIDLinear and MIDLConv2d: "MID-L" names the whole family.
+OLD_NAMES = {"MIDLBase": "OutputMIDLBase", "MIDLinear": "OutputMIDLinear", "MIDLConv2d": "OutputMIDLConv2d"}
+__getattr__ = renamed_attributes(__name__, OLD_NAMES, globals())

@@ -24,7 +24,7 @@ from .flops import prune_flops_parts
 class PruneBase(SparseLayer):
     """The maths of static pruning on rows ``(G, n, in)``; subclasses map their input to rows."""
 
-    side = "prune"
+    select = "prune"
     default_rank = 0
 
     def __init__(self, in_features: int, out_features: int, keep: float, rank: int, granularity: str,
