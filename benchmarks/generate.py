@@ -1,7 +1,10 @@
 """Batch-1 generation on a real decoder: tokens/s and held-out perplexity, dense against converted.
 
-Greedy decoding with the KV cache (HF ``generate``, ``do_sample=False``, exactly ``--new-tokens``
-new tokens after a ``--prompt-tokens`` prompt), batch 1, ``--threads`` threads: every Linear call
+Greedy decoding with the KV cache, exactly ``--new-tokens`` new tokens after a ``--prompt-tokens``
+prompt. ``--decoder lean`` (the default) runs every HF model, dense and converted alike, through
+``midl_convert.decoding.LeanDecoder``: a static KV cache and one decode step compiled with inductor's
+freezing (its compile time is printed apart, before the timed rounds); ``--decoder hf`` times HF
+``generate(do_sample=False)``. Batch 1, ``--threads`` threads: every Linear call
 is one row, so each row or column a MID-L layer skips is weight memory it does not read. Dense and
 converted runs alternate (the machine is shared: read the ratio, the median over rounds of the
 paired speed-ups). Perplexity
@@ -38,6 +41,7 @@ import torch
 
 import midl_convert as mc
 from midl_convert.data import CALIBRATION_OFFSET, kjv_sentences
+from midl_convert.decoding import LeanDecoder
 from midl_convert.flops import model_flops
 from midl_convert.pipeline import budget_data
 from llamacpp import BYTES_PER_WEIGHT, LlamaCpp, gguf_copies
@@ -77,6 +81,12 @@ def perplexity(model, ids: torch.Tensor, window: int) -> float:
 def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, pad_id: int) -> float:
     if isinstance(model, LlamaCpp):
         return model.generate_seconds(prompt[0].tolist(), new_tokens)
+    if isinstance(model, LeanDecoder):
+        t = time.perf_counter()
+        out = model.generate(prompt, new_tokens)
+        seconds = time.perf_counter() - t
+        assert out.shape[1] == prompt.shape[1] + new_tokens
+        return seconds
     t = time.perf_counter()
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
@@ -113,6 +123,8 @@ def tokens_per_second(models: dict, prompt: torch.Tensor, args: argparse.Namespa
     round, and for each ``label: (model, baseline)`` of ``pairs`` (default: ``"<name> ratio"`` for
     every model but dense against "dense") the median over rounds of baseline time / the model's
     time, which a load that drifts between rounds on a shared machine moves less than a ratio of medians."""
+    if args.decoder == "lean":  # every HF model through the lean step: like against like
+        models = {name: lean_decoder(name, m, prompt, args) for name, m in models.items()}
     for model in models.values():  # warm-up: kernel build, allocator, caches
         generate_seconds(model, prompt, 8, pad_id)
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -125,6 +137,19 @@ def tokens_per_second(models: dict, prompt: torch.Tensor, args: argparse.Namespa
     for label, (name, base) in pairs.items():
         speed[label] = statistics.median(d / c for d, c in zip(times[base], times[name]))
     return speed
+
+
+def lean_decoder(name: str, model, prompt: torch.Tensor, args: argparse.Namespace):  # noqa: ANN001, ANN201
+    """``model`` (an HF decoder) as a ``LeanDecoder``, compiled now: the compile's seconds are printed
+    here, apart from the timed rounds. llama.cpp stays as it is."""
+    if isinstance(model, LlamaCpp):
+        return model
+    lean = LeanDecoder(model, max_tokens=prompt.shape[1] + args.new_tokens + 8, compile=not args.no_compile)
+    seconds = lean.warm_up(prompt)
+    how = (f"compiled in {lean.compile_seconds:.0f}s" if lean.compile_seconds is not None
+           else f"uncompiled ({lean.compile_error or '--no-compile'})")
+    print(f"lean decode step, {name}: {how}; warm-up {seconds:.0f}s", flush=True)
+    return lean
 
 
 # Random weights in the shape of a larger decoder, for speed only: SmolLM2-135M's fp32 weights (0.54 GB)
@@ -220,6 +245,10 @@ def main() -> None:
                    help="comma-separated float32, bfloat16, int8: dense and converted in each, interleaved")
     p.add_argument("--peers", action="store_true", help="add llama.cpp on the same GGUF weights (Q4_1, Q8_0, F16) to "
                    "the interleaved rounds; --weight-dtype defaults to float32,bfloat16,int8")
+    p.add_argument("--decoder", choices=["lean", "hf"], default="lean",
+                   help="lean: a static KV cache and a compiled, frozen decode step (midl_convert.decoding), for dense "
+                        "and converted alike; hf: Hugging Face generate()")
+    p.add_argument("--no-compile", action="store_true", help="the lean decoder's step uncompiled (static cache only)")
     p.add_argument("--bound", action="store_true",
                    help="also time the dense model with the converted layers costing nothing: the most their sparsity can give")
     args = p.parse_args()
@@ -249,7 +278,7 @@ def main() -> None:
         models["bound"] = free_model(teacher, list(mc.midl_layers(student)))
     speed = tokens_per_second(models, prompt, args, tok.pad_token_id or 0)
     name = f"random-weight Llama, {args.random} shapes (perplexity meaningless)" if args.random else args.model
-    print(f"\n{name}: batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+    print(f"\n{name}: {DECODERS[args.decoder]}, batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
           f"{args.threads} threads, median of {args.repeats} interleaved runs; perplexity on {ids.shape[1]} KJV tokens")
     bound = f"{speed['bound ratio']:.2f}x" if args.bound else "not run (--bound)"
     print("| setting | FLOPs ratio, converted layers / whole model | tokens/s dense | tokens/s converted | ratio (median of rounds) "
@@ -260,6 +289,7 @@ def main() -> None:
           f"| {100 * (ppl['converted'] / ppl['dense'] - 1):+.1f}% |")
 
 
+DECODERS = {"lean": "lean decode step (static KV cache, torch.compile with freezing)", "hf": "HF generate"}
 # llama.cpp's format at about the bytes per weight of each HF dtype (--peers)
 PEERS = {"bfloat16": "F16", "int8": "Q8_0"}
 PEER_FORMATS = ["Q4_1", "Q8_0", "F16"]
@@ -296,7 +326,7 @@ def by_dtype(teacher, student, ids: torch.Tensor, prompt: torch.Tensor, args: ar
             pairs.update({f"{k} {d} / llama.cpp": (f"{k} {d}", f"llama.cpp {PEERS[d]}") for k in ("dense", "converted")})
     speed = tokens_per_second(models, prompt, args, pad_id, pairs)
     first = f"dense {dtypes[0]}"
-    print(f"\n{args.model}: batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+    print(f"\n{args.model}: {DECODERS[args.decoder]}, batch 1, greedy, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
           f"{args.threads} threads, median of {args.repeats} interleaved runs (load average {os.getloadavg()[0]:.1f}); "
           f"{setting}; converted layers {flops.converted_ratio:.2f}x FLOPs; perplexity on {ids.shape[1]} KJV tokens")
     print(f"| runtime | weights | bytes / weight | tokens/s | / dense, same dtype (median of rounds) | / {first} "

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .decoding import LeanDecoder, supports_static_cache
 from .errors import MIDLError
 from .files import cache_dir, write_atomic
 from .kinds import build_layer
@@ -251,12 +252,13 @@ def model_time(model: nn.Module, example_inputs: Any, repeats: int = REPEATS) ->
         model.train(was_training)
 
 
-@torch.inference_mode()
 def end_to_end(teacher: nn.Module, student: nn.Module, example_inputs: Any, repeats: int = REPEATS,
-               new_tokens: int = GENERATE_TOKENS) -> dict[str, Any]:
+               new_tokens: int = GENERATE_TOKENS, decoder: str = "lean") -> dict[str, Any]:
     """The dense and converted model timed interleaved at their real call shape; for a causal LM also
-    tokens/s of a short greedy ``generate`` with the KV cache."""
-    times = interleaved([model_step(teacher, example_inputs), model_step(student, example_inputs)], repeats)
+    tokens/s of a short greedy decode with the KV cache: through ``decoding.LeanDecoder`` (static
+    cache, compiled step; compile seconds kept apart) where the model allows, else HF ``generate``."""
+    with torch.inference_mode():
+        times = interleaved([model_step(teacher, example_inputs), model_step(student, example_inputs)], repeats)
     causal = is_causal_lm(student)
     out: dict[str, Any] = {
         "call": DECODE if causal else "example input", "threads": torch.get_num_threads(),
@@ -264,11 +266,31 @@ def end_to_end(teacher: nn.Module, student: nn.Module, example_inputs: Any, repe
     }
     if causal:
         ids = example_inputs["input_ids"][:1]
+        out.update(_decode_speed(teacher, student, ids, new_tokens, max(3, repeats // 3), decoder))
+    return out
+
+
+def _decode_speed(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int,
+                  decoder: str) -> dict[str, Any]:
+    """Tokens/s of dense and converted greedy decoding, interleaved, and which decoder ran."""
+    out: dict[str, Any] = {"generate_tokens": new_tokens, "prompt_tokens": ids.shape[1]}
+    if decoder == "lean" and supports_static_cache(teacher) and supports_static_cache(student):
+        leans = [LeanDecoder(m, max_tokens=ids.shape[1] + new_tokens) for m in (teacher, student)]
+        for lean in leans:
+            lean.warm_up(ids)
+        errors = {lean.compile_error for lean in leans} - {None}
+        out["decoder"] = "lean: static KV cache, " + (f"uncompiled ({errors.pop()})" if errors else "compiled step")
+        out["compile_s"] = {"dense": leans[0].compile_seconds, "converted": leans[1].compile_seconds}
+        fns = [lambda lean=lean: lean.generate(ids, new_tokens) for lean in leans]
+    else:
         pad = getattr(teacher.generation_config, "pad_token_id", None) or getattr(teacher.generation_config, "eos_token_id", None)
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=pad)
-        gen = interleaved([lambda: teacher.generate(ids, **kw), lambda: student.generate(ids, **kw)], max(3, repeats // 3))
-        out.update(generate_tokens=new_tokens, prompt_tokens=ids.shape[1], dense_tokens_per_s=new_tokens / gen[0],
-                   converted_tokens_per_s=new_tokens / gen[1], tokens_per_s_speedup=gen[0] / gen[1])
+        out["decoder"] = "HF generate"
+        fns = [lambda: teacher.generate(ids, **kw), lambda: student.generate(ids, **kw)]
+    with torch.no_grad():  # no inference mode: a compiled, frozen step wants plain no_grad
+        gen = interleaved(fns, repeats)
+    out.update(dense_tokens_per_s=new_tokens / gen[0], converted_tokens_per_s=new_tokens / gen[1],
+               tokens_per_s_speedup=gen[0] / gen[1])
     return out
 
 

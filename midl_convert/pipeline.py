@@ -78,8 +78,11 @@ def measure_speedup(teacher: nn.Module, student: nn.Module, example_inputs: Any,
     line = (f"measured speed-up at the call shape ({measured['call']}, {measured['threads']} threads): "
             f"{measured['dense_ms']:.3f} -> {measured['converted_ms']:.3f} ms, {measured['speedup']:.3f}x")
     if "dense_tokens_per_s" in measured:
-        line += (f"; greedy generate: {measured['dense_tokens_per_s']:.1f} -> {measured['converted_tokens_per_s']:.1f} "
-                 f"tokens/s ({measured['tokens_per_s_speedup']:.3f}x)")
+        line += (f"; greedy decode ({measured['decoder']}): {measured['dense_tokens_per_s']:.1f} -> "
+                 f"{measured['converted_tokens_per_s']:.1f} tokens/s ({measured['tokens_per_s_speedup']:.3f}x)")
+        compiled = measured.get("compile_s") or {}
+        if compiled.get("dense") is not None:
+            line += f", compiled in {compiled['dense']:.0f}s / {compiled['converted']:.0f}s apart from the timing"
     logger.info(line)
     if plan.budget is not None:
         plan.budget["measured"] = measured

@@ -35,7 +35,8 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
                      f"{call['dense_ms']:.3f} / {call['converted_ms']:.3f} ms"))
         rows.append(("Speed-up at the call shape (measured)", fmt(call["speedup"])))
         if call.get("dense_tokens_per_s") is not None:
-            rows.append((f"Greedy generate, tokens/s dense / converted ({call['generate_tokens']} new tokens)",
+            rows.append((f"Greedy decode ({call.get('decoder', 'HF generate')}), tokens/s dense / converted "
+                         f"({call['generate_tokens']} new tokens)",
                          f"{call['dense_tokens_per_s']:.1f} / {call['converted_tokens_per_s']:.1f} "
                          f"({fmt(call['tokens_per_s_speedup'])}x)"))
     mem = {m["batch_size"]: m for m in report.memory["results"]}

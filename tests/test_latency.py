@@ -161,6 +161,10 @@ def test_causal_lm_is_timed_at_batch_1_decode_and_measured_end_to_end(monkeypatc
     out = latency.end_to_end(model, student, inputs, repeats=2, new_tokens=3)
     assert out["call"] == latency.DECODE and out["generate_tokens"] == 3
     assert out["dense_tokens_per_s"] > 0 and out["converted_tokens_per_s"] > 0
+    assert out["decoder"] == "lean: static KV cache, compiled step"
+    assert out["compile_s"]["dense"] > 0 and out["compile_s"]["converted"] > 0
+    hf = latency.end_to_end(model, student, inputs, repeats=2, new_tokens=3, decoder="hf")
+    assert hf["decoder"] == "HF generate" and "compile_s" not in hf and hf["tokens_per_s_speedup"] > 0
 
 
 def test_speedup_and_flops_ratio_together_are_refused():
