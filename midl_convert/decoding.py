@@ -44,7 +44,7 @@ class LeanDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_tokens)
         # transformers 5 names the cache argument ``cache`` (``past_key_values`` before, deprecated since)
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._step = torch.compile(self._forward, dynamic=False, options={"freezing": True}) if compile else self._forward
+        self._step = torch.compile(self._forward, dynamic=False) if compile else self._forward
         self.compile_seconds: float | None = None  # the first compiled step's time: the compile itself
         self.compile_error: str | None = None  # why compiling failed, when it did (then decoding runs uncompiled)
 
@@ -85,9 +85,13 @@ class LeanDecoder:
     def _compile(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The first compiled step: compiles, timed. Where compiling fails (no C++ compiler, an op
         inductor cannot take) the decoder says why in one line and runs the step uncompiled."""
+        import torch._inductor.config as inductor  # imported when compiling, not with the package
+
         start = time.perf_counter()
         try:
-            logits = self._step(ids, position)
+            # freezing is read while compiling: set here (an ``options`` dict measured no fold)
+            with inductor.patch(freezing=True):
+                logits = self._step(ids, position)
         except Exception as err:  # noqa: BLE001 - any compiler failure leaves a working, slower decoder
             self.compiled, self._step = False, self._forward
             self.compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
