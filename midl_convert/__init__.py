@@ -17,6 +17,7 @@ from .budget import budget_plan
 from .calibrate import calibrate, cap_thresholds
 from .config import LayerOverride, MIDLConfig
 from .data import Batch, load_data
+from .decoding import LeanDecoder
 from .distill import DistillConfig, distill
 from .deprecation import renamed_attributes
 from .errors import MIDLError
@@ -41,7 +42,7 @@ __getattr__ = renamed_attributes(__name__, _output_layer.OLD_NAMES, vars(_output
 
 __all__ = [
     "Batch", "DistillConfig", "InputMIDLConv2d", "InputMIDLinear", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "OutputMIDLConv2d",
-    "Int8Linear", "Kind", "MIDLError", "OutputMIDLinear", "PruneConv2d", "PruneLinear", "SparseLayer", "build_layer", "kind_for",
+    "Int8Linear", "Kind", "LeanDecoder", "MIDLError", "OutputMIDLinear", "PruneConv2d", "PruneLinear", "SparseLayer", "build_layer", "kind_for",
     "kind_names", "register_kind",
     "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "cap_thresholds", "convert", "dense", "distill", "find_targets", "load",
     "load_data", "load_model", "merge_and_unload", "midl_layers", "neuron_sensitivity", "plan_conversion", "report", "save",
