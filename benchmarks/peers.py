@@ -228,6 +228,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ratios = args.ratio or [1.5, 2.0]
+    if args.rank == 0 or args.rank >= 1:
+        args.rank = int(args.rank)  # a count of directions (MIDLConfig takes a float only as a share below 1)
     if args.model == "minilm":
         loaded = mc.load_model("sentence-transformers/all-MiniLM-L6-v2")
         data = mc.load_data(args.data, loaded)
