@@ -17,7 +17,8 @@ the published method:
   threshold per projection from the dense model's |x| on the calibration tokens, every projection
   at one sparsity, or sparsity allocated by TEAL's block-wise greedy walk (each block on its dense
   inputs, ``--teal-step``, up to ``--teal-until``); the level is bisected to the target on held-out
-  FLOPs, and the model is the package's input kind at rank 0 set to those thresholds;
+  FLOPs; the model runs plain masks ``x * (|x| > t)`` on the dense Linears, and its FLOPs are counted
+  as the masks fall on the held-out inputs (kept columns x out x 2 per row, plus |x| and the compare);
 - WINA: top-k inputs by |x_j| ||W_:,j|| (input side, rank 0);
 - R-Sparse: input top-k, the rest through a rank-r SVD of W (input side, plain SVD, not refitted);
 - MID-L output side (the paper's): gate on V x, whitened light path, calibrated gate;
@@ -59,7 +60,7 @@ from torch import nn
 
 import midl_convert as mc
 from midl_convert.calibrate import fit_thresholds
-from midl_convert.flops import ModelFlops, model_flops, model_flops_over
+from midl_convert.flops import ModelFlops, count_flops, model_flops, model_flops_over
 from midl_convert.pipeline import budget_data
 from midl_convert.quality import compare
 import teal_greedy
@@ -131,22 +132,19 @@ def convert_at(teacher: nn.Module, config_for: Callable[[float], mc.MIDLConfig],
     return best
 
 
-def teal_at(walk: teal_greedy.Walk, student: nn.Module, sparsity_at: Callable[[float], dict[str, float]], target: float,
-            flops: Callable[[nn.Module], ModelFlops], top: float) -> tuple[float, ModelFlops] | None:
-    """TEAL's thresholds on ``student`` at the lowest level in [0, ``top``] (uniform sparsity or the greedy
-    walk's effective sparsity) whose whole-model ratio on held-out inputs reaches ``target`` (bisection)."""
+def teal_at(walk: teal_greedy.Walk, model: nn.Module, sparsity_at: Callable[[float], dict[str, float]], target: float,
+            counted: list[Any], top: float) -> tuple[float, dict[str, float]] | None:
+    """The lowest level in [0, ``top``] (uniform sparsity or the greedy walk's effective sparsity) at which
+    TEAL's masks bring the whole-model ratio on ``counted`` to ``target`` (bisection): (level, sparsities)."""
+    dense = sum(count_flops(model, one) for one in counted)
     lo, hi, best = 0.0, top, None
-    for _ in range(10):
+    for _ in range(12):
         level = (lo + hi) / 2
-        teal_greedy.apply(student, walk, sparsity_at(level))
-        counted = flops(student)
-        if counted.ratio >= target:
-            best, hi = (level, counted), level
+        if teal_greedy.teal_flops(model, walk, sparsity_at(level), counted, dense).ratio >= target:
+            best, hi = level, level
         else:
             lo = level
-    if best is not None:
-        teal_greedy.apply(student, walk, sparsity_at(best[0]))
-    return best
+    return None if best is None else (best, sparsity_at(best))
 
 
 def judge(model: nn.Module, teacher: nn.Module, held, kind: str, photos) -> dict[str, float]:
@@ -320,17 +318,18 @@ def main() -> None:
             if only and not any(name.startswith(o) for o in only):
                 continue
             t = time.perf_counter()
-            w = walk()
-            student = teal_greedy.teal_student(teacher, example, w, w.uniform(0.5), exclude, granularity)
+            w, student = walk(), copy.deepcopy(teacher)
             top = 0.95 if "uniform" in name else args.teal_until
-            found = teal_at(w, student, at(w), target, held_flops if counted is None else
-                            (lambda m: model_flops(m, teacher, counted)), top)
+            found = teal_at(w, student, at(w), target, [counted] if counted is not None else counted_on, top)
             if found is None:
                 print(f"| {name} | unreachable below {top:g} | | |")
                 continue
-            f = held_flops(student)
-            row(f"{name}, {'sparsity' if 'uniform' in name else 'effective sparsity'} {found[0]:.3f}", f.ratio,
-                judge(student, teacher, held, kind, photos), time.perf_counter() - t, f.converted_ratio)
+            level, sparsity = found
+            f = teal_greedy.teal_flops(student, w, sparsity, counted_on)
+            with teal_greedy.thresholded(student, w, sparsity):
+                q = judge(student, teacher, held, kind, photos)
+            row(f"{name}, {'sparsity' if 'uniform' in name else 'effective sparsity'} {level:.3f}", f.ratio, q,
+                time.perf_counter() - t, f.converted_ratio)
         if only and not any("budget".startswith(o) for o in only):
             continue
         t = time.perf_counter()

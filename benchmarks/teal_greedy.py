@@ -17,11 +17,11 @@ closest to it (TEAL's lookup).
 
 The walk runs each block alone on its cached dense inputs, with the masks as plain thresholds on
 the dense block's own Linears (no package layers), and a Linear reuses its committed output while
-its input and threshold are unchanged, so a candidate costs the projections at and after it.
-``apply`` then sets the package's input kind (rank 0, adaptive masks, gate and column scale 1,
-uncentred: its scores are ``|x|``) to the walked thresholds, so FLOPs are counted by the package as
-for the other rows of ``peers.py``. One difference from TEAL's evaluation: TEAL sparsifies only the
-second half of each prompt's tokens (``apply_prefill``), here every token is.
+its input and threshold are unchanged, so a candidate costs the projections at and after it. The
+model is then judged with the same plain masks (``thresholded``), and its FLOPs are counted as the
+masks fall on the judged inputs (``teal_flops``: kept columns x out x 2 per row, plus |x| and the
+compare). One difference from TEAL's evaluation: TEAL sparsifies only the second half of each
+prompt's tokens (``apply_prefill``), here every token is.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-import midl_convert as mc
+from midl_convert.flops import LayerFlops, ModelFlops, count_flops
 from midl_convert.replay import block_stack
 from midl_convert.running import run_model
 
@@ -273,33 +273,41 @@ def greedy_walk(model: nn.Module, projections: Sequence[str], batches: Sequence[
     return Walk(grouped, paths, quantiles, time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def thresholded(model: nn.Module, walk: Walk, sparsity: dict[str, float]) -> Iterator[None]:
+    """Inside the block, the Linears of ``model`` at the paths of ``sparsity`` are TEAL's: ``x * (|x| > t)``."""
+    with masked(model, list(sparsity), reuse=False) as wrapped:
+        for p, w in wrapped.items():
+            w.t = walk.threshold(p, sparsity[p])
+        yield
+
+
 @torch.no_grad()
-def apply(student: nn.Module, walk: Walk, sparsity: dict[str, float]) -> None:
-    """Set the package's input-kind layers of ``student`` (converted at rank 0 with adaptive masks)
-    to TEAL's thresholds at ``sparsity``: scores ``|x|`` (gate and column scale 1, no centre), dense at 0."""
-    for path, s in sparsity.items():
-        layer = student.get_submodule(path)
-        if not isinstance(layer, mc.SparseLayer) or layer.side != "input" or layer.rank:
-            raise ValueError(f"{path} is not an input-side layer at rank 0")
-        layer.gate.fill_(1.0)
-        layer.column_norm.fill_(1.0)
-        layer.centring = "none"
-        layer.adaptive = True
-        t = walk.threshold(path, s)
-        layer.keep = 1.0 if t is None else max(1e-3, 1.0 - s)
-        layer.threshold = t
+def teal_flops(model: nn.Module, walk: Walk, sparsity: dict[str, float], inputs: Sequence[Any],
+               dense: int | None = None) -> ModelFlops:
+    """FLOPs of ``model`` with TEAL's masks at ``sparsity`` on ``inputs``, counted as the masks fall on
+    them: per row of each masked projection ``|x|`` and the compare (2 per input) and the kept columns
+    of ``W`` (2 x out each); a projection at sparsity 0 stays dense. ``dense``: the dense model's
+    count on ``inputs`` (``count_flops``), when already known."""
+    layers: dict[str, list[int]] = {p: [0, 0] for p in sparsity}  # dense, TEAL
 
+    def hook(p: str, t: float | None):
+        def count(module: nn.Module, args: tuple) -> None:
+            x, (out, inp) = args[0], module.weight.shape
+            rows = x.numel() // inp
+            kept = rows * inp if t is None else int((x.abs() > t).sum())
+            layers[p][0] += 2 * inp * out * rows
+            layers[p][1] += 2 * inp * out * rows if t is None else 2 * inp * rows + 2 * kept * out
+        return count
 
-def teal_student(teacher: nn.Module, example: Any, walk: Walk, sparsity: dict[str, float], exclude: list[str],
-                 granularity: str) -> nn.Module:
-    """A converted copy of ``teacher`` whose walked Linears are TEAL's thresholds at ``sparsity``."""
-    import copy
-
-    student = copy.deepcopy(teacher)
-    mc.convert(student, mc.MIDLConfig(keep=0.5, rank=0, select="input", adaptive=True, centre="none",
-                                      exclude=exclude, skip_head=True, granularity=granularity), example)
-    missing = set(sparsity) - set(mc.midl_layers(student))
-    if missing:
-        raise ValueError(f"walked projections the conversion did not convert: {sorted(missing)[:3]}")
-    apply(student, walk, sparsity)
-    return student
+    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p, walk.threshold(p, s))) for p, s in sparsity.items()]
+    try:
+        with thresholded(model, walk, sparsity):
+            for one in inputs:
+                run_model(model, one)
+    finally:
+        for h in handles:
+            h.remove()
+    if dense is None:
+        dense = sum(count_flops(model, one) for one in inputs)
+    return ModelFlops(dense=dense, layers={p: LayerFlops(d, m) for p, (d, m) in layers.items()})

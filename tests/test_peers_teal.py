@@ -1,7 +1,8 @@
 """TEAL's greedy walk (``benchmarks/teal_greedy.py``, a row of ``benchmarks/peers.py``) on a tiny random
 Llama: thresholds give the asked sparsity on the calibration data, each greedy step adds one step of
 effective sparsity and takes the projection that moves the block least, reusing outputs changes no
-choice, and the package's layers set to the walked thresholds compute the same model as plain masks."""
+choice, and the plain masks and their FLOPs count agree with the package's input kind set to the
+walked thresholds."""
 import sys
 from pathlib import Path
 
@@ -103,26 +104,50 @@ def test_reusing_outputs_changes_no_choice() -> None:
     assert fast.paths == slow.paths
 
 
+def package_teal(model: torch.nn.Module, walk: tg.Walk, sparsity: dict[str, float], example) -> torch.nn.Module:
+    """The package's input kind at rank 0 on the walked Linears, scoring |x| alone (gate and column
+    scale 1, no centre), with adaptive masks at TEAL's thresholds: what TEAL computes, as the package's layers."""
+    import copy
+
+    student = copy.deepcopy(model)
+    mc.convert(student, mc.MIDLConfig(keep=0.5, rank=0, select="input", adaptive=True, centre="none"), example)
+    for path, s in sparsity.items():
+        layer = student.get_submodule(path)
+        layer.gate.data.fill_(1.0)
+        layer.column_norm.fill_(1.0)
+        t = walk.threshold(path, s)
+        layer.keep = 1.0 if t is None else 1.0 - s
+        layer.threshold = t
+    return student
+
+
 @torch.no_grad()
-def test_package_layers_at_the_walked_thresholds_are_plain_masks(walked) -> None:
+def test_plain_masks_and_their_flops_agree_with_the_package_layers(walked) -> None:
     model, walk, _ = walked
     data = batches(padded=False)[0]
     sparsity = walk.at_level(0.4)
-    student = tg.teal_student(model, {"input_ids": data["input_ids"][:1, :8]}, walk, sparsity, [], "token")
+    student = package_teal(model, walk, sparsity, {"input_ids": data["input_ids"][:1, :8]})
     assert set(mc.midl_layers(student)) == set(projections(model))
-    with tg.masked(model, list(sparsity), reuse=False) as wrapped:
-        for p, w in wrapped.items():
-            w.t = walk.threshold(p, sparsity[p])
+    with tg.thresholded(model, walk, sparsity):
         plain = model(**data).logits
     torch.testing.assert_close(student(**data).logits, plain, rtol=1e-4, atol=1e-4)
-    flops = model_flops(student, model, data)
-    saved = sum(sparsity[p] * model.get_submodule(p).weight.numel() for p in sparsity) / sum(
-        model.get_submodule(p).weight.numel() for p in sparsity)
-    # kept columns x out x 2 per row, plus |x| and the compare (the package's count): near 1 / (1 - saved)
-    assert 0.85 / (1 - saved) < flops.converted_ratio < 1.05 / (1 - saved)
+    ours, theirs = tg.teal_flops(model, walk, sparsity, [data]), model_flops(student, model, data)
+    assert ours.dense == theirs.dense
+    for p, f in ours.layers.items():
+        mine = f.midl - (0 if sparsity[p] == 0 else 2 * model.get_submodule(p).in_features * 4 * 24)  # less |x| > t
+        assert mine == pytest.approx(theirs.layers[p].parts.get("exact", theirs.layers[p].midl), rel=1e-6), p
+    saved = tg.effective(sparsity, {p: model.get_submodule(p).weight.numel() for p in sparsity})
+    assert 0.9 / (1 - saved) < ours.converted_ratio < 1.1 / (1 - saved)
+    assert ours.ratio < ours.converted_ratio  # embeddings, attention and the head stay dense
 
 
-def test_apply_refuses_a_layer_that_is_not_the_input_kind_at_rank_0(walked) -> None:
-    model, walk, _ = walked
-    with pytest.raises(ValueError, match="not an input-side layer"):
-        tg.apply(model, walk, walk.uniform(0.3))
+@torch.no_grad()
+def test_uniform_thresholds_keep_their_share_where_the_inputs_are_the_dense_ones() -> None:
+    model, data = tiny_llama(), batches(padded=False)
+    walk = tg.greedy_walk(model, projections(model), data, until=0.05, log=False)
+    for s in (0.3, 0.6):
+        f = tg.teal_flops(model, walk, walk.uniform(s), data)
+        first = f.layers["model.layers.0.self_attn.q_proj"]  # nothing masked before it: its inputs are the dense ones
+        rows = 2 * 4 * 24
+        kept = (first.midl - 2 * 64 * rows) / (2 * 64 * rows)  # mean kept inputs per row, out = 64
+        assert kept / 64 == pytest.approx(1 - s, abs=0.01)
