@@ -41,8 +41,8 @@ windows of ``--ppl-window``. Each row gives the whole-model ratio and the conver
 both counted on held-out inputs (and, for the budget, the whole-model ratio it planned on the example).
 
     python benchmarks/peers.py --ratio 1.5 --ratio 2.0
-    python benchmarks/peers.py --model smollm2 --ratio 1.3 --ratio 1.5 --rank 0 --steps 0 \
-        --only "TEAL uniform,TEAL greedy,MID-L input side (rank 0, centred),budget"
+    python benchmarks/peers.py --model smollm2 --ratio 1.3 --ratio 1.5 --rank 0 --steps 0 --teal-step 0.1 \
+        --teal-until 0.5 --only "TEAL uniform,TEAL greedy,MID-L input side (rank 0, centred),budget"
     python benchmarks/peers.py --model effnet --ratio 1.2 --ratio 1.5 --ratio 1.8
     python benchmarks/peers.py --model effnet --ratio 1.8 --only budget --steps 0 --adaptive
     python benchmarks/peers.py --keep 0.65 --keep 0.5
@@ -220,7 +220,7 @@ def main() -> None:
     p.add_argument("--teal-step", type=float, default=teal_greedy.STEP,
                    help="TEAL greedy: the sparsity a query-sized projection gains per step (TEAL's: 0.05)")
     p.add_argument("--teal-until", type=float, default=0.6, help="TEAL greedy: the effective sparsity each block walks to")
-    p.add_argument("--teal-walk", default="16x64",
+    p.add_argument("--teal-walk", default="4x64",
                    help="SmolLM2: the greedy walk's data, SEQUENCESxTOKENS of unpadded help text (MiniLM: the first "
                         "calibration batch)")
     args = p.parse_args()
