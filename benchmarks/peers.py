@@ -16,7 +16,8 @@ the published method:
 - TEAL uniform / TEAL greedy (MiniLM, SmolLM2): TEAL's own procedure (``teal_greedy.py``): one
   threshold per projection from the dense model's |x| on the calibration tokens, every projection
   at one sparsity, or sparsity allocated by TEAL's block-wise greedy walk (each block on its dense
-  inputs, ``--teal-step``, up to ``--teal-until``); the level is bisected to the target on held-out
+  inputs, ``--teal-step``, up to ``--teal-until``; TEAL's step is 0.05, SmolLM2 on 2 shared cores
+  walked in steps of 0.2, about 3 minutes a block); the level is bisected to the target on held-out
   FLOPs; the model runs plain masks ``x * (|x| > t)`` on the dense Linears, and its FLOPs are counted
   as the masks fall on the held-out inputs (kept columns x out x 2 per row, plus |x| and the compare);
 - WINA: top-k inputs by |x_j| ||W_:,j|| (input side, rank 0);
@@ -41,7 +42,7 @@ windows of ``--ppl-window``. Each row gives the whole-model ratio and the conver
 both counted on held-out inputs (and, for the budget, the whole-model ratio it planned on the example).
 
     python benchmarks/peers.py --ratio 1.5 --ratio 2.0
-    python benchmarks/peers.py --model smollm2 --ratio 1.3 --ratio 1.5 --rank 0 --steps 0 --teal-step 0.1 \
+    python benchmarks/peers.py --model smollm2 --ratio 1.3 --ratio 1.5 --rank 0 --steps 0 --teal-step 0.2 \
         --teal-until 0.5 --only "TEAL uniform,TEAL greedy,MID-L input side (rank 0, centred),budget"
     python benchmarks/peers.py --model effnet --ratio 1.2 --ratio 1.5 --ratio 1.8
     python benchmarks/peers.py --model effnet --ratio 1.8 --only budget --steps 0 --adaptive
