@@ -216,7 +216,8 @@ def convert(
                                                   "(columns), prune (one fixed set of columns), auto (the budget measures "
                                                   "output and input; needs --flops-ratio)"),
     centre: Optional[CentringChoice] = typer.Option(None, help="input side: centre each input on its calibration mean, "
-                                                    "median, auto (per layer, the lower output error) or none"),
+                                                    "median, auto (per layer: no centre, mean or median, by output error on rows "
+                                                    "not fitted on) or none"),
     adaptive: Optional[bool] = typer.Option(None, "--adaptive/--exact-k", help="masks whose size follows the input "
                                             "(a calibrated threshold keeps `keep` of the neurons on average)"),
     weight_dtype: Optional[WeightDtypeChoice] = typer.Option(None, "--weight-dtype", help="the weights' dtype after "

@@ -114,8 +114,9 @@ class LayerSettings(BaseModel):
                                               "score passes a threshold calibrated to keep `keep` of them on average")
     centre: Centring = Field("auto", description="input side: subtract a per-input centre fitted in calibration before "
                                                  "picking, and fold what it carries into the bias: 'mean', 'median', "
-                                                 "'auto' (per layer, whichever leaves the lower output error on the "
-                                                 "calibration rows) or 'none'")
+                                                 "'auto' (per layer, whichever of no centre, the mean and the median "
+                                                 "leaves the lower output error on calibration rows it was not fitted "
+                                                 "on) or 'none'")
     flops_ratio: float | None = Field(
         None, gt=1.0, description="whole-model FLOPs target (dense / converted, e.g. 1.5): each layer's keep and rank "
                                   "(or dense) are chosen from measured damage; keep and rank are then ignored")

@@ -190,6 +190,22 @@ def test_auto_centre_picks_the_centre_with_the_lower_output_error(data, winner):
     assert errors[winner] < errors["none"], errors
 
 
+def test_auto_centre_keeps_no_centre_where_a_centre_only_fits_its_own_rows():
+    """Zero-centred inputs on few rows: a fitted centre is noise that lowers only the error of the rows it
+    came from. "auto" judges on the other rows, takes no centre, and the layer stops paying for one."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 64, generator=gen)
+    layer = InputMIDLinear.from_linear(nn.Linear(64, 16), keep=0.25, rank=0).eval()
+    layer.centring = "auto"
+    before = layer.flops_parts(1, 1)
+    (cal,) = mc.calibrate(nn.Sequential(layer), [mc.Batch((x[:, 0],))])
+    assert cal.gate.endswith("no centre") and layer.centring == "none" and not layer.centred
+    assert torch.equal(layer.centre, torch.zeros(64)) and "centre" in before and "centre" not in layer.flops_parts(1, 1)
+    for centring in ("mean", "median"):  # each named centre is taken as named, on every row
+        layer.centring = centring
+        assert fit_centre(layer, x) == centring and layer.centred
+
+
 def test_fit_centre_sets_the_mean_or_the_median():
     layer = InputMIDLinear.from_linear(nn.Linear(4, 3), keep=0.5, rank=0)
     x = torch.tensor([[0.0, 1, 2, 3], [1, 1, 2, 3], [11, 1, 2, 30]])[:, None, :]
@@ -204,3 +220,19 @@ def test_config_checks_the_centring():
         mc.MIDLConfig(centre="mode")
     with pytest.raises(ValueError, match="centring must be one of"):
         InputMIDLinear(4, 3).centring = "mode"
+
+
+
+def test_runs_leave_adaptive_decoders_uncentred_unless_told():
+    """The pipeline's default for adaptive masks on a causal LM is no centre (its measured cost on
+    SmolLM2); a centre the run names, fixed-k masks and other tasks keep theirs."""
+    from midl_convert.pipeline import decoder_centring
+    from midl_convert.recipe import Recipe
+
+    adaptive = Recipe.model_validate({"model": {"spec": "m"}, "midl": {"adaptive": True, "keep": 0.7}}).midl_config()
+    assert adaptive.centre == "auto" and decoder_centring(adaptive, "causal-lm").centre == "none"
+    assert decoder_centring(adaptive, "embedding").centre == "auto"
+    named = mc.MIDLConfig(adaptive=True, centre="median")
+    assert decoder_centring(named, "causal-lm").centre == "median"
+    assert decoder_centring(mc.MIDLConfig(adaptive=True, centre="auto"), "causal-lm").centre == "auto"
+    assert decoder_centring(mc.MIDLConfig(keep=0.7), "causal-lm").centre == "auto"
