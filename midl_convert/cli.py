@@ -98,6 +98,7 @@ OPTION_KEYS = {
     "weights": ("model", "weights"), "random_init": ("model", "random_init"),
     "out_dir": ("output", "dir"), "device": ("device",), "seed": ("seed",),
     "overwrite": ("output", "overwrite"), "checkpoint_every": ("distill", "checkpoint_every"),
+    "decode_speed": ("report", "decode_speed"),
 }
 
 
@@ -113,10 +114,15 @@ def _number(text: str | None) -> int | float | None:
             raise MIDLError(f"--rank must be an int or a fraction of min(in, out), got {text!r}") from None
 
 
+# Flags whose False is their default, not a choice: left out, a recipe's value stands. (--exact-k and
+# --no-decode-speed are choices: they override a recipe's True.)
+OFF_BY_DEFAULT = {"random_init", "overwrite"}
+
+
 def _overrides(options: dict[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, value in options.items():
-        if value is None or value == [] or value is False:
+        if value is None or value == [] or (value is False and name in OFF_BY_DEFAULT):
             continue
         if name == "include" and value == ["all-linear"]:
             value = "all-linear"
@@ -243,6 +249,9 @@ def convert(
     device: Optional[str] = typer.Option(None, parser=_device, metavar="[auto|cpu|cuda|mps|cuda:N]",
                                          help="where to distil and measure"),
     seed: Optional[int] = typer.Option(None),
+    decode_speed: Optional[bool] = typer.Option(None, "--decode-speed/--no-decode-speed", help="time batch-1 greedy "
+                                                "decoding, dense against converted, at the end (causal LMs on the CPU; "
+                                                "default: from 50M parameters, and under --speedup)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and stop"),
     no_distill: bool = typer.Option(False, "--no-distill", help="calibrate only"),
     trust_remote_code: bool = TRUST,
@@ -256,7 +265,7 @@ def convert(
                "exclude": exclude, "steps": steps, "lr": lr, "batch_size": batch_size, "train": train, "data": data,
                "weights": weights,
                "random_init": random_init, "out_dir": out_dir, "device": device, "seed": seed, "overwrite": overwrite,
-               "checkpoint_every": checkpoint_every}
+               "checkpoint_every": checkpoint_every, "decode_speed": decode_speed}
 
     def go() -> None:
         _logging(quiet, verbose)

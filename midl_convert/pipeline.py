@@ -19,12 +19,12 @@ from .config import MIDLConfig
 from .data import CALIBRATION_OFFSET, Batch, default_data, load_data
 from .distill import CHECKPOINT, CHECKPOINT_PURPOSE, DistillConfig, DistillResult, distill
 from .graph import TargetTable
-from .latency import end_to_end
+from .latency import end_to_end, is_causal_lm
 from .log import logger
 from .models import LoadedModel, check_remote_code, load_model
 from .processes import rank_and_size
 from .quality import TASK_OUTPUT
-from .recipe import Recipe
+from .recipe import DECODE_SPEED_PARAMS, Recipe
 from .report import build_report
 from .conversion import plan_conversion
 from .errors import MIDLError
@@ -70,6 +70,14 @@ def budget_data(data: Any, config: MIDLConfig) -> list[Batch]:
     first = [data.train_batch(CALIBRATION_OFFSET, config.budget_batch_size)]
     count = damage_batches(config, first) + config.budget_fit_batches
     return first + [data.train_batch(CALIBRATION_OFFSET + i, config.budget_batch_size) for i in range(1, count)]
+
+
+def times_decoding(asked: bool | None, student: nn.Module) -> bool:
+    """Whether a run ends by timing batch-1 greedy decoding: as asked, else for a causal LM of at least
+    ``DECODE_SPEED_PARAMS`` parameters."""
+    if asked is not None or not is_causal_lm(student):
+        return bool(asked) and is_causal_lm(student)
+    return sum(p.numel() for p in student.parameters()) >= DECODE_SPEED_PARAMS
 
 
 def decoder_centring(config: MIDLConfig, task: str) -> MIDLConfig:
@@ -200,7 +208,7 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
             eval_batches = [b.map(lambda t: t.bfloat16() if t.is_floating_point() else t) for b in eval_batches]
             example = example.map(lambda t: t.bfloat16() if t.is_floating_point() else t)
     measured = None
-    if config.speedup is not None and device.type == "cpu":
+    if device.type == "cpu" and (config.speedup is not None or times_decoding(recipe.report.decode_speed, student)):
         measured = measure_speedup(teacher, student, example.inputs, plan)
     if recipe.report.enabled:
         settings = {"model": m.model_dump(), "recipe": recipe.model_dump(), "data": spec, "seed": recipe.seed,

@@ -37,11 +37,19 @@ class DistillSection(DistillConfig):
     enabled: bool = True
 
 
+# Causal LMs this large time their decoding at the end of a run by default (a user's question for an LLM,
+# worth its minute or two of compiling); tiny test models do not.
+DECODE_SPEED_PARAMS = 50_000_000
+
+
 class ReportSection(_Strict):
     data: str | None = Field(None, description="held-out data spec; default: the distillation data's held-out part")
     eval_samples: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
     latency_batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    decode_speed: bool | None = Field(None, description="time batch-1 greedy decoding, dense against converted, on the "
+                                                        "CPU (causal LMs; always under speedup); None: for causal LMs of "
+                                                        f"at least {DECODE_SPEED_PARAMS // 10**6}M parameters")
     enabled: bool = True
 
 

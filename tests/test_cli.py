@@ -495,3 +495,30 @@ def test_a_launched_run_shares_the_budget_and_writes_once(tmp_path):
     import midl_convert as mc
 
     assert mc.midl_layers(mc.load(tmp_path / "o"))
+
+
+def test_off_switches_override_a_recipe_and_default_flags_do_not():
+    """--exact-k and --no-decode-speed are choices that beat a recipe's True; --random-init and
+    --overwrite left off leave the recipe's value alone."""
+    from midl_convert.cli import _overrides
+
+    tree = _overrides({"adaptive": False, "decode_speed": False, "random_init": False, "overwrite": False, "keep": None})
+    assert tree == {"midl": {"adaptive": False}, "report": {"decode_speed": False}}
+
+
+def test_runs_time_decoding_for_large_causal_lms_or_when_asked():
+    import torch
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    from midl_convert.pipeline import times_decoding
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with torch.device("meta"):  # 50M+ parameters, no memory
+        large = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                                             num_attention_heads=8, num_key_value_heads=4))
+    encoder = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=64))
+    assert not times_decoding(None, small) and times_decoding(True, small) and not times_decoding(False, small)
+    assert times_decoding(None, large) and not times_decoding(False, large)
+    assert not times_decoding(None, encoder) and not times_decoding(True, encoder)
