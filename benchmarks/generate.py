@@ -176,7 +176,7 @@ def random_like(loaded, size: str):
 
 
 def midl_config(args: argparse.Namespace) -> mc.MIDLConfig:
-    common = {"select": args.select, "skip_head": not args.include_head, "centre": args.centre}
+    common = {"select": args.select, "skip_head": not args.include_head, "centre": args.centre, "adaptive": args.adaptive}
     if args.flops_ratio or args.speedup:
         return mc.MIDLConfig(flops_ratio=args.flops_ratio, speedup=args.speedup, **common)
     return mc.MIDLConfig(keep=args.keep, rank=args.rank, **common)
@@ -225,6 +225,7 @@ def main() -> None:
                    help="which side of W a layer skips: output rows, input columns, or (with --flops-ratio) chosen per layer")
     p.add_argument("--centre", default="auto", choices=["auto", "mean", "median", "none"],
                    help="input-side centring (MIDLConfig.centre)")
+    p.add_argument("--adaptive", action="store_true", help="masks whose size follows the input (MIDLConfig.adaptive)")
     p.add_argument("--include-head", action="store_true", help="convert lm_head too (a fifth of the weights read per token)")
     p.add_argument("--calib-batches", type=int, default=8, help="closed-form calibration batches (0: none)")
     p.add_argument("--data", default="builtin:text", choices=["builtin:text", "builtin:teacher"],

@@ -97,22 +97,26 @@ def methods(rank: float, exclude: list[str], granularity: str) -> list[Method]:
 
 
 def centrings(teacher: nn.Module, example, keeps: list[float], exclude: list[str], granularity: str, calib,
-              names: list[str], judged: Callable[[nn.Module], dict[str, float]]) -> None:
+              names: list[str], judged: Callable[[nn.Module], dict[str, float]], adaptive: bool = False,
+              counted: Any = None) -> None:
     """Per uniform keep, the input side at rank 0 on every converted layer, no training, for each centring
-    (with "auto": how many layers took the mean and the median)."""
-    print(f"\n| keep | centre | whole-model ratio | {' | '.join(names)} | seconds |")
-    print("|---|---|---|" + "---|" * (1 + len(names)))
+    (with "auto": how many layers took no centre, the mean and the median); ``adaptive`` masks with it,
+    their ratio counted on ``counted`` (held-out inputs) as well as on the example."""
+    print(f"\n| keep | centre | whole-model ratio (example) | held-out ratio | {' | '.join(names)} | seconds |")
+    print("|---|---|---|---|" + "---|" * (1 + len(names)))
     for keep in keeps:
         for centre in ("none", "mean", "median", "auto"):
             t = time.perf_counter()
             student = copy.deepcopy(teacher)
             mc.convert(student, mc.MIDLConfig(keep=keep, rank=0, select="input", centre=centre, exclude=exclude,
-                                              granularity=granularity), example)
+                                              granularity=granularity, adaptive=adaptive), example)
             calibration = mc.calibrate(student, calib)
-            taken = [name for c in calibration for name in ("mean", "median") if f"{name} centre" in c.gate]
-            counts = f" ({taken.count('mean')} mean, {taken.count('median')} median)" if centre == "auto" else ""
-            shown = " | ".join(f"{v:.3f}" for v in judged(student).values())
-            print(f"| {keep:g} | {centre}{counts} | {model_flops(student, teacher, example).ratio:.3f}x | {shown} | "
+            taken = [c.gate.rsplit(", ", 1)[-1].split(" ")[0] for c in calibration if c.gate.endswith("centre")]
+            counts = (f" ({taken.count('no')} none, {taken.count('mean')} mean, {taken.count('median')} median)"
+                      if centre == "auto" else "")
+            shown = " | ".join(f"{v:+.1f}" if k.endswith("%") else f"{v:.3f}" for k, v in judged(student).items())
+            held = f"{model_flops_over(student, teacher, counted).ratio:.3f}x" if counted is not None else ""
+            print(f"| {keep:g} | {centre}{counts} | {model_flops(student, teacher, example).ratio:.3f}x | {held} | {shown} | "
                   f"{time.perf_counter() - t:.0f} |", flush=True)
 
 
@@ -214,7 +218,8 @@ def main() -> None:
     p.add_argument("--centre", default="auto", choices=["auto", "mean", "median", "none"],
                    help="the budget row's centring of input-side layers (MIDLConfig.centre)")
     p.add_argument("--keep", type=float, action="append",
-                   help="instead of the peers: every layer at this keep, input side, rank 0, each centring (repeat)")
+                   help="instead of the peers: every layer at this keep, input side, rank 0, each centring (repeat; with "
+                        "--adaptive, adaptive masks)")
     p.add_argument("--calib-batches", type=int, default=4, help="calibration batches of 16 sequences")
     p.add_argument("--ppl-tokens", type=int, default=1024, help="SmolLM2: held-out tokens perplexity is measured on")
     p.add_argument("--ppl-window", type=int, default=512)
@@ -257,9 +262,10 @@ def main() -> None:
     calib = [data.train_batch(1_000_000 + i, 16) for i in range(args.calib_batches)]
     only = prefixes(args.only)
     if args.keep:
-        names = ["cosine", "top-10 overlap"] if output == "embedding" else ["worst photo", *[f"sure {n}" for n in photos]]
+        names = (["cosine", "top-10 overlap"] if output == "embedding" else ["perplexity", "vs dense %"]
+                 if output == "perplexity" else ["worst photo", *[f"sure {n}" for n in photos]])
         centrings(teacher, example, args.keep, exclude, granularity, calib, names,
-                  lambda m: judge(m, teacher, held, output, photos))
+                  lambda m: judge(m, teacher, held, output, photos), args.adaptive, counted_on)
         return
 
     def held_flops(student: nn.Module) -> ModelFlops:
