@@ -93,6 +93,8 @@ def methods(rank: float, exclude: list[str], granularity: str) -> list[Method]:
          nothing),
         ("MID-L input side (rank 0, adaptive, centred)",
          lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", adaptive=True, **common), nothing),
+        ("MID-L input side (rank 0, adaptive, uncentred: a run's default on a causal LM)",
+         lambda k: mc.MIDLConfig(keep=k, rank=0, select="input", adaptive=True, **peer), nothing),
     ]
 
 
