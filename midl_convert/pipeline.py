@@ -82,7 +82,7 @@ def times_decoding(asked: bool | None, student: nn.Module) -> bool:
 
 def decoder_centring(config: MIDLConfig, task: str) -> MIDLConfig:
     """``centre="none"`` for adaptive masks on a causal LM unless the run names a centre: on SmolLM2 at keep
-    0.7, rank 0, centres fitted on the help text (the default "auto") cost +7.9% held-out perplexity
+    0.7, rank 0, centres fitted on the help text (the default "auto") cost +9.2% held-out perplexity
     on the Bible against +1.5% uncentred, and neither the layers' errors nor the model's loss on
     calibration text shows it (README, "Centred selection"). Fixed-k masks keep "auto": there the
     two are close either way (+26.3% against +27.5% uncentred at keep 0.6, +9.8% against +8.6%
