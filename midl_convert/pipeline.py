@@ -75,8 +75,10 @@ def budget_data(data: Any, config: MIDLConfig) -> list[Batch]:
 def times_decoding(asked: bool | None, student: nn.Module) -> bool:
     """Whether a run ends by timing batch-1 greedy decoding: as asked, else for a causal LM of at least
     ``DECODE_SPEED_PARAMS`` parameters."""
-    if asked is not None or not is_causal_lm(student):
-        return bool(asked) and is_causal_lm(student)
+    if not is_causal_lm(student):
+        return False
+    if asked is not None:
+        return asked
     return sum(p.numel() for p in student.parameters()) >= DECODE_SPEED_PARAMS
 
 

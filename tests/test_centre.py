@@ -191,10 +191,14 @@ def test_auto_centre_picks_the_centre_with_the_lower_output_error(data, winner):
 
 
 def test_auto_centre_keeps_no_centre_where_a_centre_only_fits_its_own_rows():
-    """Zero-centred inputs on few rows: a fitted centre is noise that lowers only the error of the rows it
-    came from. "auto" judges on the other rows, takes no centre, and the layer stops paying for one."""
+    """The rows a centre is fitted on (every other one) sit 3 away from the rows it is judged on, which
+    are zero-centred: the centre lowers only the error of the rows it came from. "auto" judges on the
+    other rows, takes no centre, and the layer stops paying for one. (Plain noise on few rows made
+    this a coin toss: 2 of 20 weight seeds took a centre.)"""
+    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 1, 64, generator=gen)
+    x = torch.randn(16, 1, 64, generator=gen)
+    x[0::2] += 3.0
     layer = InputMIDLinear.from_linear(nn.Linear(64, 16), keep=0.25, rank=0).eval()
     layer.centring = "auto"
     before = layer.flops_parts(1, 1)
