@@ -9,7 +9,8 @@ traffic one for one. So under ``MIDLConfig(speedup=...)`` the budget spends meas
 - each distinct (layer shape, call shape, option) is timed once, as the median of interleaved runs
   against the dense layer, in eval under ``torch.inference_mode()`` with the run's thread count;
 - times are cached on disk beside the budget's measurements, keyed by the CPU, its instruction
-  set, the thread count and the torch version, so another machine never reads them.
+  set, the thread count, the torch version and the kernel's source version, so another machine
+  (or a rebuilt kernel) never reads them.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch import nn
 from .decoding import LeanDecoder, supports_static_cache
 from .errors import MIDLError
 from .files import cache_dir, write_atomic
+from .kernels import KERNEL_VERSION
 from .kinds import build_layer
 from .running import run_model, watching
 from .sparse import new_conv1d, sparse_layers
@@ -66,9 +68,10 @@ def cpu_name() -> str:
 
 
 def machine(threads: int | None = None, cpu: str | None = None) -> dict[str, Any]:
-    """What a time depends on besides the layer: CPU, instruction set, threads, torch."""
+    """What a time depends on besides the layer: CPU, instruction set, threads, torch and the kernel's source."""
     return {"cpu": cpu if cpu is not None else cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": threads if threads is not None else torch.get_num_threads(), "torch": torch.__version__}
+            "threads": threads if threads is not None else torch.get_num_threads(), "torch": torch.__version__,
+            "kernel": KERNEL_VERSION}
 
 
 def cache_key(entry: dict[str, Any], threads: int | None = None, cpu: str | None = None) -> str:

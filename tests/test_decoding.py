@@ -62,6 +62,20 @@ def test_compiled_lean_decoder_gives_generates_tokens(select):
     assert lean.compile_seconds is not None and lean.compile_seconds > 0
 
 
+@pytest.mark.slow
+def test_two_compiled_decoders_in_turn_each_run_their_own_graph():
+    """Compiled steps skip dynamo's guards once compiled; two decoders (one code object, two
+    graphs) called in turn, as the benchmarks interleave them, still each decode their own model."""
+    ids = prompt()
+    models = {"dense": tiny("llama"), "input": converted("llama", "input")}
+    expected = {name: hf_greedy(m, ids) for name, m in models.items()}
+    assert not torch.equal(expected["dense"], expected["input"])  # else the test could not tell them apart
+    leans = {name: LeanDecoder(m, max_tokens=32, compile=True) for name, m in models.items()}
+    for _ in range(2):
+        for name, lean in leans.items():
+            assert torch.equal(lean.generate(ids, NEW), expected[name]), name
+
+
 def test_lean_decoder_refuses_what_it_cannot_run():
     model = tiny("llama")
     lean = LeanDecoder(model, max_tokens=8, compile=False)

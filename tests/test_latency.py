@@ -45,14 +45,17 @@ SMALL_GRID = dict(budget_keeps=[0.5], budget_ranks=[2], budget_input_keeps=[0.5]
 
 
 # ----- the cache ---------------------------------------------------------------------------------
-def test_cache_key_changes_with_thread_count_cpu_and_cache_version(monkeypatch):
+def test_cache_key_changes_with_thread_count_cpu_kernel_and_cache_version(monkeypatch):
     entry = {"layer": {"module_type": "linear", "in_features": 32, "out_features": 32}, "call": [1, 1, 32], "option": "dense"}
     key = latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
     assert key == latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
     assert key != latency.cache_key(entry, threads=1, cpu="Intel Xeon A")
     assert key != latency.cache_key(entry, threads=2, cpu="AMD EPYC B")
     assert key != latency.cache_key({**entry, "call": [1, 16, 32]}, threads=2, cpu="Intel Xeon A")
-    assert set(latency.machine()) == {"cpu", "capability", "threads", "torch"}
+    assert set(latency.machine()) == {"cpu", "capability", "threads", "torch", "kernel"}
+    monkeypatch.setattr(latency, "KERNEL_VERSION", latency.KERNEL_VERSION - 1)  # times of an older kernel: not read
+    assert key != latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
+    monkeypatch.undo()
     monkeypatch.setattr(latency, "CACHE_VERSION", latency.CACHE_VERSION - 1)  # an older version's entries: not read
     assert key != latency.cache_key(entry, threads=2, cpu="Intel Xeon A")
 
