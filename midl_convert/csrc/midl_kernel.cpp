@@ -755,7 +755,8 @@ at::Tensor input_rows_op(const at::Tensor& x_in, const at::Tensor& wt, const at:
   const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
   const auto f = [&](const at::Tensor& t) { return half ? t.to(at::kFloat) : t; };
   const auto xf = f(x);
-  const auto exact = at::where(top_mask(xf.abs().mul(scale), k, threshold), xf, 0.0);
+  const bool every = k >= x.size(1) && std::isnan(threshold);  // Int8Linear: no scores to rank
+  const auto exact = every ? xf : at::where(top_mask(xf.abs().mul(scale), k, threshold), xf, 0.0);
   const bool scaled = wt_scale.has_value() && wt_scale->defined();
   auto y = scaled ? at::mm(exact, wt.to(exact.scalar_type())).mul_(f(*wt_scale))
                   : bias.numel() ? at::addmm(f(bias), exact, f(wt)) : at::mm(exact, f(wt));
