@@ -3,6 +3,8 @@ held-out metrics, chosen by what the model outputs (logits, a sentence embedding
 """
 from __future__ import annotations
 
+import math
+
 from typing import Iterable
 
 import torch
@@ -71,8 +73,11 @@ ROWS_AT_ONCE = 1024  # output rows whose softmaxes are taken together: an LLM's 
 
 
 @torch.no_grad()
-def compare(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], output: str, top: int = 10) -> dict[str, float]:
-    """Held-out agreement of student with teacher (and accuracy when labels exist).
+def compare(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], output: str, top: int = 10,
+            next_token: bool = False) -> dict[str, float]:
+    """Held-out agreement of student with teacher (and accuracy when labels exist). With
+    ``next_token`` (a causal LM's logits), also each model's perplexity on the batches' own next
+    tokens: the figure a decoder's user reads, where agreement with the teacher is only a proxy.
 
     Logits and hidden states are reduced batch by batch, ``ROWS_AT_ONCE`` rows at a time: holding every
     token's logits of 256 SmolLM2 samples (49152 each, teacher and student, then joined and soft-maxed)
@@ -86,6 +91,9 @@ def compare(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], ou
             emb_s.append(s.float())
             emb_t.append(t.float())
             continue
+        if next_token and output == "logits":
+            for key, value in _next_token_sums(s, t, batch).items():
+                sums[key] = sums.get(key, 0.0) + value
         s, t = positions(s, batch), positions(t, batch)
         labels = batch.labels if output == "logits" and batch.labels is not None and len(batch.labels) == len(s) else None
         labelled = labelled and labels is not None
@@ -110,7 +118,30 @@ def compare(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], ou
            "agreement_sure": sums["agree_sure"] / sums["sure"] if sums.get("sure") else float("nan")}
     if labelled and n:
         out["accuracy"], out["teacher_accuracy"] = mean("correct"), mean("teacher_correct")
+    if sums.get("next_tokens"):
+        out["perplexity"] = math.exp(sums["nll"] / sums["next_tokens"])
+        out["teacher_perplexity"] = math.exp(sums["teacher_nll"] / sums["next_tokens"])
+        out["next_tokens"] = sums["next_tokens"]
     return out
+
+
+def _next_token_sums(s: torch.Tensor, t: torch.Tensor, batch: Batch) -> dict[str, float]:
+    """Summed next-token losses of student and teacher logits (B, L, V) on the batch's own
+    ``input_ids``, over positions whose token and next token are both real; empty when the batch
+    has no ids to predict."""
+    ids = batch.inputs.get("input_ids") if isinstance(batch.inputs, dict) else None
+    if ids is None or s.dim() != 3 or ids.shape != s.shape[:2] or ids.shape[1] < 2:
+        return {}
+    mask = _mask(batch)
+    keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else (mask[:, 1:] * mask[:, :-1]).bool()
+    target = ids[:, 1:][keep]
+    sums = {"nll": 0.0, "teacher_nll": 0.0, "next_tokens": float(len(target))}
+    for name, logits in (("nll", s), ("teacher_nll", t)):
+        rows = logits[:, :-1][keep]
+        for lo in range(0, len(rows), ROWS_AT_ONCE):  # a row is the whole vocabulary
+            sums[name] += F.cross_entropy(rows[lo : lo + ROWS_AT_ONCE].float(), target[lo : lo + ROWS_AT_ONCE],
+                                          reduction="sum").item()
+    return sums
 
 
 def _logit_sums(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:

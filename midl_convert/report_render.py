@@ -28,6 +28,10 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
         ("Converted layers", str(len(report.layers))),
         ("Parameters original / converted", f"{p['original']:,} / {p['converted']:,}"),
         (f"Quality: {q['headline']}", fmt(q["value"])),
+        *([(f"Perplexity on held-out text, dense / converted ({q['metrics']['next_tokens']:.0f} next tokens)",
+            f"{q['metrics']['teacher_perplexity']:.2f} / {q['metrics']['perplexity']:.2f} "
+            f"({q['metrics']['perplexity'] / q['metrics']['teacher_perplexity'] - 1:+.1%})")]
+          if q["metrics"].get("perplexity") is not None else []),
     ]
     call = report.latency.get("call_shape")
     if call:

@@ -215,6 +215,12 @@ def test_report_says_slower_with_the_reason(token_report):
     line = slower_reason(slow, token_report.layers)
     assert line.startswith("slower than dense (0.800x): per-token masks on 16-row calls run as dense compute plus masking")
     assert slower_reason({"results": [{"speedup": 1.2}], "call_shape": {"speedup": 1.1}}, token_report.layers) is None
+    # a decoder: slower on its example sentence, faster decoding; the line names which, with the sentence's reason
+    mixed = slower_reason({"results": [{"speedup": 0.38}], "call_shape": {"speedup": 1.4, "tokens_per_s_speedup": 1.15}},
+                          token_report.layers)
+    assert mixed == ("slower than dense (0.380x batch 1 on the example input): per-token masks on 16-row calls run as "
+                     "dense compute plus masking (3 of 3 converted layers); faster at the call shape 1.400x, "
+                     "in greedy decode 1.150x")
     report = Report.from_dict({**token_report.to_dict(), "latency": {**token_report.latency, "slower": line}})
     assert line in report.markdown()
     buf = io.StringIO()

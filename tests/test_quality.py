@@ -70,3 +70,49 @@ def test_hidden_states_and_labels():
     assert got["teacher_accuracy"] == pytest.approx((t.argmax(-1) == y).float().mean().item())
     hidden = quality.compare(a, b, batches, "hidden")
     assert hidden["cosine"] == pytest.approx(F.cosine_similarity(s, t, dim=-1).mean().item(), rel=1e-5)
+
+
+def test_causal_lm_perplexity_is_the_models_own_next_token_loss(monkeypatch):
+    """A causal LM's report gives each model's perplexity on the held-out ids: exp of the loss HF
+    computes with those ids as labels (padding ignored), whatever the rows per softmax."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    teacher, student = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding: the last three of the second row are not text
+    batches = [Batch({"input_ids": ids, "attention_mask": mask})]
+    monkeypatch.setattr(quality, "ROWS_AT_ONCE", 5)
+    got = quality.compare(student, teacher, batches, "logits", next_token=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        for model, key in ((student, "perplexity"), (teacher, "teacher_perplexity")):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            assert got[key] == pytest.approx(float(loss.exp()), rel=1e-5)
+    assert got["next_tokens"] == 8 + 5
+    assert got["perplexity"] != pytest.approx(got["teacher_perplexity"])
+    assert "perplexity" not in quality.compare(student, teacher, batches, "logits")  # a classifier's logits: none
+
+
+def test_a_causal_lm_report_shows_both_perplexities():
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import midl_convert as mc
+    from midl_convert.report import build_report
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    teacher = LlamaForCausalLM(config).eval()
+    held = [Batch({"input_ids": torch.randint(1, 50, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)})]
+    student, plan = mc.convert(copy.deepcopy(teacher), mc.MIDLConfig(keep=0.5, rank=0, select="input"), held[0].inputs)
+    report = build_report(student, teacher, held, "causal-lm", plan=plan, repeats=1, example_inputs=held[0].inputs)
+    metrics = report.quality["metrics"]
+    assert metrics["next_tokens"] == 16 and metrics["perplexity"] > 1 and metrics["teacher_perplexity"] > 1
+    line = next(line for line in report.markdown().splitlines() if "Perplexity on held-out text" in line)
+    assert f"{metrics['teacher_perplexity']:.2f} / {metrics['perplexity']:.2f}" in line
