@@ -27,7 +27,9 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/BFloat16.h>
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>  // the paired AVX-512 loops; other CPUs build without them
+#endif
 #include <omp.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
