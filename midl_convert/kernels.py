@@ -153,11 +153,10 @@ def tracing() -> bool:
 def top_mask(s: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
     """Boolean mask (R, n) of each row's ``k`` largest scores, or with a threshold (not NaN) of its
     scores above it (at least one): the kernels' selection (NaN scores rank first, as in topk)."""
-    mask = torch.zeros_like(s, dtype=torch.bool)
     if s.shape[0] == 0:
-        return mask
+        return torch.zeros_like(s, dtype=torch.bool)
     if math.isnan(threshold):
-        return mask.scatter_(-1, s.topk(k, dim=-1, sorted=False).indices, True)
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(k, dim=-1, sorted=False).indices, True)
     # The scores above the threshold are each row's top count: one compare, not a sort (a sorted
     # top-k of the largest count took 0.6 ms per SmolLM2 layer on a 32-token prompt).
     # Each row's largest score is above it whenever any is, so marking it gives "at least one".
