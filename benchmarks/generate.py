@@ -44,7 +44,7 @@ from midl_convert.data import CALIBRATION_OFFSET, kjv_sentences
 from midl_convert.decoding import LeanDecoder
 from midl_convert.flops import model_flops
 from midl_convert.pipeline import budget_data
-from llamacpp import BYTES_PER_WEIGHT, LlamaCpp, gguf_copies
+from llamacpp import BYTES_PER_WEIGHT, LlamaCpp, gguf_copies, probe
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The perplexity text starts at this verse of data.kjv_sentences (a fixed shuffle): builtin:text judges
@@ -306,8 +306,11 @@ def by_dtype(teacher, student, ids: torch.Tensor, prompt: torch.Tensor, args: ar
     if args.peers:  # llama.cpp on the GGUF the HF model was read from
         from midl_convert.models import OFFLINE_PACKAGES
 
-        source = OFFLINE_PACKAGES[SMOL.lower()][1]() if args.model == SMOL else Path(args.model)
-        for fmt, path in gguf_copies(Path(source), PEER_FORMATS).items():
+        source = Path(OFFLINE_PACKAGES[SMOL.lower()][1]() if args.model == SMOL else args.model)
+        why = probe(source)
+        if why:
+            print(f"llama.cpp rows left out: {why}", flush=True)
+        for fmt, path in gguf_copies(source, PEER_FORMATS).items() if why is None else ():
             name = f"llama.cpp {fmt}"
             models[name] = LlamaCpp(path, args.threads)
             t = time.perf_counter()

@@ -11,6 +11,9 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +52,33 @@ def gguf_copies(source: Path, formats: list[str]) -> dict[str, Path]:
             os.replace(tmp, target)
         out[name] = target
     return out
+
+
+# Decodes two tokens in a child process: a llama.cpp build that faults on this CPU kills the child, not the run.
+PROBE = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=1, n_ctx=64, verbose=False); "
+         "g = llm.generate(llm.tokenize(b'In the beginning'), top_k=1, temp=0.0); next(g); next(g)")
+# The rebuild that avoids the one fault seen so far: a VM that lists AMX but faults on `ldtilecfg`.
+REBUILD = ('CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" '
+           "pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python")
+
+
+def probe(path: Path, timeout: float = 300.0) -> str | None:
+    """None where llama.cpp decodes ``path`` in a child process; otherwise why not, in one line.
+
+    Some prebuilt llama.cpp wheels die with a signal on the first decode (illegal instruction, or a
+    general protection fault at AMX tile set-up in a VM), which would take the whole benchmark with them."""
+    try:
+        run = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"llama.cpp did not decode two tokens in {timeout:.0f}s in a child process"
+    if run.returncode == 0:
+        return None
+    if run.returncode < 0:
+        name = signal.Signals(-run.returncode).name
+        return (f"llama.cpp died with {name} on its first decode in a child process (this CPU faults on an instruction "
+                f"the build uses); rebuild it for this CPU: {REBUILD}")
+    last = (run.stderr.strip().splitlines() or ["no message"])[-1]
+    return f"llama.cpp failed in a child process (exit {run.returncode}): {last}"
 
 
 class LlamaCpp:

@@ -234,6 +234,31 @@ def test_input_kernel_threads_split_the_work_the_same(kernel, rows, is_adaptive)
     close(fused, kernels.input_rows_reference(x, wt, b, v, u, scale, 256, threshold))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_adaptive", [False, True])
+def test_many_rows_pick_in_one_pass_as_the_reference(kernel, dtype, is_adaptive):
+    """Many rows run one pass of selection in C++ before the GEMM: the same inputs as the
+    reference's top-k or threshold, a row with no score above the threshold keeping its best, and a
+    NaN input kept (so the row's output is NaN, as the reference's)."""
+    rows, in_f, out_f, k = KERNEL_MAX_ROWS + 5, 96, 64, 30
+    wt, b, v, u, scale = (t.to(dtype) if i < 4 else t for i, t in enumerate(input_layer(in_f, out_f, 0, True)))
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x[1] *= 1e-3  # nothing above the threshold: only its best
+    x[2, 5] = float("nan")
+    s = x.float().abs() * scale
+    threshold = float(s[3:].flatten().median()) if is_adaptive else NAN
+    y = torch.ops.midl.input_rows(x, wt, b, v, u, scale, k, threshold)
+    expected = kernels.input_rows_reference(x, wt, b, v, u, scale, k, threshold)
+    assert y[2].isnan().all() and expected[2].isnan().all()
+    keep = torch.ones(rows, dtype=torch.bool)
+    keep[2] = False
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y[keep].float(), expected[keep].float(), rtol=0, atol=tol * expected[keep].abs().max().item())
+    if is_adaptive:  # row 1 is its best input alone through W
+        best = s[1].argmax()
+        torch.testing.assert_close(y[1].float(), (x[1, best] * wt[best] + b).float(), rtol=0, atol=1e-2)
+
+
 @pytest.mark.parametrize("rows,is_adaptive", [(1, False), (4, True), (KERNEL_MAX_ROWS + 2, False)])
 def test_flop_counter_counts_what_the_input_op_runs(kernel, rows, is_adaptive):
     in_f, out_f, rank, k = 48, 64, 8, 20

@@ -724,36 +724,66 @@ at::Tensor top_mask(const at::Tensor& s, int64_t k, double threshold) {
   return s.gt(threshold).logical_or_(s.isnan()).scatter_(-1, s.argmax(-1, true), true);
 }
 
-// Rows x (R, in), float32 or bfloat16, with each input whose score |x_j| scale_j is not above the
-// threshold zeroed (a NaN score kept; each row keeps at least its best): adaptive masks on many rows
-// in one pass. As separate torch ops (scores, compare, argmax, scatter, where) the selection took
-// about as long as the 15 x 576 x 1536 bfloat16 GEMM it feeds.
-at::Tensor keep_above(const at::Tensor& x_in, const at::Tensor& scale_in, float threshold) {
+// Rows x (R, in), float32 or bfloat16, with the inputs a row does not pick zeroed, in one pass per
+// row: with a threshold (adaptive masks) those whose score |x_j| scale_j is not above it (a NaN score
+// kept; each row keeps at least its best), else all but its k best scores (top_k's O(n) selection).
+// As separate torch ops (scores, compare or a sorted top-k, scatter, where) the selection took about
+// as long as the 15 x 576 x 1536 bfloat16 GEMM it feeds, and a sorted top-k 2-7x longer.
+// |v| of a float32, or of a bfloat16 given as its bits, as float32 (branch-free, so loops vectorise).
+inline float magnitude(float v) { return std::abs(v); }
+inline float magnitude(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits & 0x7FFFu) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// One row's picks (see keep_picked) from xr into yr; s, keys and picked hold n entries.
+template <typename T>
+__attribute__((noinline)) WIDE_VECTORS void keep_row(const T* xr, T* yr, const float* sc, int64_t n, int64_t k, float threshold, float* s,
+                           uint32_t* keys, int64_t* picked) {
+  if (std::isnan(threshold)) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] = magnitude(xr[j]) * sc[j];
+    top_k(s, n, k, keys, picked);
+    std::fill(yr, yr + n, T(0));
+    for (int64_t i = 0; i < k; ++i) yr[picked[i]] = xr[picked[i]];
+    return;
+  }
+  int32_t kept = 0;
+#pragma omp simd reduction(+ : kept)
+  for (int64_t j = 0; j < n; ++j) {
+    const bool keep = !(magnitude(xr[j]) * sc[j] <= threshold);  // above it, or NaN
+    if constexpr (std::is_same_v<T, uint16_t>)
+      yr[j] = xr[j] & static_cast<uint16_t>(-static_cast<int32_t>(keep));  // the bits themselves
+    else
+      yr[j] = keep ? xr[j] : T(0);
+    kept += keep;
+  }
+  if (kept) return;
+  int64_t best = 0;  // none above: the row keeps its best
+  for (int64_t j = 1; j < n; ++j)
+    if (magnitude(xr[j]) * sc[j] > magnitude(xr[best]) * sc[best]) best = j;
+  yr[best] = xr[best];
+}
+
+at::Tensor keep_picked(const at::Tensor& x_in, const at::Tensor& scale_in, int64_t k, float threshold) {
   const auto x = x_in.contiguous(), scale = scale_in.contiguous();
   auto out = at::empty_like(x);
   const int64_t R = x.size(0), in = x.size(1);
   const float* sc = scale.data_ptr<float>();
-  const auto run = [&](auto* X, auto* Y) {
-    at::parallel_for(0, R, 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t row = lo; row < hi; ++row) {
-        const auto* xr = X + row * in;
-        auto* yr = Y + row * in;
-        int64_t best = 0;
-        float top = -1.f;
-        bool any = false;
-        for (int64_t j = 0; j < in; ++j) {
-          const float s = std::abs(static_cast<float>(xr[j])) * sc[j];
-          const bool keep = s > threshold || std::isnan(s);
-          yr[j] = keep ? static_cast<float>(xr[j]) : 0.f;  // exact: a bfloat16 value back to bfloat16
-          any = any || keep;
-          if (s > top) top = s, best = j;
-        }
-        if (!any) yr[best] = xr[best];
-      }
+  const auto run = [&](const auto* X, auto* Y) {
+    at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1)), [&](int64_t lo, int64_t hi) {
+      std::vector<float> s(in);
+      std::vector<uint32_t> keys(in);
+      std::vector<int64_t> picked(in);
+      for (int64_t row = lo; row < hi; ++row)
+        keep_row(X + row * in, Y + row * in, sc, in, k, threshold, s.data(), keys.data(), picked.data());
     });
   };
   if (x.scalar_type() == at::kBFloat16)
-    run(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+    run(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+        reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   else
     run(x.data_ptr<float>(), out.data_ptr<float>());
   return out;
@@ -801,10 +831,10 @@ at::Tensor input_rows_op(const at::Tensor& x_in, const at::Tensor& wt, const at:
   const auto f = [&](const at::Tensor& t) { return half ? t.to(at::kFloat) : t; };
   const auto xf = f(x);
   const bool every = k >= x.size(1) && std::isnan(threshold);  // Int8Linear: no scores to rank
-  const bool one_pass = !std::isnan(threshold) && xf.dim() == 2 && scale.scalar_type() == at::kFloat &&
+  const bool one_pass = xf.dim() == 2 && scale.scalar_type() == at::kFloat && k >= 1 && k <= xf.size(1) &&
                         (xf.scalar_type() == at::kFloat || xf.scalar_type() == at::kBFloat16);
   const auto exact = every      ? xf
-                     : one_pass ? keep_above(xf, scale, static_cast<float>(threshold))
+                     : one_pass ? keep_picked(xf, scale, k, static_cast<float>(threshold))
                                 : at::where(top_mask(xf.abs().mul(scale), k, threshold), xf, 0.0);
   const bool scaled = wt_scale.has_value() && wt_scale->defined();
   auto y = scaled ? at::mm(exact, wt.to(exact.scalar_type())).mul_(f(*wt_scale))
