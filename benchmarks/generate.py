@@ -23,7 +23,7 @@ is built by the package's own stages: ``load_model`` -> ``convert`` -> ``calibra
 ``--weight-dtype`` lists dtypes: dense and converted each run in every one (``mc.set_weight_dtype``
 after calibration and distillation, which stay float32), all interleaved in one run; each converted
 model's ratio is against the dense model in the same dtype. ``--peers`` adds llama.cpp on the same
-GGUF weights (Q4_1 as shipped, Q8_0 and F16 requantised from it, ``llamacpp.py``) to the same
+GGUF weights (Q4_1 as shipped, Q8_0 and F16 requantised from it, ``midl_convert.llama_cpp_peer``) to the same
 interleaved rounds, with the ratio of each HF model to llama.cpp at about the same bytes per weight
 (bfloat16 to F16, int8 to Q8_0):
 
@@ -43,8 +43,8 @@ import midl_convert as mc
 from midl_convert.data import CALIBRATION_OFFSET, kjv_sentences
 from midl_convert.decoding import LeanDecoder
 from midl_convert.flops import model_flops
+from midl_convert.llama_cpp_peer import BYTES_PER_WEIGHT, LlamaCpp, gguf_copies, probe
 from midl_convert.pipeline import budget_data
-from llamacpp import BYTES_PER_WEIGHT, LlamaCpp, gguf_copies, probe
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # The perplexity text starts at this verse of data.kjv_sentences (a fixed shuffle): builtin:text judges

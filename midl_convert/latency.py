@@ -33,6 +33,7 @@ from .errors import MIDLError
 from .files import cache_dir, write_atomic
 from .kernels import KERNEL_VERSION
 from .kinds import build_layer
+from .llama_cpp_peer import gguf_format, start_peer
 from .running import run_model, watching
 from .sparse import new_conv1d, sparse_layers
 from .weight_dtype import set_weight_dtype
@@ -256,10 +257,12 @@ def model_time(model: nn.Module, example_inputs: Any, repeats: int = REPEATS) ->
 
 
 def end_to_end(teacher: nn.Module, student: nn.Module, example_inputs: Any, repeats: int = REPEATS,
-               new_tokens: int = GENERATE_TOKENS, decoder: str = "lean") -> dict[str, Any]:
+               new_tokens: int = GENERATE_TOKENS, decoder: str = "lean", gguf: str | None = None) -> dict[str, Any]:
     """The dense and converted model timed interleaved at their real call shape; for a causal LM also
     tokens/s of a short greedy decode with the KV cache: through ``decoding.LeanDecoder`` (static
-    cache, compiled step; compile seconds kept apart) where the model allows, else HF ``generate``."""
+    cache, compiled step; compile seconds kept apart) where the model allows, else HF ``generate``.
+    With ``gguf`` (the file the weights were read from), llama.cpp decodes that file in the same
+    rounds: what a CPU user would run instead."""
     with torch.inference_mode():
         times = interleaved([model_step(teacher, example_inputs), model_step(student, example_inputs)], repeats)
     causal = is_causal_lm(student)
@@ -269,13 +272,14 @@ def end_to_end(teacher: nn.Module, student: nn.Module, example_inputs: Any, repe
     }
     if causal:
         ids = example_inputs["input_ids"][:1]
-        out.update(_decode_speed(teacher, student, ids, new_tokens, max(3, repeats // 3), decoder))
+        out.update(_decode_speed(teacher, student, ids, new_tokens, max(3, repeats // 3), decoder, gguf))
     return out
 
 
 def _decode_speed(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int,
-                  decoder: str) -> dict[str, Any]:
-    """Tokens/s of dense and converted greedy decoding, interleaved, and which decoder ran."""
+                  decoder: str, gguf: str | None = None) -> dict[str, Any]:
+    """Tokens/s of dense and converted greedy decoding, interleaved, and which decoder ran; with
+    ``gguf``, llama.cpp on that file in the same rounds (or why it could not run)."""
     out: dict[str, Any] = {"generate_tokens": new_tokens, "prompt_tokens": ids.shape[1]}
     if decoder == "lean" and supports_static_cache(teacher) and supports_static_cache(student):
         leans = [LeanDecoder(m, max_tokens=ids.shape[1] + new_tokens) for m in (teacher, student)]
@@ -290,10 +294,22 @@ def _decode_speed(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, new
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=pad)
         out["decoder"] = "HF generate"
         fns = [lambda: teacher.generate(ids, **kw), lambda: student.generate(ids, **kw)]
-    with torch.no_grad():  # no inference mode: a compiled, frozen step wants plain no_grad
-        gen = interleaved(fns, repeats)
+    peer, why = start_peer(gguf, torch.get_num_threads()) if gguf is not None else (None, None)
+    if peer is not None:
+        fns.append(lambda: peer.generate_seconds(ids[0].tolist(), new_tokens))
+    try:
+        with torch.no_grad():  # no inference mode: a compiled, frozen step wants plain no_grad
+            gen = interleaved(fns, repeats)
+    finally:
+        if peer is not None:
+            peer.close()
     out.update(dense_tokens_per_s=new_tokens / gen[0], converted_tokens_per_s=new_tokens / gen[1],
                tokens_per_s_speedup=gen[0] / gen[1])
+    if peer is not None:
+        out.update(llama_cpp=gguf_format(gguf), llama_cpp_tokens_per_s=new_tokens / gen[2],
+                   converted_per_llama_cpp=gen[2] / gen[1])
+    elif why is not None:
+        out["llama_cpp_missing"] = why
     return out
 
 

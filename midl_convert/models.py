@@ -74,6 +74,7 @@ class LoadedModel:
     tokenizer: Any = None
     notes: list[str] = field(default_factory=list)  # one-line facts the user should see (offline fallbacks, remaps)
     build: dict[str, Any] = field(default_factory=dict)  # how to rebuild the bare architecture (for saving)
+    gguf: str | None = None  # the GGUF file the weights were read from: llama.cpp can run the same file
 
 
 @lru_cache(maxsize=1)
@@ -304,7 +305,7 @@ def _load_hf(spec: str, random_init: bool, model_kwargs: dict, trust: bool) -> L
 def _load_gguf(file: str, spec: str, random_init: bool, model_kwargs: dict, notes: list[str]) -> LoadedModel:
     model, tokenizer = read_gguf(file, random_init, **model_kwargs)
     return LoadedModel(model, spec, "hf", "causal-lm", hf_example_inputs(model, tokenizer), tokenizer=tokenizer, notes=notes,
-                       build={"source": "hf", "spec": spec, "task": "causal-lm"})
+                       build={"source": "hf", "spec": spec, "task": "causal-lm"}, gguf=str(file))
 
 
 SAMPLE_TEXT = "MID-L keeps the exact path for the neurons that matter most."

@@ -96,9 +96,11 @@ def decoder_centring(config: MIDLConfig, task: str) -> MIDLConfig:
     return config.model_copy(update={"centre": "none"})
 
 
-def measure_speedup(teacher: nn.Module, student: nn.Module, example_inputs: Any, plan: Plan) -> dict[str, Any]:
-    """The converted model's measured speed-up at its real call shape, printed and kept in the plan's budget."""
-    measured = end_to_end(teacher, student, example_inputs)
+def measure_speedup(teacher: nn.Module, student: nn.Module, example_inputs: Any, plan: Plan,
+                    gguf: str | None = None) -> dict[str, Any]:
+    """The converted model's measured speed-up at its real call shape, printed and kept in the plan's
+    budget; with ``gguf``, decoding also against llama.cpp on that file."""
+    measured = end_to_end(teacher, student, example_inputs, gguf=gguf)
     line = (f"measured speed-up at the call shape ({measured['call']}, {measured['threads']} threads): "
             f"{measured['dense_ms']:.3f} -> {measured['converted_ms']:.3f} ms, {measured['speedup']:.3f}x")
     if "dense_tokens_per_s" in measured:
@@ -107,6 +109,11 @@ def measure_speedup(teacher: nn.Module, student: nn.Module, example_inputs: Any,
         compiled = measured.get("compile_s") or {}
         if compiled.get("dense") is not None:
             line += f", compiled in {compiled['dense']:.0f}s / {compiled['converted']:.0f}s apart from the timing"
+        if "llama_cpp_tokens_per_s" in measured:
+            line += (f"; llama.cpp on the same {measured['llama_cpp']} file {measured['llama_cpp_tokens_per_s']:.1f} "
+                     f"tokens/s, the converted model at {measured['converted_per_llama_cpp']:.3f}x of it")
+        elif "llama_cpp_missing" in measured:
+            line += f"; llama.cpp not timed: {measured['llama_cpp_missing']}"
     logger.info(line)
     if plan.budget is not None:
         plan.budget["measured"] = measured
@@ -212,7 +219,7 @@ def _run(recipe: Recipe, dry_run: bool, device: torch.device, progress: bool, tr
             example = example.map(lambda t: t.bfloat16() if t.is_floating_point() else t)
     measured = None
     if device.type == "cpu" and (config.speedup is not None or times_decoding(recipe.report.decode_speed, student)):
-        measured = measure_speedup(teacher, student, example.inputs, plan)
+        measured = measure_speedup(teacher, student, example.inputs, plan, gguf=loaded.gguf)
     if recipe.report.enabled:
         settings = {"model": m.model_dump(), "recipe": recipe.model_dump(), "data": spec, "seed": recipe.seed,
                     "device": str(device), "notes": loaded.notes}

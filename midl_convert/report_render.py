@@ -43,6 +43,11 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
                          f"({call['generate_tokens']} new tokens)",
                          f"{call['dense_tokens_per_s']:.1f} / {call['converted_tokens_per_s']:.1f} "
                          f"({fmt(call['tokens_per_s_speedup'])}x)"))
+        if call.get("llama_cpp_tokens_per_s") is not None:
+            rows.append((f"Greedy decode, llama.cpp on the same {call['llama_cpp']} file, tokens/s; converted / llama.cpp",
+                         f"{call['llama_cpp_tokens_per_s']:.1f}; {fmt(call['converted_per_llama_cpp'])}x"))
+        elif call.get("llama_cpp_missing"):
+            rows.append(("Greedy decode, llama.cpp on the same file", f"not timed: {call['llama_cpp_missing']}"))
     mem = {m["batch_size"]: m for m in report.memory["results"]}
     for lat in report.latency["results"]:
         b, t, s = lat["batch_size"], lat["teacher"], lat["student"]

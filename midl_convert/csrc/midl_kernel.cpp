@@ -121,8 +121,9 @@ inline uint32_t rank_key(float v) {
 }
 
 // The k indices of the largest s, ascending, in picked[0..k); ties at the k-th value are taken in
-// index order. The k-th largest key is found bit by bit, one branch-free counting pass per bit:
-// on fresh scores (a new token's) nth_element's unpredictable branches cost 5x more.
+// index order. The k-th largest key is found bit by bit, one branch-free counting pass per bit
+// (on fresh scores, a new token's, nth_element's unpredictable branches cost 5x more), stopping
+// at the first bit where exactly k keys lie above: about 12 to 16 passes instead of 32 on real scores.
 // keys and picked hold n entries each.
 WIDE_VECTORS void top_k(const float* s, int64_t n, int64_t k, uint32_t* keys, int64_t* picked) {
   for (int64_t i = 0; i < n; ++i) keys[i] = rank_key(s[i]);
@@ -133,6 +134,7 @@ WIDE_VECTORS void top_k(const float* s, int64_t n, int64_t k, uint32_t* keys, in
 #pragma omp simd reduction(+ : count)
     for (int64_t i = 0; i < n; ++i) count += keys[i] >= t;
     if (count >= k) kth = t;
+    if (count == k) break;  // exactly k keys are >= t: they are the k largest, whatever the lower bits
   }
   int64_t ties = k, m = 0, at_least = 0;
 #pragma omp simd reduction(+ : at_least)
@@ -773,7 +775,9 @@ at::Tensor keep_picked(const at::Tensor& x_in, const at::Tensor& scale_in, int64
   const int64_t R = x.size(0), in = x.size(1);
   const float* sc = scale.data_ptr<float>();
   const auto run = [&](const auto* X, auto* Y) {
-    at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1)), [&](int64_t lo, int64_t hi) {
+    // Rows per task: a second thread pays off from about 32k inputs compared, or 2k ranked by top_k.
+    const int64_t grain = std::max<int64_t>(1, (std::isnan(threshold) ? 2048 : 32768) / std::max<int64_t>(in, 1));
+    at::parallel_for(0, R, grain, [&](int64_t lo, int64_t hi) {
       std::vector<float> s(in);
       std::vector<uint32_t> keys(in);
       std::vector<int64_t> picked(in);
