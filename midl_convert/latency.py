@@ -295,8 +295,17 @@ def _decode_speed(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, new
         out["decoder"] = "HF generate"
         fns = [lambda: teacher.generate(ids, **kw), lambda: student.generate(ids, **kw)]
     peer, why = start_peer(gguf, torch.get_num_threads()) if gguf is not None else (None, None)
+    failed: list[str] = []  # a peer that dies mid-run loses its row, never the run
+
+    def peer_step() -> None:
+        if not failed:
+            try:
+                peer.generate_seconds(ids[0].tolist(), new_tokens)
+            except RuntimeError as e:
+                failed.append(str(e))
+
     if peer is not None:
-        fns.append(lambda: peer.generate_seconds(ids[0].tolist(), new_tokens))
+        fns.append(peer_step)
     try:
         with torch.no_grad():  # no inference mode: a compiled, frozen step wants plain no_grad
             gen = interleaved(fns, repeats)
@@ -305,7 +314,8 @@ def _decode_speed(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, new
             peer.close()
     out.update(dense_tokens_per_s=new_tokens / gen[0], converted_tokens_per_s=new_tokens / gen[1],
                tokens_per_s_speedup=gen[0] / gen[1])
-    if peer is not None:
+    why = failed[0] if failed else why
+    if peer is not None and not failed:
         out.update(llama_cpp=gguf_format(gguf), llama_cpp_tokens_per_s=new_tokens / gen[2],
                    converted_per_llama_cpp=gen[2] / gen[1])
     elif why is not None:

@@ -50,15 +50,25 @@ class FakePeer:
 
 
 def test_decode_timing_puts_llama_cpp_in_the_same_rounds_or_says_why_not(monkeypatch):
-    from tests.test_latency import tiny_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = tiny_llama()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)).eval()
     ids = torch.randint(0, 64, (1, 8))
     monkeypatch.setattr(latency, "start_peer", lambda gguf, threads: (FakePeer(), None))
     out = latency._decode_speed(model, model, ids, 3, 2, "hf", gguf="/m/SmolLM2.Q8_0.gguf")
     assert out["llama_cpp"] == "Q8_0" and FakePeer.closed
     assert 3 / 0.03 < out["llama_cpp_tokens_per_s"] < 3 / 0.02  # the wall-clock of a 20 ms call
     assert out["converted_per_llama_cpp"] == pytest.approx(out["converted_tokens_per_s"] / out["llama_cpp_tokens_per_s"])
+    class DyingPeer(FakePeer):
+        def generate_seconds(self, prompt: list[int], new_tokens: int) -> float:
+            raise RuntimeError("llama.cpp's process died (signal SIGSEGV) on generate")
+
+    monkeypatch.setattr(latency, "start_peer", lambda gguf, threads: (DyingPeer(), None))
+    out = latency._decode_speed(model, model, ids, 3, 2, "hf", gguf="/m/x.gguf")
+    assert out["llama_cpp_missing"] == "llama.cpp's process died (signal SIGSEGV) on generate"
+    assert "llama_cpp_tokens_per_s" not in out and out["converted_tokens_per_s"] > 0
     monkeypatch.setattr(latency, "start_peer", lambda gguf, threads: (None, "llama.cpp died with SIGSEGV"))
     out = latency._decode_speed(model, model, ids, 3, 2, "hf", gguf="/m/x.gguf")
     assert out["llama_cpp_missing"] == "llama.cpp died with SIGSEGV" and "llama_cpp_tokens_per_s" not in out
