@@ -726,11 +726,6 @@ at::Tensor top_mask(const at::Tensor& s, int64_t k, double threshold) {
   return s.gt(threshold).logical_or_(s.isnan()).scatter_(-1, s.argmax(-1, true), true);
 }
 
-// Rows x (R, in), float32 or bfloat16, with the inputs a row does not pick zeroed, in one pass per
-// row: with a threshold (adaptive masks) those whose score |x_j| scale_j is not above it (a NaN score
-// kept; each row keeps at least its best), else all but its k best scores (top_k's O(n) selection).
-// As separate torch ops (scores, compare or a sorted top-k, scatter, where) the selection took about
-// as long as the 15 x 576 x 1536 bfloat16 GEMM it feeds, and a sorted top-k 2-7x longer.
 // |v| of a float32, or of a bfloat16 given as its bits, as float32 (branch-free, so loops vectorise).
 inline float magnitude(float v) { return std::abs(v); }
 inline float magnitude(uint16_t bits) {
@@ -741,9 +736,11 @@ inline float magnitude(uint16_t bits) {
 }
 
 // One row's picks (see keep_picked) from xr into yr; s, keys and picked hold n entries.
+// Written as first (a ternary on the bfloat16 bits, inlined into keep_picked's lambda), gcc left the
+// bfloat16 loop scalar (-fopt-info-vec: control flow in loop); masked bits and no inlining vectorise it.
 template <typename T>
-__attribute__((noinline)) WIDE_VECTORS void keep_row(const T* xr, T* yr, const float* sc, int64_t n, int64_t k, float threshold, float* s,
-                           uint32_t* keys, int64_t* picked) {
+__attribute__((noinline)) WIDE_VECTORS void keep_row(const T* xr, T* yr, const float* sc, int64_t n, int64_t k,
+                                                     float threshold, float* s, uint32_t* keys, int64_t* picked) {
   if (std::isnan(threshold)) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) s[j] = magnitude(xr[j]) * sc[j];
@@ -769,6 +766,11 @@ __attribute__((noinline)) WIDE_VECTORS void keep_row(const T* xr, T* yr, const f
   yr[best] = xr[best];
 }
 
+// Rows x (R, in), float32 or bfloat16, with the inputs a row does not pick zeroed, in one pass per
+// row: with a threshold (adaptive masks) those whose score |x_j| scale_j is not above it (a NaN score
+// kept; each row keeps at least its best), else all but its k best scores (top_k's O(n) selection).
+// As separate torch ops (scores, compare or a sorted top-k, scatter, where) the selection took about
+// as long as the 15 x 576 x 1536 bfloat16 GEMM it feeds, and a sorted top-k 2-7x longer.
 at::Tensor keep_picked(const at::Tensor& x_in, const at::Tensor& scale_in, int64_t k, float threshold) {
   const auto x = x_in.contiguous(), scale = scale_in.contiguous();
   auto out = at::empty_like(x);
