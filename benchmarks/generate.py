@@ -28,6 +28,9 @@ interleaved rounds, with the ratio of each HF model to llama.cpp at about the sa
 (bfloat16 to F16, int8 to Q8_0):
 
     python benchmarks/generate.py --select input --keep 0.5 --rank 0 --peers     # float32, bfloat16, int8 + llama.cpp
+
+``--dense-kernel`` adds bfloat16 rows whose dense Linears run the input side's kernel with every input
+picked (``KernelLinear``), dense and converted alike: how much of a ratio is the kernel, not the sparsity.
 """
 from __future__ import annotations
 
@@ -326,9 +329,9 @@ def main() -> None:
 
 
 DECODERS = {"lean": "lean decode step (static KV cache, torch.compile with freezing)", "hf": "HF generate"}
-# llama.cpp's format at about the bytes per weight of each HF dtype (--peers)
 # --dense-kernel's rows: bfloat16 with every dense Linear through the kernel
 KERNEL_ROWS = "bfloat16 kernel"
+# llama.cpp's format at about the bytes per weight of each HF dtype (--peers)
 PEERS = {"bfloat16": "F16", KERNEL_ROWS: "F16", "int8": "Q8_0"}
 PEER_FORMATS = ["Q4_1", "Q8_0", "F16"]
 
