@@ -726,14 +726,10 @@ at::Tensor top_mask(const at::Tensor& s, int64_t k, double threshold) {
   return s.gt(threshold).logical_or_(s.isnan()).scatter_(-1, s.argmax(-1, true), true);
 }
 
-// |v| of a float32, or of a bfloat16 given as its bits, as float32 (branch-free, so loops vectorise).
+// |v| of a float32, or of a bfloat16 given as its bits (sign bit cleared), as float32: branch-free,
+// so loops vectorise.
 inline float magnitude(float v) { return std::abs(v); }
-inline float magnitude(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits & 0x7FFFu) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+inline float magnitude(uint16_t bits) { return widen(static_cast<uint16_t>(bits & 0x7FFFu)); }
 
 // One row's picks (see keep_picked) from xr into yr; s, keys and picked hold n entries.
 // Written as first (a ternary on the bfloat16 bits, inlined into keep_picked's lambda), gcc left the
