@@ -29,8 +29,10 @@ interleaved rounds, with the ratio of each HF model to llama.cpp at about the sa
 
     python benchmarks/generate.py --select input --keep 0.5 --rank 0 --peers     # float32, bfloat16, int8 + llama.cpp
 
-``--dense-kernel`` adds bfloat16 rows whose dense Linears run the input side's kernel with every input
-picked (``KernelLinear``), dense and converted alike: how much of a ratio is the kernel, not the sparsity.
+In bfloat16 every dense Linear left (``lm_head`` too) is a ``Bf16Linear``, which runs the input side's
+kernel with every input picked, dense and converted alike. ``--torch-linear`` adds bfloat16 rows with
+torch's own Linear instead (``model.to(torch.bfloat16)``, what an HF user runs): how much of a ratio
+against that is the kernel, not the sparsity.
 """
 from __future__ import annotations
 
@@ -109,38 +111,6 @@ class Free(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], self.out_features)
-
-
-class KernelLinear(torch.nn.Module):
-    """A dense bfloat16 Linear through ``midl::input_rows`` with every input picked, for a few rows
-    (the path ``Int8Linear`` takes for int8); many rows run ``F.linear``. ``--dense-kernel`` measures
-    what a dense bfloat16 decode would gain from the input side's kernel, for dense and converted alike."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.wt = torch.nn.Parameter(linear.weight.detach().T.contiguous(), requires_grad=False)  # (in, out)
-        bias = linear.bias.detach() if linear.bias is not None else torch.empty(0, dtype=self.wt.dtype)
-        self.register_buffer("bias", bias.clone())
-        self.register_buffer("ones", torch.ones(self.in_features))  # every input's score, float32
-        self.register_buffer("none", torch.empty(0, self.in_features, dtype=self.wt.dtype))  # no light path
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > 8:
-            return torch.nn.functional.linear(x, self.wt.T, self.bias if self.bias.numel() else None)
-        y = torch.ops.midl.input_rows.default(rows, self.wt, self.bias, self.none, self.none.T, self.ones,
-                                              self.in_features, float("nan"))
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
-def kernel_linears(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` (bfloat16) with every plain ``nn.Linear`` a ``KernelLinear``, in place."""
-    for path, mod in list(model.named_modules()):
-        if type(mod) is torch.nn.Linear and path:
-            parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, KernelLinear(mod))
-    return model
 
 
 def free_model(model: torch.nn.Module, paths: list[str]) -> torch.nn.Module:
@@ -281,9 +251,9 @@ def main() -> None:
                    help="comma-separated float32, bfloat16, int8: dense and converted in each, interleaved")
     p.add_argument("--peers", action="store_true", help="add llama.cpp on the same GGUF weights (Q4_1, Q8_0, F16) to "
                    "the interleaved rounds; --weight-dtype defaults to float32,bfloat16,int8")
-    p.add_argument("--dense-kernel", action="store_true",
-                   help="add bfloat16 rows whose dense Linears (lm_head too) run the input side's kernel with every "
-                        "input picked (KernelLinear): dense and converted alike")
+    p.add_argument("--torch-linear", action="store_true",
+                   help="add bfloat16 rows whose dense Linears (lm_head too) are torch's own nn.Linear "
+                        "(model.to(torch.bfloat16)) rather than Bf16Linear: dense and converted alike")
     p.add_argument("--decoder", choices=["lean", "hf"], default="lean",
                    help="lean: a static KV cache and a compiled, frozen decode step (midl_convert.decoding), for dense "
                         "and converted alike; hf: Hugging Face generate()")
@@ -329,10 +299,10 @@ def main() -> None:
 
 
 DECODERS = {"lean": "lean decode step (static KV cache, torch.compile with freezing)", "hf": "HF generate"}
-# --dense-kernel's rows: bfloat16 with every dense Linear through the kernel
-KERNEL_ROWS = "bfloat16 kernel"
+# --torch-linear's rows: bfloat16 with torch's own nn.Linear for every dense Linear
+TORCH_ROWS = "bfloat16 torch"
 # llama.cpp's format at about the bytes per weight of each HF dtype (--peers)
-PEERS = {"bfloat16": "F16", KERNEL_ROWS: "F16", "int8": "Q8_0"}
+PEERS = {"bfloat16": "F16", TORCH_ROWS: "F16", "int8": "Q8_0"}
 PEER_FORMATS = ["Q4_1", "Q8_0", "F16"]
 
 
@@ -357,13 +327,13 @@ def by_dtype(teacher, student, ids: torch.Tensor, prompt: torch.Tensor, args: ar
             ppl[name] = models[name].perplexity(ids[0].tolist(), args.ppl_window)
             print(f"perplexity {name}: {ppl[name]:.2f} ({time.perf_counter() - t:.0f}s)", flush=True)
     dtypes = args.weight_dtype.split(",")
-    if args.dense_kernel and "bfloat16" in dtypes:
-        dtypes.insert(dtypes.index("bfloat16") + 1, KERNEL_ROWS)
+    if args.torch_linear and "bfloat16" in dtypes:
+        dtypes.insert(dtypes.index("bfloat16") + 1, TORCH_ROWS)
     for dtype in dtypes:
         for kind, base in (("dense", teacher), ("converted", student)):
             name = f"{kind} {dtype}"
-            if dtype == KERNEL_ROWS:
-                models[name] = kernel_linears(copy.deepcopy(models[f"{kind} bfloat16"])).eval()
+            if dtype == TORCH_ROWS:
+                models[name] = copy.deepcopy(base).to(torch.bfloat16).eval()
             else:
                 models[name] = mc.set_weight_dtype(copy.deepcopy(base), dtype).eval()
             t = time.perf_counter()
@@ -381,7 +351,7 @@ def by_dtype(teacher, student, ids: torch.Tensor, prompt: torch.Tensor, args: ar
     print(f"| runtime | weights | bytes / weight | tokens/s | / dense, same dtype (median of rounds) | / {first} "
           f"| / llama.cpp at those bytes (median of rounds) | perplexity | + vs dense, same dtype |")
     print("|---|---|---|---|---|---|---|---|---|")
-    nbytes = {"float32": 4, "bfloat16": 2, KERNEL_ROWS: 2, "int8": 1}
+    nbytes = {"float32": 4, "bfloat16": 2, TORCH_ROWS: 2, "int8": 1}
     for d in dtypes:
         for k in ("dense", "converted"):
             n = f"{k} {d}"

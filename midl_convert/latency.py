@@ -39,8 +39,9 @@ from .sparse import new_conv1d, sparse_layers
 from .weight_dtype import set_weight_dtype
 from .runtime import interleaved_rounds, weight_bytes
 
-CACHE_VERSION = 4  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode;
-# 4: entries say select and module_type (format 2, migrate.py): older entries are simply not read
+CACHE_VERSION = 5  # 2: over the model's working set, each option against dense; 3: copies warmed, built outside inference mode;
+# 4: entries say select and module_type (format 2, migrate.py): older entries are simply not read;
+# 5: a dense bfloat16 layer is a Bf16Linear
 REPEATS = 15  # interleaved rounds per timing; the median is kept
 SAMPLE_S = 1e-3  # one timed sample repeats the call until it lasts about this long (timer resolution, call overhead)
 MAX_CALLS = 2000  # ... but never more calls than this per sample
@@ -167,7 +168,7 @@ def _in_turn(modules: list[nn.Module], x: torch.Tensor) -> Callable[[], Any]:
 
 
 def _in_dtype(module: nn.Module, weight_dtype: str) -> nn.Module:
-    """``module`` with its weights in ``weight_dtype`` (a dense Linear becomes ``Int8Linear`` under int8)."""
+    """``module`` with its weights in ``weight_dtype`` (a dense Linear becomes ``Bf16Linear`` or ``Int8Linear``)."""
     return set_weight_dtype(nn.Sequential(module), weight_dtype)[0]
 
 

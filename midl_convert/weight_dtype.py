@@ -1,7 +1,9 @@
 """Weights in the dtype the user runs: float32, bfloat16 end to end, or int8 weight-only.
 
 ``set_weight_dtype(model, "bfloat16")`` casts the whole model (activations follow); the input-side
-kernel reads bfloat16 columns and sums in float32. ``"int8"`` quantises, per output channel
+kernel reads bfloat16 columns and sums in float32, and every dense ``nn.Linear`` left becomes a
+``Bf16Linear``: the same kernel with every input picked, which a batch-1 decode step runs at about
+twice the speed of torch's own bfloat16 Linear here. ``"int8"`` quantises, per output channel
 (symmetric, scale = max |W_row| / 127), the weights that a batch-1 decode step reads: each
 input-side MID-L layer (its kernel widens the int8 columns in registers and applies the scales
 after the sum) and every dense ``nn.Linear`` left (``lm_head``, layers the plan leaves dense), which
@@ -12,15 +14,16 @@ It is the last step of a conversion: calibration and distillation train in float
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-from .kernels import NO_BIAS  # importing kernels registers the midl ops
+from .kernels import KERNEL_MAX_ROWS, NO_BIAS  # importing kernels registers the midl ops
 from .sparse import SparseLayer
 
 WeightDtype = Literal["float32", "bfloat16", "int8"]
@@ -84,22 +87,75 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weight-only"
 
 
+class Bf16Linear(nn.Linear):
+    """A bfloat16 ``nn.Linear`` whose weight is stored column-major (``(in, out)`` contiguous, seen as
+    the usual ``(out, in)``), so that up to ``KERNEL_MAX_ROWS`` rows run ``midl::input_rows`` with
+    every input picked. On this Xeon (AMX) one row through 576x1536 took 32 µs against 67 µs for
+    ``F.linear``, and through SmolLM2's ``lm_head`` 1.77 against 2.14 ms. More rows, a graph that
+    needs gradients, another dtype or a weight tied back to row-major storage run ``F.linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        nn.Module.__init__(self)  # no nn.Linear init: the weights are taken over or loaded
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype).T)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("_ones", torch.ones(in_features, device=device), persistent=False)  # every input's score
+        self.register_buffer("_none", torch.zeros(0, in_features, device=device, dtype=dtype), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Bf16Linear":
+        """Take over ``linear``'s parameters, the weight stored column-major in place: a weight tied to
+        an embedding stays one tensor (a lookup then reads strided rows: 6 µs a token here)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
+                    linear.weight.dtype)
+        weight = linear.weight
+        with torch.no_grad():
+            weight.data = weight.data.T.contiguous().T
+        layer.weight, layer.bias = weight, linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wt = self.weight.T
+        rows = x.numel() // self.in_features
+        if (not 0 < rows <= KERNEL_MAX_ROWS or x.dtype != wt.dtype or x.device.type != "cpu" or not wt.is_contiguous()
+                or (torch.is_grad_enabled() and self.weight.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        bias = NO_BIAS.to(x.dtype) if self.bias is None else self.bias
+        none = self._none.to(x.dtype)
+        y = torch.ops.midl.input_rows.default(x.reshape(rows, self.in_features), wt, bias, none, none.T, self._ones,
+                                              self.in_features, math.nan)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", weight stored (in, out) for the input-side kernel"
+
+
 def set_weight_dtype(model: nn.Module, name: str) -> nn.Module:
     """Put ``model``'s weights in ``name`` (``WEIGHT_DTYPES``), in place; returns the model."""
     if name not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {name!r}")
-    if name != "int8":
-        return model.to(getattr(torch, name))
+    if name == "float32":
+        return model.to(torch.float32)
+    if name == "bfloat16":
+        model.to(torch.bfloat16)
+        return _swap_linears(model, Bf16Linear.from_linear)
+    for mod in model.modules():  # each shared module once
+        if isinstance(mod, SparseLayer):
+            mod.quantize_int8_()  # a kind that stays float says so (False)
+    return _swap_linears(model, lambda linear: Int8Linear.from_float(linear.weight, linear.bias))
+
+
+def _swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """Each plain ``nn.Linear`` below the root replaced by ``make(linear)`` (one new module per shared
+    one); subclasses (e.g. ``NonDynamicallyQuantizableLinear`` in attention) stay."""
     done: dict[int, nn.Module] = {}
     for path, mod in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(mod, SparseLayer):
+        if type(mod) is nn.Linear and path:
             if id(mod) not in done:
-                done[id(mod)] = mod
-                mod.quantize_int8_()  # a kind that stays float says so (False)
-        elif type(mod) is nn.Linear and path:  # subclasses (e.g. NonDynamicallyQuantizableLinear in attention) stay
-            new = done.setdefault(id(mod), Int8Linear.from_float(mod.weight, mod.bias))
+                done[id(mod)] = make(mod)
             parent, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            setattr(model.get_submodule(parent) if parent else model, leaf, done[id(mod)])
     return model
 
 

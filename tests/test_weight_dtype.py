@@ -8,7 +8,7 @@ import midl_convert as mc
 from midl_convert import kernels
 from midl_convert.kinds.input.layer import InputMIDLinear
 from midl_convert.kinds.output.layer import KERNEL_MAX_ROWS
-from midl_convert.weight_dtype import Int8Linear, quantize_rows, set_weight_dtype, weight_dtype_of
+from midl_convert.weight_dtype import Bf16Linear, Int8Linear, quantize_rows, set_weight_dtype, weight_dtype_of
 from test_custom_ops import INPUT_CASES, input_layer
 from test_kernels import kernel  # noqa: F401 - a fixture
 
@@ -115,6 +115,7 @@ def test_converted_model_in_dtype_follows_float32(kernel, dtype, rows):
     assert weight_dtype_of(cast) == dtype
     assert y.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     near(y, expected, TOLERANCE[dtype] * 3)  # three layers, picks may swap at near-ties
+    assert type(cast[4]) is {"bfloat16": Bf16Linear, "int8": Int8Linear}[dtype]
     if dtype == "int8":
         assert isinstance(cast[4], Int8Linear) and cast[0].weight.dtype == torch.int8
         with torch.no_grad():  # the layer's reference path: the same numbers as its kernel
@@ -145,8 +146,8 @@ def test_merge_and_unload_gives_the_dense_layer_in_that_dtype(dtype):
     with torch.no_grad(), mc.dense(converted):
         expected = converted(x)
     merged = mc.merge_and_unload(converted)
-    if dtype == "bfloat16":
-        assert type(merged[0]) is nn.Linear and merged[0].weight.dtype == torch.bfloat16
+    if dtype == "bfloat16":  # what set_weight_dtype makes of a dense Linear
+        assert type(merged[0]) is Bf16Linear and merged[0].weight.dtype == torch.bfloat16
     else:
         assert isinstance(merged[0], Int8Linear) and merged[0].weight.dtype == torch.int8
     with torch.no_grad():
@@ -183,3 +184,64 @@ def test_weight_dtype_is_checked():
         mc.MIDLConfig(weight_dtype="fp8")
     with pytest.raises(ValueError, match="weight_dtype must be one of"):
         set_weight_dtype(nn.Linear(2, 2), "int4")
+
+
+@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_linear_is_the_bfloat16_linear(kernel, rows, bias):
+    """The kernel (up to KERNEL_MAX_ROWS rows) and F.linear (more) give torch's bfloat16 Linear up
+    to its rounding; the weight is the same tensor, stored column-major."""
+    linear = nn.Linear(200, 70, bias=bias).bfloat16()
+    expected_weight = linear.weight.detach().clone()
+    x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(3)).bfloat16()
+    with torch.no_grad():
+        expected = linear(x)
+        layer = Bf16Linear.from_linear(linear)
+        y = layer(x[None])[0]
+    assert layer.weight is linear.weight and layer.weight.T.is_contiguous()
+    assert torch.equal(layer.weight, expected_weight)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 70)
+    near(y, expected, ROUNDING["bfloat16"])
+    if rows <= KERNEL_MAX_ROWS:  # the kernel itself served it: its float32 sum, rounded once
+        reference = (x.float() @ expected_weight.float().T + (linear.bias.float() if bias else 0)).bfloat16()
+        near(y, reference, 1e-2)
+
+
+def test_bf16_linear_trains_and_takes_a_row_major_weight():
+    """With gradients, or a weight tied back to row-major storage (as HF's ``tie_weights`` does),
+    it is ``F.linear``: gradients reach the weight, and the result is right."""
+    layer = Bf16Linear.from_linear(nn.Linear(16, 8).bfloat16())
+    x = torch.randn(1, 16).bfloat16()
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (8, 16)
+    row_major = nn.Parameter(torch.randn(8, 16).bfloat16())
+    layer.weight = row_major
+    with torch.no_grad():
+        near(layer(x), nn.functional.linear(x, row_major, layer.bias), ROUNDING["bfloat16"])
+
+
+def test_bfloat16_keeps_a_tied_lm_head_one_tensor(tmp_path):
+    """A Llama's ``lm_head`` tied to its embedding stays tied under bfloat16 (one tensor, stored for
+    the kernel; the lookup reads it strided), dense or converted, and save and load keep both."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True)
+    dense = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(0))
+    cfg = mc.MIDLConfig(keep=0.5, rank=0, select="input", exclude=["lm_head"], weight_dtype="bfloat16")
+    converted = mc.convert(_copy(dense), cfg, ids)[0]
+    with torch.no_grad():
+        expected = _copy(dense).bfloat16()(ids).logits
+        set_weight_dtype(dense, "bfloat16")
+        near(dense(ids).logits, expected, ROUNDING["bfloat16"])
+        got, one = converted(ids).logits, converted(ids[:, :1]).logits
+    for model in (dense, converted):
+        assert type(model.lm_head) is Bf16Linear
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    mc.save(converted, tmp_path / "m")
+    loaded = mc.load(tmp_path / "m")
+    assert type(loaded.lm_head) is Bf16Linear and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)
+        assert torch.equal(loaded(ids[:, :1]).logits, one)

@@ -31,7 +31,7 @@ from torch import nn
 from ...fitting import fit_threshold, svd_factors
 from ...kernels import NO_BIAS  # importing kernels registers the midl ops
 from ...sparse import CONV_GRANULARITIES, LINEAR_GRANULARITIES, ConvRows, LinearRows, SparseLayer
-from ...weight_dtype import Int8Linear, quantize_rows
+from ...weight_dtype import Bf16Linear, Int8Linear, quantize_rows
 from .fit import calibrate_input_layer
 from ...flops import dense_flops
 from .flops import input_flops_parts
@@ -301,10 +301,12 @@ class InputMIDLinear(LinearRows, InputMIDLBase):
         return super().forward(x)
 
     def merge_and_unload(self) -> nn.Module:
-        """The original dense module; int8 weights (``quantize_int8_``) give back an ``Int8Linear`` in int8."""
+        """The original dense module as ``set_weight_dtype`` leaves a dense layer in this dtype: an
+        ``Int8Linear`` for int8 weights (``quantize_int8_``), a ``Bf16Linear`` for bfloat16."""
         scale = self._buffers.get("weight_scale")
         if scale is None or self.transposed:
-            return super().merge_and_unload()
+            dense = super().merge_and_unload()
+            return Bf16Linear.from_linear(dense) if type(dense) is nn.Linear and dense.weight.dtype == torch.bfloat16 else dense
         dense = Int8Linear(self.in_features, self.out_features, self.bias is not None, self.weight.device)
         dense.set_int8(self.weight.detach(), scale, self.bias)
         return dense
