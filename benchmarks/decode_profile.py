@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=33)
     p.add_argument("--rows", type=int, default=12, help="ops listed")
+    p.add_argument("--by-shape", action="store_true", help="one line per op and input shapes (the prompt's calls apart)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     loaded = mc.load_model(MODEL)
@@ -54,9 +55,11 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"{args.weight_dtype}, {'dense' if args.keep is None else f'keep {args.keep}'}: {args.new_tokens} tokens "
           f"in {seconds * 1e3:.0f} ms ({args.new_tokens / seconds:.1f} tokens/s, prompt included), unprofiled")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         lean.generate(ids, args.new_tokens)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    table = prof.key_averages(group_by_input_shape=args.by_shape)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=40,
+                      max_shapes_column_width=60))
 
 
 if __name__ == "__main__":

@@ -35,14 +35,14 @@ from .sensitivity import neuron_sensitivity
 from .sparse import SparseLayer, dense
 from .conversion import convert, plan_conversion
 from .surgery import LayerPlan, Plan, apply_plan, merge_and_unload, midl_layers
-from .weight_dtype import Int8Linear, set_weight_dtype
+from .weight_dtype import Bf16Linear, Int8Linear, set_weight_dtype
 
 __version__ = "0.1.0"
 __getattr__ = renamed_attributes(__name__, _output_layer.OLD_NAMES, vars(_output_layer))  # old names, for one version
 
 __all__ = [
     "Batch", "DistillConfig", "InputMIDLConv2d", "InputMIDLinear", "LayerOverride", "LayerPlan", "LoadedModel", "MIDLConfig", "OutputMIDLConv2d",
-    "Int8Linear", "Kind", "LeanDecoder", "MIDLError", "OutputMIDLinear", "PruneConv2d", "PruneLinear", "SparseLayer", "build_layer", "kind_for",
+    "Bf16Linear", "Int8Linear", "Kind", "LeanDecoder", "MIDLError", "OutputMIDLinear", "PruneConv2d", "PruneLinear", "SparseLayer", "build_layer", "kind_for",
     "kind_names", "register_kind",
     "Plan", "Report", "Target", "TargetTable", "apply_plan", "budget_plan", "calibrate", "cap_thresholds", "convert", "dense", "distill", "find_targets", "load",
     "load_data", "load_model", "merge_and_unload", "midl_layers", "neuron_sensitivity", "plan_conversion", "report", "save",
