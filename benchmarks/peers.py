@@ -120,6 +120,33 @@ def centrings(teacher: nn.Module, example, keeps: list[float], exclude: list[str
             held = f"{model_flops_over(student, teacher, counted).ratio:.3f}x" if counted is not None else ""
             print(f"| {keep:g} | {centre}{counts} | {model_flops(student, teacher, example).ratio:.3f}x | {held} | {shown} | "
                   f"{time.perf_counter() - t:.0f} |", flush=True)
+        if adaptive:  # the same level as TEAL: its plain masks, and the input kind scoring |x| alone
+            teal_same_level(teacher, example, keep, exclude, granularity, calib, judged, counted, list(mc.midl_layers(student)))
+
+
+def teal_same_level(teacher: nn.Module, example, keep: float, exclude: list[str], granularity: str, calib,
+                    judged: Callable[[nn.Module], dict[str, float]], counted: Any, projections: list[str]) -> None:
+    """Two rows at sparsity 1 - ``keep`` in every projection: TEAL uniform (``teal_greedy``: plain
+    ``x * (|x| > t)`` masks, thresholds from the dense model's ``|x|``) and the package's input kind,
+    adaptive and uncentred, with its column scale set to 1 so it scores ``|x|`` alone."""
+    t = time.perf_counter()
+    walk = teal_greedy.greedy_walk(teacher, projections, calib, 0.0, calib[:1], log=False)  # quantiles, no walk
+    sparsity, plain = walk.uniform(1 - keep), copy.deepcopy(teacher)  # judged against the untouched teacher
+    with teal_greedy.thresholded(plain, walk, sparsity):
+        shown = " | ".join(f"{v:+.1f}" if k.endswith("%") else f"{v:.3f}" for k, v in judged(plain).items())
+    held = f"{teal_greedy.teal_flops(plain, walk, sparsity, counted).ratio:.3f}x" if counted is not None else ""
+    print(f"| {keep:g} | TEAL uniform, sparsity {1 - keep:.3f} | | {held} | {shown} | {time.perf_counter() - t:.0f} |", flush=True)
+    t = time.perf_counter()
+    student = copy.deepcopy(teacher)
+    mc.convert(student, mc.MIDLConfig(keep=keep, rank=0, select="input", centre="none", exclude=exclude,
+                                      granularity=granularity, adaptive=True), example)
+    mc.calibrate(student, calib)
+    _no_column_scale(student)
+    fit_thresholds(student, calib)
+    shown = " | ".join(f"{v:+.1f}" if k.endswith("%") else f"{v:.3f}" for k, v in judged(student).items())
+    held = f"{model_flops_over(student, teacher, counted).ratio:.3f}x" if counted is not None else ""
+    print(f"| {keep:g} | none, column scale 1 (the input kind scoring \\|x\\| alone) | {model_flops(student, teacher, example).ratio:.3f}x "
+          f"| {held} | {shown} | {time.perf_counter() - t:.0f} |", flush=True)
 
 
 def convert_at(teacher: nn.Module, config_for: Callable[[float], mc.MIDLConfig], example, target: float,

@@ -91,7 +91,7 @@ class TargetTable:
 
 
 # Subclasses that override forward but still compute exactly F.linear / F.conv2d with their weight.
-SAME_FORWARD = {"timm.layers.linear.Linear"}
+SAME_FORWARD = {"timm.layers.linear.Linear", "midl_convert.weight_dtype.Bf16Linear"}  # their weight is used as stored
 
 
 def _plain_forward(module: nn.Module, base: type) -> bool:

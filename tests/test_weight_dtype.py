@@ -245,3 +245,18 @@ def test_bfloat16_keeps_a_tied_lm_head_one_tensor(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, got)
         assert torch.equal(loaded(ids[:, :1]).logits, one)
+
+
+def test_a_bfloat16_model_converts_after_its_linears_are_bf16_linears():
+    """``Bf16Linear`` is a plain Linear to the graph pass: a model cast first still has its targets,
+    and the converted layers compute what the same conversion of the torch-Linear model does."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32)).bfloat16()
+    cast = set_weight_dtype(_copy(dense), "bfloat16")
+    x = torch.randn(3, 64).bfloat16()
+    cfg = mc.MIDLConfig(keep=0.5, rank=0, select="input", weight_dtype="bfloat16")
+    a, plan = mc.convert(_copy(dense), cfg, x)
+    b, plan_b = mc.convert(cast, cfg, x)
+    assert [lp.path for lp in plan_b.converted] == [lp.path for lp in plan.converted] == ["0", "2"]
+    with torch.no_grad():
+        assert torch.equal(b(x), a(x))
