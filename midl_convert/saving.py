@@ -225,25 +225,6 @@ def _move(entry: Path, target: Path) -> None:
         shutil.move(entry, target)  # `--out` is a mount point: its parent is another file system
 
 
-def save_weights(model: nn.Module, file: Path) -> None:
-    """``model``'s state as safetensors: a tensor tied under several names (an embedding and
-    ``lm_head``) once, under its first name (``load`` fills the ties), and weights stored
-    column-major for the kernels (``Bf16Linear``, ``Int8Linear``) written in the usual row-major order.
-    safetensors' own ``save_model`` cannot take a tied tensor that is not contiguous."""
-    from safetensors.torch import save_file
-
-    first: dict[tuple, str] = {}
-    tensors, ties = {}, {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
-        if tensor.numel() and key in first:
-            ties[name] = first[key]
-            continue
-        first[key] = name
-        tensors[name] = tensor.detach().contiguous()
-    save_file(tensors, str(file), metadata=ties or None)
-
-
 def save(
     model: nn.Module,
     directory: str | Path,
@@ -260,6 +241,8 @@ def save(
     (the report) inside the same atomic write. An existing folder that is not an earlier save
     is refused unless ``overwrite`` (see ``write_run``).
     """
+    from safetensors.torch import save_model
+
     plan = plan_of(model)
     hf_config = getattr(model, "config", None)
     is_hf = hf_config is not None and hasattr(hf_config, "save_pretrained")
@@ -268,7 +251,7 @@ def save(
         build["source"] = "hf"
 
     def write(tmp: Path) -> None:
-        save_weights(model, tmp / WEIGHTS_FILE)
+        save_model(model, str(tmp / WEIGHTS_FILE))
         if is_hf:
             mark(hf_config, plan.to_dict())
             hf_config.architectures = hf_config.architectures or [type(model).__name__]  # as save_pretrained records

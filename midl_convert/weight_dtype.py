@@ -1,8 +1,8 @@
 """Weights in the dtype the user runs: float32, bfloat16 end to end, or int8 weight-only.
 
 ``set_weight_dtype(model, "bfloat16")`` casts the whole model (activations follow); the input-side
-kernel reads bfloat16 columns and sums in float32, and every dense ``nn.Linear`` left becomes a
-``Bf16Linear``: the same kernel with every input picked, which a batch-1 decode step runs at about
+kernel reads bfloat16 columns and sums in float32, and every dense ``nn.Linear`` left (but one tied
+to an embedding) becomes a ``Bf16Linear``: the same kernel with every input picked, which a batch-1 decode step runs at about
 twice the speed of torch's own bfloat16 Linear here. ``"int8"`` quantises, per output channel
 (symmetric, scale = max |W_row| / 127), the weights that a batch-1 decode step reads: each
 input-side MID-L layer (its kernel widens the int8 columns in registers and applies the scales
@@ -105,8 +105,8 @@ class Bf16Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Bf16Linear":
-        """Take over ``linear``'s parameters, the weight stored column-major in place: a weight tied to
-        an embedding stays one tensor (a lookup then reads strided rows: 6 µs a token here)."""
+        """Take over ``linear``'s parameters, the weight stored column-major in place (``set_weight_dtype``
+        leaves a weight tied to another module, an embedding, as it is)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
                     linear.weight.dtype)
         weight = linear.weight
@@ -139,19 +139,31 @@ def set_weight_dtype(model: nn.Module, name: str) -> nn.Module:
         return model.to(torch.float32)
     if name == "bfloat16":
         model.to(torch.bfloat16)
-        return _swap_linears(model, Bf16Linear.from_linear)
+        return _swap_linears(model, Bf16Linear.from_linear, skip=_tied_elsewhere(model))
     for mod in model.modules():  # each shared module once
         if isinstance(mod, SparseLayer):
             mod.quantize_int8_()  # a kind that stays float says so (False)
     return _swap_linears(model, lambda linear: Int8Linear.from_float(linear.weight, linear.bias))
 
 
-def _swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
-    """Each plain ``nn.Linear`` below the root replaced by ``make(linear)`` (one new module per shared
-    one); subclasses (e.g. ``NonDynamicallyQuantizableLinear`` in attention) stay."""
+def _tied_elsewhere(model: nn.Module) -> set[int]:
+    """ids of the Linears whose weight another module also holds (``lm_head`` tied to the embedding).
+    They stay torch Linears in bfloat16: one tensor cannot be stored both row-major for the lookup and
+    column-major for the kernel, and HF's ``save_pretrained`` refuses a tied tensor that is not
+    contiguous (a copy would cost SmolLM2 a fifth more memory for 2% of a decode step)."""
+    holders: dict[int, set[int]] = {}
+    for mod in model.modules():
+        for param in mod.parameters(recurse=False):
+            holders.setdefault(id(param), set()).add(id(mod))
+    return {id(m) for m in model.modules() if type(m) is nn.Linear and len(holders.get(id(m.weight), ())) > 1}
+
+
+def _swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module], skip: set[int] = frozenset()) -> nn.Module:
+    """Each plain ``nn.Linear`` below the root, but those in ``skip`` (ids), replaced by ``make(linear)``
+    (one new module per shared one); subclasses (e.g. ``NonDynamicallyQuantizableLinear`` in attention) stay."""
     done: dict[int, nn.Module] = {}
     for path, mod in list(model.named_modules(remove_duplicate=False)):
-        if type(mod) is nn.Linear and path:
+        if type(mod) is nn.Linear and path and id(mod) not in skip:
             if id(mod) not in done:
                 done[id(mod)] = make(mod)
             parent, _, leaf = path.rpartition(".")

@@ -220,31 +220,34 @@ def test_bf16_linear_trains_and_takes_a_row_major_weight():
         near(layer(x), nn.functional.linear(x, row_major, layer.bias), ROUNDING["bfloat16"])
 
 
-def test_bfloat16_keeps_a_tied_lm_head_one_tensor(tmp_path):
-    """A Llama's ``lm_head`` tied to its embedding stays tied under bfloat16 (one tensor, stored for
-    the kernel; the lookup reads it strided), dense or converted, and save and load keep both."""
+def test_bfloat16_leaves_a_tied_lm_head_tied(tmp_path):
+    """A Llama's ``lm_head`` tied to its embedding stays a torch Linear on the one row-major tensor
+    under bfloat16, dense or converted (its other Linears are ``Bf16Linear``), and both
+    ``mc.save`` and HF's ``save_pretrained`` folders load back with the tie and the same logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, tie_word_embeddings=True)
     dense = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(0))
-    cfg = mc.MIDLConfig(keep=0.5, rank=0, select="input", exclude=["lm_head"], weight_dtype="bfloat16")
+    cfg = mc.MIDLConfig(keep=0.5, rank=0, select="input", exclude=["lm_head", "o_proj"], weight_dtype="bfloat16")
     converted = mc.convert(_copy(dense), cfg, ids)[0]
     with torch.no_grad():
         expected = _copy(dense).bfloat16()(ids).logits
         set_weight_dtype(dense, "bfloat16")
         near(dense(ids).logits, expected, ROUNDING["bfloat16"])
-        got, one = converted(ids).logits, converted(ids[:, :1]).logits
+        got = converted(ids).logits
     for model in (dense, converted):
-        assert type(model.lm_head) is Bf16Linear
-        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+        assert type(model.model.layers[0].self_attn.o_proj) is Bf16Linear
     mc.save(converted, tmp_path / "m")
-    loaded = mc.load(tmp_path / "m")
-    assert type(loaded.lm_head) is Bf16Linear and loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, got)
-        assert torch.equal(loaded(ids[:, :1]).logits, one)
+    converted.save_pretrained(tmp_path / "hf")
+    for folder in ("m", "hf"):
+        loaded = mc.load(tmp_path / folder)
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert type(loaded.model.layers[0].self_attn.o_proj) is Bf16Linear
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, got)
 
 
 def test_a_bfloat16_model_converts_after_its_linears_are_bf16_linears():
