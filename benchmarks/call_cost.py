@@ -74,7 +74,7 @@ def main() -> None:
             step(k)
             times[k].append(time.perf_counter() - start)
     med = {k: statistics.median(v) * 1e6 / len(calls) for k, v in times.items()}
-    slope, intercept = fit(list(med), list(med.values()))
+    slope, intercept = statistics.linear_regression(list(med), list(med.values()))
     mib = sum(c[1].numel() * c[1].element_size() for c in calls) / 2**20
     print(f"{len(calls)} calls of one row, {args.dtype} weights ({mib:.0f} MiB), {args.picks} picks, {args.threads} threads, "
           f"median of {args.repeats} interleaved rounds")
@@ -86,13 +86,6 @@ def main() -> None:
         print(f"| {k:g} | {us:.1f} | {us * len(calls) / 1e3:.2f} | {up} | {1 / k:.2f}x |")
     print(f"\nfit over the keeps: {intercept:.1f} µs per call + {slope:.1f} µs x keep "
           f"(the per-call part is {intercept / (intercept + slope):.0%} of a dense call)")
-
-
-def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares slope and intercept of ys on xs."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return slope, my - slope * mx
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ interleaved rounds, with the ratio of each HF model to llama.cpp at about the sa
 
     python benchmarks/generate.py --select input --keep 0.5 --rank 0 --peers     # float32, bfloat16, int8 + llama.cpp
 
-In bfloat16 every dense Linear left (``lm_head`` too) is a ``Bf16Linear``, which runs the input side's
-kernel with every input picked, dense and converted alike. ``--torch-linear`` adds bfloat16 rows with
+In bfloat16 every dense Linear left is a ``Bf16Linear`` (but a tied ``lm_head``, as SmolLM2's, which
+stays torch's Linear), which runs the input side's kernel with every input picked, dense and converted alike. ``--torch-linear`` adds bfloat16 rows with
 torch's own Linear instead (``model.to(torch.bfloat16)``, what an HF user runs): how much of a ratio
 against that is the kernel, not the sparsity.
 """
@@ -252,7 +252,7 @@ def main() -> None:
     p.add_argument("--peers", action="store_true", help="add llama.cpp on the same GGUF weights (Q4_1, Q8_0, F16) to "
                    "the interleaved rounds; --weight-dtype defaults to float32,bfloat16,int8")
     p.add_argument("--torch-linear", action="store_true",
-                   help="add bfloat16 rows whose dense Linears (lm_head too) are torch's own nn.Linear "
+                   help="add bfloat16 rows whose dense Linears are torch's own nn.Linear "
                         "(model.to(torch.bfloat16)) rather than Bf16Linear: dense and converted alike")
     p.add_argument("--decoder", choices=["lean", "hf"], default="lean",
                    help="lean: a static KV cache and a compiled, frozen decode step (midl_convert.decoding), for dense "

@@ -116,7 +116,7 @@ def centrings(teacher: nn.Module, example, keeps: list[float], exclude: list[str
             taken = [c.gate.rsplit(", ", 1)[-1].split(" ")[0] for c in calibration if c.gate.endswith("centre")]
             counts = (f" ({taken.count('no')} none, {taken.count('mean')} mean, {taken.count('median')} median)"
                       if centre == "auto" else "")
-            shown = " | ".join(f"{v:+.1f}" if k.endswith("%") else f"{v:.3f}" for k, v in judged(student).items())
+            shown = figures(judged(student))
             held = f"{model_flops_over(student, teacher, counted).ratio:.3f}x" if counted is not None else ""
             print(f"| {keep:g} | {centre}{counts} | {model_flops(student, teacher, example).ratio:.3f}x | {held} | {shown} | "
                   f"{time.perf_counter() - t:.0f} |", flush=True)
@@ -133,7 +133,7 @@ def teal_same_level(teacher: nn.Module, example, keep: float, exclude: list[str]
     walk = teal_greedy.greedy_walk(teacher, projections, calib, 0.0, calib[:1], log=False)  # quantiles, no walk
     sparsity, plain = walk.uniform(1 - keep), copy.deepcopy(teacher)  # judged against the untouched teacher
     with teal_greedy.thresholded(plain, walk, sparsity):
-        shown = " | ".join(f"{v:+.1f}" if k.endswith("%") else f"{v:.3f}" for k, v in judged(plain).items())
+        shown = figures(judged(plain))
     held = f"{teal_greedy.teal_flops(plain, walk, sparsity, counted).ratio:.3f}x" if counted is not None else ""
     print(f"| {keep:g} | TEAL uniform, sparsity {1 - keep:.3f} | | {held} | {shown} | {time.perf_counter() - t:.0f} |", flush=True)
     t = time.perf_counter()
@@ -143,7 +143,7 @@ def teal_same_level(teacher: nn.Module, example, keep: float, exclude: list[str]
     mc.calibrate(student, calib)
     _no_column_scale(student)
     fit_thresholds(student, calib)
-    shown = " | ".join(f"{v:+.1f}" if k.endswith("%") else f"{v:.3f}" for k, v in judged(student).items())
+    shown = figures(judged(student))
     held = f"{model_flops_over(student, teacher, counted).ratio:.3f}x" if counted is not None else ""
     print(f"| {keep:g} | none, column scale 1 (the input kind scoring \\|x\\| alone) | {model_flops(student, teacher, example).ratio:.3f}x "
           f"| {held} | {shown} | {time.perf_counter() - t:.0f} |", flush=True)
@@ -196,8 +196,13 @@ def judge(model: nn.Module, teacher: nn.Module, held, output: str, photos) -> di
     return {"worst": min(sure.values()), **{f"sure {n}": v for n, v in sure.items()}}
 
 
+def figures(q: dict[str, float]) -> str:
+    """A judged row's quality figures as table cells (a change in % signed)."""
+    return " | ".join(f"{v:+.1f}" if k.endswith("%") else f"{v:.3f}" for k, v in q.items())
+
+
 def row(name: str, ratio: float | None, q: dict[str, float], seconds: float, layers: float | None = None) -> None:
-    shown = " | ".join(f"{v:+.1f}" if k.endswith("%") else f"{v:.3f}" for k, v in q.items())
+    shown = figures(q)
     print(f"| {name} | {'' if ratio is None else f'{ratio:.3f}x'} | {'' if layers is None else f'{layers:.3f}x'} "
           f"| {shown} | {seconds:.0f} |", flush=True)
 

@@ -75,15 +75,21 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        bias = NO_BIAS if self.bias is None else self.bias.to(x.dtype)
-        none = self._none.to(x.dtype)
-        y = torch.ops.midl.input_rows.default(rows, self.weight.T, bias, none, none.T, self._ones, self.in_features,
-                                              math.nan, self.weight_scale.to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return every_input(self, x, self.weight.T, self.weight_scale.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weight-only"
+
+
+def every_input(layer: nn.Module, x: torch.Tensor, wt: torch.Tensor, wt_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A dense layer (``Int8Linear``, ``Bf16Linear``) as ``midl::input_rows`` with every input picked:
+    ``wt (in, out)``, no light path; the layer holds ``in_features``, ``out_features``, ``bias`` and
+    the ``_ones`` (scores) and ``_none`` (empty light path) buffers."""
+    bias = NO_BIAS if layer.bias is None else layer.bias
+    none = layer._none.to(x.dtype)
+    y = torch.ops.midl.input_rows.default(x.reshape(-1, layer.in_features), wt, bias.to(x.dtype), none, none.T,
+                                          layer._ones, layer.in_features, math.nan, wt_scale)
+    return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 class Bf16Linear(nn.Linear):
@@ -120,11 +126,7 @@ class Bf16Linear(nn.Linear):
         if (not 0 < rows <= KERNEL_MAX_ROWS or x.dtype != wt.dtype or x.device.type != "cpu" or not wt.is_contiguous()
                 or (torch.is_grad_enabled() and self.weight.requires_grad)):
             return F.linear(x, self.weight, self.bias)
-        bias = NO_BIAS.to(x.dtype) if self.bias is None else self.bias
-        none = self._none.to(x.dtype)
-        y = torch.ops.midl.input_rows.default(x.reshape(rows, self.in_features), wt, bias, none, none.T, self._ones,
-                                              self.in_features, math.nan)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return every_input(self, x, wt)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", weight stored (in, out) for the input-side kernel"
