@@ -237,7 +237,7 @@ def convert(
     train: Optional[str] = typer.Option(None, help="what distillation trains: gates, midl (gates and light paths), lora "
                                         "(a low-rank delta merged into W), bias, norms, all, full (every weight), or a "
                                         "comma list such as midl,lora"),
-    data: Optional[str] = typer.Option(None, help="builtin:text | builtin:mixed (help text, docstrings, package descriptions) | builtin:teacher (a causal LM's own samples) | builtin:images | builtin:digits | folder | file"),
+    data: Optional[str] = typer.Option(None, help="builtin:text | builtin:mixed (help text, docstrings, package descriptions; the default for text encoders, builtin:text for causal LMs) | builtin:teacher (a causal LM's own samples) | builtin:images | builtin:digits | folder | file"),
     weights: Optional[str] = typer.Option(None, help="local weights for a timm architecture, or a .gguf file (architecture and tokenizer included)"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights (nothing downloaded)"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="output folder (default midl-out); an existing folder "

@@ -466,5 +466,10 @@ def load_data(spec: str, loaded: LoadedModel, seed: int = 0) -> Data:
 
 
 def default_data(loaded: LoadedModel) -> str:
-    """The offline built-in that suits a model: text for models with a tokenizer, else images."""
-    return "builtin:text" if loaded.tokenizer is not None else "builtin:images"
+    """The offline built-in that suits a model: images for a model without a tokenizer; for a text
+    encoder every offline text source (``builtin:mixed``: on MiniLM at 2.0x it lifted held-out
+    retrieval overlap from 0.659 to 0.694 after calibration, where help text alone narrows it); for
+    a causal LM the help text (``builtin:text``), on which its figures were measured."""
+    if loaded.tokenizer is None:
+        return "builtin:images"
+    return "builtin:text" if loaded.task == "causal-lm" else "builtin:mixed"

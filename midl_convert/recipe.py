@@ -33,7 +33,8 @@ class MidlSection(LayerSettings):
 
 
 class DistillSection(DistillConfig):
-    data: str | None = Field(None, description="data spec; default builtin:text for text models, builtin:images otherwise")
+    data: str | None = Field(None, description="data spec; default builtin:mixed for text encoders, builtin:text for causal "
+                                                "LMs, builtin:images otherwise")
     enabled: bool = True
 
 

@@ -160,8 +160,8 @@ def test_offline_minilm_recipe_runs_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "minilm" / "report.json").read_text())
     quality = report["quality"]["metrics"]
-    assert 0.3 < quality["cosine"] <= 1.0 and "top10_overlap" in quality
-    assert report["flops"]["converted_ratio"] > 1.0  # keep 0.5 at rank 32 saves FLOPs, gate included
+    assert 0.95 < quality["cosine"] <= 1.0 and "top10_overlap" in quality  # 0.990 after calibration at 1.5x
+    assert report["flops"]["converted_ratio"] > 1.4  # the budget's 1.5x, gate and selection counted
 
 
 def test_version_and_short_help(capsys):

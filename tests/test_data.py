@@ -212,3 +212,16 @@ def test_builtin_teacher_samples_the_model_itself_and_judges_on_bible_verses(tex
 def test_builtin_teacher_refuses_a_model_that_does_not_generate(text):
     with pytest.raises(mc.MIDLError, match="builtin:text"):
         load_data("builtin:teacher", text)
+
+
+def test_default_data_widens_text_encoders_and_keeps_help_text_for_decoders():
+    from midl_convert.data import default_data
+    from midl_convert.models import LoadedModel
+
+    def loaded(task: str, tokenizer: object) -> LoadedModel:
+        return LoadedModel(torch.nn.Identity(), "m", "hf", task, {}, tokenizer=tokenizer)
+
+    assert default_data(loaded("embedding", object())) == "builtin:mixed"
+    assert default_data(loaded("base", object())) == "builtin:mixed"
+    assert default_data(loaded("causal-lm", object())) == "builtin:text"
+    assert default_data(loaded("classifier", None)) == "builtin:images"
