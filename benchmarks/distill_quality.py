@@ -242,7 +242,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--layer-weight", type=float, default=0.0)
-    p.add_argument("--train", default="midl", help="what trains: gates, midl, lora, bias, norms, all, full or a comma list")
+    p.add_argument("--train", default="all",
+                   help="what trains: gates, midl, lora, bias, norms, all (the default), full or a comma list")
     p.add_argument("--base-lr", type=float, default=1e-5, help="learning rate of the original weights with --train full")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--block-weight", type=float, default=0.0, help="weight of the block-by-block loss against the teacher")

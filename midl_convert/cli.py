@@ -235,8 +235,8 @@ def convert(
     lr: Optional[float] = typer.Option(None, help="learning rate of gates and light paths"),
     batch_size: Optional[int] = typer.Option(None, help="distillation batch size"),
     train: Optional[str] = typer.Option(None, help="what distillation trains: gates, midl (gates and light paths), lora "
-                                        "(a low-rank delta merged into W), bias, norms, all, full (every weight), or a "
-                                        "comma list such as midl,lora"),
+                                        "(a low-rank delta merged into W), bias, norms, all (those four, the default), full "
+                                        "(every weight), or a comma list such as midl,lora"),
     data: Optional[str] = typer.Option(None, help="builtin:text | builtin:mixed (help text, docstrings, package descriptions; the default for text encoders, builtin:text for causal LMs) | builtin:teacher (a causal LM's own samples) | builtin:images | builtin:digits | folder | file"),
     weights: Optional[str] = typer.Option(None, help="local weights for a timm architecture, or a .gguf file (architecture and tokenizer included)"),
     random_init: bool = typer.Option(False, "--random-init", help="random weights (nothing downloaded)"),

@@ -57,7 +57,7 @@ def test_distillation_lowers_loss_and_trains_only_midl_params():
     teacher, student, data = converted_pair(seed=1)
     w_before = student.fc1.weight.clone()
     gate_before = student.fc1.gate_weight.clone()
-    result = distill(student, teacher, data, "classifier", steps=40, lr=3e-3, batch_size=32, log_every=100)
+    result = distill(student, teacher, data, "classifier", steps=40, lr=3e-3, batch_size=32, log_every=100, train="midl")
     assert len(result.losses) == 40
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
     assert result.after["kl"] < result.before["kl"]
@@ -204,3 +204,13 @@ def test_an_exploding_loss_is_never_the_last_good_checkpoint(tmp_path):
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert state["step"] == 3  # not step 4, whose loss had exploded
     assert all(math.isfinite(x) for x in state["losses"]) and max(state["losses"]) < 10 * state["losses"][0]
+
+
+def test_default_recovery_trains_lora_biases_and_norms_and_merges_them():
+    teacher, student, data = converted_pair(seed=7)
+    w_before = student.fc1.weight.clone()
+    result = distill(student, teacher, data, "classifier", steps=20, lr=3e-3, batch_size=32, log_every=100)
+    assert result.train == DistillConfig(train="all").train == "midl,lora,bias,norms"
+    assert result.after["kl"] < result.before["kl"]
+    assert not torch.equal(student.fc1.weight, w_before)  # the LoRA delta merged into W
+    assert not any("lora" in name for name, _ in student.named_parameters())  # nothing left attached
