@@ -29,10 +29,10 @@ interleaved rounds, with the ratio of each HF model to llama.cpp at about the sa
 
     python benchmarks/generate.py --select input --keep 0.5 --rank 0 --peers     # float32, bfloat16, int8 + llama.cpp
 
-In bfloat16 every dense Linear left is a ``Bf16Linear`` (but a tied ``lm_head``, as SmolLM2's, which
-stays torch's Linear), which runs the input side's kernel with every input picked, dense and converted alike. ``--torch-linear`` adds bfloat16 rows with
-torch's own Linear instead (``model.to(torch.bfloat16)``, what an HF user runs): how much of a ratio
-against that is the kernel, not the sparsity.
+In bfloat16 every dense Linear left is a ``Bf16Linear``, which runs the input side's kernel with every
+input picked, dense and converted alike; a tied ``lm_head`` (SmolLM2's) stays torch's Linear.
+``--torch-linear`` adds bfloat16 rows with torch's own Linear instead (``model.to(torch.bfloat16)``,
+what an HF user runs): how much of a ratio against that is the kernel, not the sparsity.
 """
 from __future__ import annotations
 

@@ -332,7 +332,7 @@ def main() -> None:
         source = {"embedding": "KJV verses", "perplexity": f"{held[0].shape[1] if output == 'perplexity' else 0} KJV tokens "
                   f"in windows of {args.ppl_window}"}.get(output, "photos")
         print(f"\n{args.model}, whole-model target {target}x (held-out: {source}; calibration: {len(calib)} batches "
-              f"of 16 sequences of {args.data if args.model == 'minilm' else 'builtin:text'}; ratios counted on held-out inputs)\n")
+              f"of 16 from {data.spec}; ratios counted on held-out inputs)\n")
         if output == "perplexity":
             print(f"dense perplexity {held[2]:.2f}\n")
         print(f"| method | whole-model ratio | converted layers' ratio | {' | '.join(q_names)} | seconds |")
